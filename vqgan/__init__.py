@@ -1,0 +1,1 @@
+"""vqgan: the frame tokenizer (taming-transformers VQGAN), loading TECO's published checkpoints."""
