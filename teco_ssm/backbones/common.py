@@ -1,0 +1,221 @@
+"""Pieces the SSM backbones share: HiPPO-N initialisation, ZOH discretisation, the diagonal SSM parameters,
+convolutions on complex tensors, the layer stack and the activations between layers.
+
+Paper symbols (Lambda, B_tilde, Delta) are those of the ConvS5 paper, Appendix B (eqs. 26-29).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, ClassVar, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.linalg
+
+from teco_ssm import scan
+
+
+# ----------------------------------------------------------------------------------------------- pure functions
+def hippo_n(n: int) -> np.ndarray:
+    """The HiPPO-N matrix (ConvS5 paper eq. 29, the normal part of HiPPO-LegS): (n, n) float64.
+
+    A[i, k] = -sqrt(i + 1/2) sqrt(k + 1/2) for i > k, +sqrt(i + 1/2) sqrt(k + 1/2) for i < k, -1/2 on the diagonal.
+    """
+    q = np.sqrt(np.arange(n) + 0.5)
+    outer = q[:, None] * q[None, :]
+    return -np.tril(outer, -1) + np.triu(outer, 1) - 0.5 * np.eye(n)
+
+
+def hippo_n_eigendecomposition(ssm_size: int, blocks: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Block-diagonal HiPPO-N initialisation with conjugate-pair halving, as S5 and ConvS5.
+
+    `ssm_size` states are split into `blocks` HiPPO-N blocks; each block's eigenvalues come in conjugate pairs,
+    so one of each pair is kept.
+
+    Returns:
+      Lambda: (P,) complex128 eigenvalues, P = ssm_size // 2.
+      V: (ssm_size, P) complex128 eigenvectors (columns), block diagonal.
+      V_inv: (P, ssm_size) complex128, the matching rows of V^-1 (V is unitary per block, so V^H).
+    """
+    if ssm_size % blocks or (ssm_size // blocks) % 2:
+        raise ValueError(f"ssm_size {ssm_size} must split into {blocks} blocks of even size")
+    size = ssm_size // blocks
+    skew = hippo_n(size) + 0.5 * np.eye(size)  # skew-symmetric, so -i * skew is Hermitian
+    w, v = scipy.linalg.eigh(-1j * skew)  # skew = v diag(i w) v^H, w ascending: pairs (w, -w)
+    keep = slice(0, size // 2)  # negative frequencies; their conjugates are the other half
+    lam = -0.5 + 1j * w[keep]
+    v = v[:, keep]
+    Lambda = np.tile(lam, blocks)
+    V = scipy.linalg.block_diag(*([v] * blocks))
+    V_inv = scipy.linalg.block_diag(*([v.conj().T] * blocks))
+    return Lambda, V, V_inv
+
+
+def discretize_zoh(Lambda: jax.Array, B_tilde: jax.Array, Delta: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Zero-order hold (ConvS5 paper eqs. 27-28).
+
+    Args:
+      Lambda: (P,) complex eigenvalues; B_tilde: (P, N) complex; Delta: (P,) positive timescales.
+    Returns:
+      lam_bar = exp(Lambda Delta): (P,); B_bar = ((lam_bar - 1) / Lambda)[:, None] * B_tilde: (P, N).
+    """
+    lam_bar = jnp.exp(Lambda * Delta)
+    return lam_bar, ((lam_bar - 1.0) / Lambda)[:, None] * B_tilde
+
+
+def conv2d(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """'SAME' 2-D convolution with zero padding, real or complex. x: (N, H, W, Cin); kernel: (k, k, Cin, Cout)."""
+    dtype = jnp.result_type(x, kernel)
+    return jax.lax.conv_general_dilated(x.astype(dtype), kernel.astype(dtype), (1, 1), "SAME",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def shared_fields(cls: type, source: Any) -> dict:
+    """The dataclass fields of module class `cls` that `source` also has, with `source`'s values."""
+    names = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
+    return {n: getattr(source, n) for n in names if hasattr(source, n)}
+
+
+def over_frames(fn: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
+    """Applies a per-frame function to (B, T, H, W, C) by folding time into the batch."""
+    b, t = x.shape[:2]
+    y = fn(x.reshape((b * t,) + x.shape[2:]))
+    return y.reshape((b, t) + y.shape[1:])
+
+
+# ----------------------------------------------------------------------------------------------- parameters
+def _complex_param(module: nn.Module, name: str, value: np.ndarray) -> jax.Array:
+    """A complex parameter stored as a real (..., 2) array, initialised to `value`."""
+    stacked = np.stack([value.real, value.imag], -1).astype(np.float32)
+    p = module.param(name, lambda _: jnp.asarray(stacked))
+    return jax.lax.complex(p[..., 0], p[..., 1])
+
+
+class DiagonalSSM(nn.Module):
+    """The diagonalised S5 system shared by S5, ConvS5 and ConvT3: eigenvalues, timescales, B and C.
+
+    B acts on `in_features` input values per state (U for S5, U kB kB for ConvS5), C produces `out_features`
+    values from the P states (U, or U kC kC). Initialisation follows S5: B lecun-normal and C truncated-normal in
+    the original basis, moved to the eigenbasis with V^-1 and V; log timescales uniform in [log dt_min, log dt_max].
+
+    Returns (lam_bar (P,) complex64, B_bar (P, in_features) complex64, C_tilde (out_features, P) complex64).
+    """
+
+    ssm_size: int
+    blocks: int
+    in_features: int
+    out_features: int
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    clip_eigs: bool = False
+
+    @nn.compact
+    def __call__(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        Lambda0, V, V_inv = hippo_n_eigendecomposition(self.ssm_size, self.blocks)
+        P = Lambda0.shape[0]
+        Lambda_re = self.param("Lambda_re", lambda _: jnp.asarray(Lambda0.real, jnp.float32))
+        Lambda_im = self.param("Lambda_im", lambda _: jnp.asarray(Lambda0.imag, jnp.float32))
+        if self.clip_eigs:
+            Lambda_re = jnp.minimum(Lambda_re, -1e-4)
+        Lambda = jax.lax.complex(Lambda_re, Lambda_im)
+
+        def b_init(key):
+            b = jax.nn.initializers.lecun_normal()(key, (self.ssm_size, self.in_features))
+            b_tilde = jnp.asarray(V_inv, jnp.complex64) @ b
+            return jnp.stack([b_tilde.real, b_tilde.imag], -1)
+
+        def c_init(key):
+            c = jax.random.truncated_normal(key, -2.0, 2.0, (self.out_features, self.ssm_size)) / np.sqrt(
+                self.ssm_size)
+            c_tilde = c @ jnp.asarray(V, jnp.complex64)
+            return jnp.stack([c_tilde.real, c_tilde.imag], -1)
+
+        b = self.param("B", b_init)
+        c = self.param("C", c_init)
+        log_step = self.param(
+            "log_step", lambda key: jax.random.uniform(key, (P,), minval=np.log(self.dt_min), maxval=np.log(self.dt_max)))
+        lam_bar, B_bar = discretize_zoh(Lambda, jax.lax.complex(b[..., 0], b[..., 1]), jnp.exp(log_step))
+        return lam_bar, B_bar, jax.lax.complex(c[..., 0], c[..., 1])
+
+
+# ----------------------------------------------------------------------------------------------- activations
+class ResNetActivation(nn.Module):
+    """ConvS5's activation between layers: y + conv(gelu(conv(gelu(y)))), both convs k x k, per frame.
+
+    x: (N, H, W, d) -> (N, H, W, d).
+    """
+
+    kernel_size: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, y: jax.Array) -> jax.Array:
+        d, k = y.shape[-1], (self.kernel_size, self.kernel_size)
+        h = nn.Conv(d, k, padding="SAME", dtype=self.dtype)(nn.gelu(y))
+        h = nn.Conv(d, k, padding="SAME", dtype=self.dtype)(nn.gelu(h))
+        return y + h
+
+
+class HalfGLU(nn.Module):
+    """S5's 'GLU (half)' activation: g = gelu(y); g * sigmoid(Dense(g)). y: (..., d) -> (..., d)."""
+
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, y: jax.Array) -> jax.Array:
+        g = nn.gelu(y)
+        return g * jax.nn.sigmoid(nn.Dense(y.shape[-1], dtype=self.dtype)(g))
+
+
+# ----------------------------------------------------------------------------------------------- the stack
+def dtype_of(name: str | Any) -> Any:
+    """'float32' / 'bfloat16' (config strings) or a dtype -> a jnp dtype."""
+    return jnp.dtype(name) if isinstance(name, str) else name
+
+
+class SSMStack(nn.Module):
+    """A stack of recurrent layers behind the backbone protocol (see `teco_ssm.backbones`).
+
+    Subclasses set `layer` (a module class with `__call__(u, x0, train) -> (out, x_last)` over (B, T, ...) and a
+    static `state_shape(cfg, batch_size, spatial_shape)`) and may override how frames enter and leave the stack
+    (`embed`, `unembed`). Layer fields are taken from the backbone's fields of the same name. `step` is the
+    parallel call on one frame: the scan kernel then takes its single-step path, so generation costs one frame.
+    """
+
+    layer: ClassVar[type]
+
+
+    @nn.nowrap
+    def embed(self, x: jax.Array) -> jax.Array:
+        """(B, T, H, W, C) -> the first layer's input. Called inside `__call__`, so it may create submodules."""
+        return nn.Dense(self.d_model, dtype=dtype_of(self.dtype), name="input_proj")(x)
+
+    @nn.nowrap
+    def unembed(self, y: jax.Array, x: jax.Array) -> jax.Array:
+        """The last layer's output -> (B, T, H, W, d_model); `x` is the backbone input."""
+        return y
+
+    @nn.compact
+    def __call__(self, x: jax.Array, state: Sequence[Any] | None = None, train: bool = False):
+        """x: (B, T, H, W, C) -> (y (B, T, H, W, d_model) float32, final state: list per layer)."""
+        cls = nn.remat(self.layer, static_argnums=(3,)) if self.remat else self.layer
+        h = self.embed(x)
+        if state is None:
+            state = [None] * self.n_layers
+        final = []
+        for i, x0 in enumerate(state):
+            h, x_last = cls(**shared_fields(self.layer, self), name=f"layer_{i}")(h, x0, train)
+            final.append(x_last)
+        return self.unembed(h, x).astype(jnp.float32), final
+
+    def init_state(self, batch_size: int, spatial_shape: tuple[int, int]) -> list:
+        """Zero states, one per layer (see the layer's `state_shape`)."""
+        shape = self.layer.state_shape(self, batch_size, spatial_shape)
+        return [jnp.zeros(shape, jnp.complex64) for _ in range(self.n_layers)]
+
+    def step(self, x_t: jax.Array, state: Sequence[Any]):
+        """x_t: (B, H, W, C) -> (y_t (B, H, W, d_model), new state)."""
+        y, new_state = self(x_t[:, None], state, train=False)
+        return y[:, 0], new_state

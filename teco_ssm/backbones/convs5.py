@@ -1,0 +1,123 @@
+"""ConvS5 (Smith et al. 2023): convolutional state space layers with a diagonalised pointwise state kernel.
+
+Each layer (paper Section 3.4, Appendix B, Listing 1), for inputs u_k (B, H, W, U):
+
+    x_k = lam_bar (.) x_{k-1} + B_bar (*) u_k        state (B, H, W, P) complex, P = ssm_size / 2
+    y_k = 2 Re(C_tilde (*) x_k) + D (.) u_k          (*) a 'SAME' convolution, (.) per channel
+    out_k = LayerNorm(u_k + Dropout(ResNet(y_k)))    post-norm with residual (Appendix D.1)
+
+The recurrence runs on the shared scan kernel (`teco_ssm.scan`) with a (P,) decay.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from teco_ssm import scan
+from teco_ssm.backbones.common import (DiagonalSSM, ResNetActivation, SSMStack, conv2d, dtype_of, over_frames,
+                                       shared_fields)
+
+Basis = Callable[[jax.Array], jax.Array]
+
+
+def _identity(x: jax.Array) -> jax.Array:
+    return x
+
+
+class ConvS5SSM(nn.Module):
+    """The linear ConvSSM of one layer: u (B, T, H, W, U), x0 (B, H, W, P) | None ->
+    (y = 2 Re(C_tilde (*) x_k): (B, T, H, W, U) float32, all states x_k: (B, T, H, W, P) complex64)."""
+
+    ssm_size: int
+    blocks: int = 1
+    B_kernel_size: int = 3
+    C_kernel_size: int = 3
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    clip_eigs: bool = False
+    scan_mode: str = "associative"
+
+    def state_basis(self, lam_bar: jax.Array, spatial_shape: tuple[int, int]) -> tuple[jax.Array, Basis, Basis]:
+        """The diagonal decay and the maps into and out of the basis where the state kernel is diagonal.
+
+        ConvS5's state kernel is pointwise, so the pixel basis already diagonalises it: decay (P,).
+        """
+        return lam_bar, _identity, _identity
+
+    @nn.compact
+    def __call__(self, u: jax.Array, x0: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+        U, kB, kC = u.shape[-1], self.B_kernel_size, self.C_kernel_size
+        lam_bar, B_bar, C_tilde = DiagonalSSM(self.ssm_size, self.blocks, U * kB * kB, U * kC * kC,
+                                              self.dt_min, self.dt_max, self.clip_eigs, name="diagonal")()
+        P = lam_bar.shape[0]
+        B_kernel = B_bar.reshape(P, kB, kB, U).transpose(1, 2, 3, 0)  # (kB, kB, U, P)
+        C_kernel = C_tilde.reshape(kC, kC, U, P).transpose(0, 1, 3, 2)  # (kC, kC, P, U)
+        bu = over_frames(lambda f: conv2d(f.astype(jnp.float32), B_kernel), u)
+        decay, to_basis, from_basis = self.state_basis(lam_bar, u.shape[2:4])
+        x0 = None if x0 is None else to_basis(x0)
+        xs = from_basis(scan.scan(decay, to_basis(bu), x0, mode=self.scan_mode))
+        return 2.0 * over_frames(lambda f: conv2d(f, C_kernel), xs).real, xs
+
+
+class ConvS5Layer(nn.Module):
+    """One ConvS5 layer. `__call__(u (B, T, H, W, d_model), x0 (B, H, W, P) | None, train) -> (out, x_last)`."""
+
+    ssm: ClassVar[type] = ConvS5SSM
+    d_model: int
+    ssm_size: int
+    blocks: int = 1
+    B_kernel_size: int = 3
+    C_kernel_size: int = 3
+    D_kernel_size: int = 3
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    clip_eigs: bool = False
+    dropout: float = 0.0
+    scan_mode: str = "associative"
+    dtype: Any = "float32"
+
+    @staticmethod
+    def state_shape(cfg: Any, batch_size: int, spatial_shape: tuple[int, int]) -> tuple[int, ...]:
+        return (batch_size, *spatial_shape, cfg.ssm_size // 2)
+
+    @nn.compact
+    def __call__(self, u: jax.Array, x0: jax.Array | None, train: bool = False):
+        dtype = dtype_of(self.dtype)
+        y, xs = self.ssm(**shared_fields(self.ssm, self), name="ssm")(u, x0)
+        D = self.param("D", nn.initializers.normal(1.0), (u.shape[-1],))
+        y = (y + D * u.astype(jnp.float32)).astype(dtype)
+        y = over_frames(ResNetActivation(self.D_kernel_size, dtype, name="activation"), y)
+        y = nn.Dropout(self.dropout, deterministic=not train)(y)
+        return nn.LayerNorm(dtype=dtype, name="norm")(u + y), xs[:, -1]
+
+
+class Backbone(SSMStack):
+    """A stack of ConvS5 layers on latent frames (B, T, H, W, C) -> (B, T, H, W, d_model)."""
+
+    layer = ConvS5Layer
+    d_model: int = 512
+    n_layers: int = 8
+    dropout: float = 0.0
+    ssm_size: int = 1024
+    blocks: int = 1
+    clip_eigs: bool = False
+    B_kernel_size: int = 3
+    C_kernel_size: int = 3
+    D_kernel_size: int = 3
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    scan_mode: str = "associative"
+    remat: bool = False
+    dtype: Any = "float32"
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """TECO-ConvS5 on DMLab (ConvS5 paper, Table 18)."""
+    return ml_collections.ConfigDict(dict(
+        d_model=512, n_layers=8, dropout=0.0, ssm_size=1024, blocks=1, clip_eigs=False,
+        B_kernel_size=3, C_kernel_size=3, D_kernel_size=3, dt_min=0.001, dt_max=0.1,
+        scan_mode="associative", remat=False, dtype="float32"))
