@@ -1,4 +1,6 @@
 """Every registered backbone honours the protocol: parallel == step by step, causal, splittable, configurable."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,9 +10,9 @@ from teco_ssm import backbones
 
 TOY = {
     "transformer": dict(d_model=16, n_layers=2, downsample=2, embed_dim=8, mlp_dim=16, num_heads=2, max_len=16),
-    "s5": dict(d_model=16, n_layers=2, ssm_size=8, blocks=2, downsample=2, embed_dim=4),
-    "convs5": dict(d_model=8, n_layers=2, ssm_size=8, blocks=2),
-    "convt3": dict(d_model=8, n_layers=2, ssm_size=8, blocks=2),
+    "s5": dict(d_model=16, n_layers=2, ssm_size=8, blocks=2, downsample=2, embed_dim=4, scan_mode="sequential"),
+    "convs5": dict(d_model=8, n_layers=2, ssm_size=8, blocks=2, scan_mode="sequential"),
+    "convt3": dict(d_model=8, n_layers=2, ssm_size=8, blocks=2, scan_mode="sequential"),
 }
 
 
@@ -25,12 +27,20 @@ def frames(key, shape=(2, 6, 4, 4, 5)):
 
 
 def run_steps(model, variables, x, state=None):
-    state = model.apply(variables, x.shape[0], x.shape[2:4], method=model.init_state) if state is None else state
+    if state is None:
+        state = model.apply(variables, x.shape[0], x.shape[2:4], method=model.init_state)
+    step = jax.jit(functools.partial(model.apply, method=model.step))
     ys = []
     for t in range(x.shape[1]):
-        y, state = model.apply(variables, x[:, t], state, method=model.step)
+        y, state = step(variables, x[:, t], state)
         ys.append(y)
     return jnp.stack(ys, 1), state
+
+
+def init_and_apply(model, x, key):
+    """Variables and a jitted parallel call `apply(variables, x, state=None)`."""
+    variables = jax.jit(model.init)(jax.random.key(key), x)
+    return variables, jax.jit(model.apply)
 
 
 def assert_tree_close(a, b, atol):
@@ -53,86 +63,79 @@ def test_unknown_field_is_an_error_listing_valid_ones(name):
 
 
 @pytest.mark.parametrize("name", backbones.NAMES)
-def test_parallel_equals_step_by_step(name):
+def test_parallel_step_split_and_causal(name):
+    """One model per backbone, checked four ways with the same compiled calls."""
     model, x = toy(name), frames(0)
-    variables = model.init(jax.random.key(1), x)
-    y, final = model.apply(variables, x)
-    assert y.shape == x.shape[:4] + (model.d_model,)
+    variables, apply = init_and_apply(model, x, 1)
+    y, final = apply(variables, x)
+    assert y.shape == x.shape[:4] + (model.d_model,) and len(final) == model.n_layers
+
+    # init_state then one step per frame == the parallel call, outputs and final state
     y_steps, state = run_steps(model, variables, x)
     np.testing.assert_allclose(y_steps, y, atol=2e-5)
     assert_tree_close(state, final, atol=2e-5)
-    assert len(final) == model.n_layers
 
-
-@pytest.mark.parametrize("name", backbones.NAMES)
-def test_split_sequence_equals_one_call(name):
-    model, x = toy(name), frames(2)
-    variables = model.init(jax.random.key(3), x)
-    y, final = model.apply(variables, x)
-    y1, s1 = model.apply(variables, x[:, :2])
-    y2, s2 = model.apply(variables, x[:, 2:], s1)
+    # two calls, the second continuing from the first's state == one call
+    half = x.shape[1] // 2
+    y1, s1 = apply(variables, x[:, :half])
+    y2, s2 = apply(variables, x[:, half:], s1)
     np.testing.assert_allclose(jnp.concatenate([y1, y2], 1), y, atol=2e-5)
     assert_tree_close(s2, final, atol=2e-5)
 
-
-@pytest.mark.parametrize("name", backbones.NAMES)
-def test_causal(name):
-    model, x = toy(name), frames(4)
-    variables = model.init(jax.random.key(5), x)
-    y, _ = model.apply(variables, x)
+    # causality: changing frames after t leaves outputs up to t unchanged, and does change later ones
     t = 3
     x2 = x.at[:, t + 1:].set(frames(6, x[:, t + 1:].shape))
-    y2, _ = model.apply(variables, x2)
-    np.testing.assert_allclose(y2[:, :t + 1], y[:, :t + 1], atol=1e-6)
-    assert float(jnp.abs(y2[:, t + 1:] - y[:, t + 1:]).max()) > 1e-3  # the future does change
+    y_changed, _ = apply(variables, x2)
+    np.testing.assert_allclose(y_changed[:, :t + 1], y[:, :t + 1], atol=1e-6)
+    assert float(jnp.abs(y_changed[:, t + 1:] - y[:, t + 1:]).max()) > 1e-3
 
 
 @pytest.mark.parametrize("name", backbones.NAMES)
 def test_random_configs_round_trip(name):
     """Random valid sizes build, keep their config, and still agree in parallel and step modes."""
     rng = np.random.default_rng(sum(map(ord, name)))
-    for _ in range(2):
-        overrides = {"n_layers": int(rng.integers(1, 3))}
-        if name in ("s5", "convs5", "convt3"):
-            blocks = int(rng.choice([1, 2]))
-            overrides.update(ssm_size=2 * blocks * int(rng.integers(1, 4)), blocks=blocks,
-                             scan_mode=str(rng.choice(["associative", "sequential", "fft"])))
-        if name in ("convs5", "convt3"):
-            overrides.update(B_kernel_size=int(rng.choice([1, 3])), C_kernel_size=int(rng.choice([1, 3])),
-                             D_kernel_size=int(rng.choice([1, 3])))
-        cfg = backbones.default_config(name)
-        cfg.update({**TOY[name], **overrides})
-        model = backbones.build(name, cfg)
-        for key, value in overrides.items():
-            assert getattr(model, key) == value
-        x = frames(7, (1, 4, 4, 4, 3))
-        variables = model.init(jax.random.key(8), x)
-        y, _ = model.apply(variables, x)
-        y_steps, _ = run_steps(model, variables, x)
-        np.testing.assert_allclose(y_steps, y, atol=2e-5)
+    overrides = {"n_layers": 1}
+    if name in ("s5", "convs5", "convt3"):
+        blocks = int(rng.choice([1, 2]))
+        overrides.update(ssm_size=2 * blocks * int(rng.integers(1, 4)), blocks=blocks,
+                         scan_mode=str(rng.choice(["associative", "sequential", "fft"])))
+    if name in ("convs5", "convt3"):
+        overrides.update(B_kernel_size=int(rng.choice([1, 3])), C_kernel_size=int(rng.choice([1, 3])),
+                         D_kernel_size=int(rng.choice([1, 3])))
+    cfg = backbones.default_config(name)
+    cfg.update({**TOY[name], **overrides})
+    model = backbones.build(name, cfg)
+    for key, value in overrides.items():
+        assert getattr(model, key) == value
+    x = frames(7, (1, 4, 4, 4, 3))
+    variables, apply = init_and_apply(model, x, 8)
+    y, _ = apply(variables, x)
+    y_steps, _ = run_steps(model, variables, x)
+    np.testing.assert_allclose(y_steps, y, atol=2e-5)
 
 
 @pytest.mark.parametrize("name", backbones.NAMES)
 def test_remat_same_values_and_gradients(name):
     x = frames(9, (1, 4, 4, 4, 3))
-    plain, remat = toy(name), toy(name, remat=True)
-    variables = plain.init(jax.random.key(10), x)
+    plain, remat = toy(name, n_layers=1), toy(name, n_layers=1, remat=True)
+    variables = jax.jit(plain.init)(jax.random.key(10), x)
 
     def loss(params, model):
         y, _ = model.apply({"params": params}, x)
         return jnp.sum(y ** 2)
 
-    g_plain = jax.grad(loss)(variables["params"], plain)
-    g_remat = jax.grad(loss)(variables["params"], remat)
+    grad = jax.jit(jax.grad(loss), static_argnums=1)
+    g_plain = grad(variables["params"], plain)
+    g_remat = grad(variables["params"], remat)
     assert_tree_close(g_remat, g_plain, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", backbones.NAMES)
 def test_bfloat16_compute_stays_close(name):
     x = frames(11, (1, 4, 4, 4, 3))
-    f32, bf16 = toy(name), toy(name, dtype="bfloat16")
-    variables = f32.init(jax.random.key(12), x)
-    y32, s32 = f32.apply(variables, x)
-    y16, s16 = bf16.apply(variables, x)
+    f32, bf16 = toy(name, n_layers=1), toy(name, n_layers=1, dtype="bfloat16")
+    variables = jax.jit(f32.init)(jax.random.key(12), x)
+    y32, _ = jax.jit(f32.apply)(variables, x)
+    y16, _ = jax.jit(bf16.apply)(variables, x)
     assert y16.dtype == jnp.float32
     assert float(jnp.abs(y16 - y32).mean()) < 0.05 * float(jnp.abs(y32).mean())
