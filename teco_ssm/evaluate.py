@@ -1,0 +1,225 @@
+"""Evaluates sampled videos: every metric over the generated frames, mean/std over groups, curves, and a report.
+
+Input: a folder of `.npz` files (read in natural order of their names), each holding
+  real     (B, T, H, W, 3) uint8   ground truth, context included
+  fake     (B, T, H, W, 3) uint8   the sample; its first `context` frames are the given context
+  actions  (B, T) or (B, T, ...)   the actions (not used by the metrics)
+  context  int, optional           number of context frames (else the `context` argument, else 0)
+  seen     (B, T) bool, optional   MazeLab: whether the place shown at each step was seen in the context
+PSNR, SSIM and LPIPS are computed on frames `[context:]`; FVD, as TECO, on the whole videos (context included;
+`fvd_generated_only=True` restricts it to the generated frames).
+"""
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Union
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from teco_ssm import metrics
+from teco_ssm import report as report_lib
+
+PathLike = Union[str, os.PathLike]
+LpipsFn = Callable[[Any, Any], Any]
+LPIPS_NETWORK = "VGG16 LPIPS (lpips-j weights); TECO reported AlexNet LPIPS"
+
+
+def sample_files(samples_dir: PathLike) -> list[Path]:
+    """The `.npz` files of `samples_dir` in natural order (`batch_2` before `batch_10`)."""
+    directory = Path(samples_dir)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"samples folder {directory} does not exist")
+    files = sorted(directory.glob("*.npz"),
+                   key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)])
+    if not files:
+        raise FileNotFoundError(f"no .npz files in {directory}")
+    return files
+
+
+def read_sample_file(path: PathLike, default_context: int | None = None) -> dict[str, Any]:
+    """Reads and checks one sample file.
+
+    Returns:
+      `{"real", "fake": (B, T, H, W, 3) uint8, "context": int, "seen": (B, T) bool or None}`.
+    """
+    with np.load(path) as data:
+        for field in ("real", "fake"):
+            if field not in data:
+                raise KeyError(f"{path}: missing field '{field}' (fields: {sorted(data.files)})")
+        real, fake = data["real"], data["fake"]
+        context = int(data["context"]) if "context" in data else default_context
+        seen = np.asarray(data["seen"]) if "seen" in data else None
+    for field, video in (("real", real), ("fake", fake)):
+        if video.ndim != 5 or video.shape[-1] != 3 or video.dtype != np.uint8:
+            raise ValueError(f"{path}: field '{field}' must be uint8 (B, T, H, W, 3), got {video.dtype} {video.shape}")
+    if real.shape != fake.shape:
+        raise ValueError(f"{path}: fields 'real' {real.shape} and 'fake' {fake.shape} differ in shape")
+    context = 0 if context is None else context
+    if not 0 <= context < real.shape[1]:
+        raise ValueError(f"{path}: field 'context' = {context} must be in [0, T = {real.shape[1]})")
+    if seen is not None and (seen.dtype != np.bool_ or seen.shape != real.shape[:2]):
+        raise ValueError(f"{path}: field 'seen' must be bool {real.shape[:2]}, got {seen.dtype} {seen.shape}")
+    return {"real": real, "fake": fake, "context": context, "seen": seen}
+
+
+def resolve_lpips(lpips: LpipsFn | PathLike | None) -> tuple[LpipsFn | None, str | None]:
+    """The LPIPS function and, when absent, why: a callable is used as is; a path must hold the weights; None looks
+    in `$TECO_SSM_LPIPS_DIR` and the Hugging Face cache (offline)."""
+    if callable(lpips):
+        return lpips, None
+    from teco_ssm import lpips as lpips_lib
+
+    try:
+        fn = lpips_lib.load_lpips(None if lpips is None else str(lpips), required=True)
+    except FileNotFoundError as error:
+        if lpips is not None:
+            raise
+        return None, str(error)
+    return fn, None
+
+
+def resolve_i3d(i3d: Callable[[np.ndarray], np.ndarray] | PathLike | None
+                ) -> tuple[Callable[[np.ndarray], np.ndarray] | None, str | None]:
+    """The I3D network and, when absent, why: a callable is used as is; a path must hold it; None reads
+    `$TECO_SSM_I3D` and reports FVD absent when it is unset."""
+    if callable(i3d):
+        return i3d, None
+    if i3d is None and not os.environ.get(metrics.I3D_ENV):
+        return None, f"no I3D network given and {metrics.I3D_ENV} unset. {metrics.I3D_HOW_TO_OBTAIN}"
+    return metrics.load_i3d(i3d), None
+
+
+def evaluate_samples(samples_dir: PathLike, report_dir: PathLike | None, *,
+                     lpips: LpipsFn | PathLike | None = None,
+                     i3d: Callable[[np.ndarray], np.ndarray] | PathLike | None = None,
+                     context: int | None = None, group_size: int = metrics.TECO_GROUP_SIZE, num_gifs: int = 4,
+                     fvd_generated_only: bool = False, lpips_chunk: int = 64, i3d_chunk: int = 4,
+                     title: str | None = None) -> dict[str, Any]:
+    """Computes every metric of the samples in `samples_dir` and writes the report to `report_dir`.
+
+    Args:
+      samples_dir: folder of `.npz` sample files (see the module docstring).
+      report_dir: the report folder (see `teco_ssm.report`); None writes nothing.
+      lpips: an LPIPS function `(N, H, W, 3), (N, H, W, 3)` in `[-1, 1]` -> `(N,)`, a weights folder, or None to
+        look in the usual places; LPIPS is reported absent (one warning) when nothing is found.
+      i3d: an I3D callable (`metrics.load_i3d`), its directory, or None to read `$TECO_SSM_I3D`; FVD is reported
+        absent (one warning) when unset.
+      context: number of context frames, for files that do not store it.
+      group_size: videos per group for mean/std (TECO: 256).
+      num_gifs: side-by-side GIFs written for the first videos.
+      fvd_generated_only: FVD on frames `[context:]` instead of whole videos.
+
+    Returns:
+      every number (the content of `metrics.json`, except that non-finite values stay floats here): PSNR/SSIM/LPIPS
+      as `{"mean", "std", "values", "num_videos", "group_sizes"}`, `fvd` likewise, per-frame `curves`, `revisit_psnr`
+      when files hold `seen`, counts, and `absent` naming each metric not computed and why.
+    """
+    files = sample_files(samples_dir)
+    lpips_fn, lpips_absent = resolve_lpips(lpips)
+    i3d_fn, i3d_absent = resolve_i3d(i3d)
+    absent = {name: why for name, why in (("lpips", lpips_absent), ("fvd", i3d_absent)) if why}
+    if absent:
+        warnings.warn("Not computed: " + "; ".join(f"{name.upper()} ({why})" for name, why in absent.items()),
+                      stacklevel=2)
+
+    per_frame: dict[str, list[np.ndarray]] = {"psnr": [], "ssim": []}
+    if lpips_fn is not None:
+        per_frame["lpips"] = []
+    real_features, fake_features, seen_masks, gif_pairs = [], [], [], []
+    shape, ctx = None, None
+    for path in tqdm(files, desc="evaluating", unit="file"):
+        sample = read_sample_file(path, context)
+        real, fake = sample["real"], sample["fake"]
+        if shape is None:
+            shape, ctx = real.shape[1:], sample["context"]
+        elif real.shape[1:] != shape or sample["context"] != ctx:
+            raise ValueError(f"{path}: videos {real.shape[1:]} with context {sample['context']} differ from the "
+                             f"first file's {shape} with context {ctx}")
+        real_gen, fake_gen = real[:, ctx:], fake[:, ctx:]
+        per_frame["psnr"].append(np.asarray(metrics.psnr(real_gen, fake_gen), np.float64))
+        per_frame["ssim"].append(np.asarray(metrics.ssim(real_gen, fake_gen), np.float64))
+        if lpips_fn is not None:
+            per_frame["lpips"].append(
+                metrics.lpips_distance(real_gen, fake_gen, lpips_fn, chunk=lpips_chunk).astype(np.float64))
+        if sample["seen"] is not None:
+            seen_masks.append(sample["seen"][:, ctx:])
+        if i3d_fn is not None:
+            start = ctx if fvd_generated_only else 0
+            real_features.append(metrics.i3d_features(real[:, start:], i3d_fn, chunk=i3d_chunk))
+            fake_features.append(metrics.i3d_features(fake[:, start:], i3d_fn, chunk=i3d_chunk))
+        for i in range(min(num_gifs - len(gif_pairs), real.shape[0])):
+            gif_pairs.append((real[i].copy(), fake[i].copy()))  # copies: views would keep whole files alive
+
+    frames = {name: np.concatenate(values) for name, values in per_frame.items()}  # (N, T - context) each
+    num_videos = next(iter(frames.values())).shape[0]
+    numbers: dict[str, Any] = {
+        "num_files": len(files), "num_videos": num_videos, "frames_per_video": int(shape[0]), "context": ctx,
+        "generated_frames": int(shape[0] - ctx), "frame_size": [int(shape[1]), int(shape[2])],
+        "group_size": group_size,
+    }
+    for name, values in frames.items():
+        numbers[name] = metrics.grouped_mean_std(values.mean(axis=1), group_size)
+    numbers.setdefault("lpips", None)
+    numbers["lpips_network"] = LPIPS_NETWORK if lpips_fn is not None else None
+    if i3d_fn is not None:
+        numbers["fvd"] = metrics.grouped_fvd(np.concatenate(real_features), np.concatenate(fake_features),
+                                             group_size)
+        numbers["fvd_frames"] = "generated" if fvd_generated_only else "all"
+        print(metrics.format_fvd(numbers["fvd"]))
+    else:
+        numbers["fvd"] = None
+    if seen_masks:
+        if len(seen_masks) != len(files):
+            raise ValueError("some sample files hold 'seen' and others do not; revisit PSNR needs it in every file")
+        numbers["revisit_psnr"] = metrics.masked_means(frames["psnr"], np.concatenate(seen_masks))
+    numbers["curves"] = {name: values.mean(axis=0) for name, values in frames.items()}
+    with np.errstate(invalid="ignore"):  # infinite PSNR (identical frames): undefined std
+        numbers["curves_std"] = {name: values.std(axis=0) for name, values in frames.items()}
+    numbers["absent"] = absent
+
+    if report_dir is not None:
+        write_evaluation_report(report_dir, numbers, gif_pairs, title or f"Evaluation of {Path(samples_dir).name}")
+    return numbers
+
+
+def summary_rows(numbers: dict[str, Any]) -> list[dict[str, Any]]:
+    """One table row per metric: mean, std over groups, number of videos and groups."""
+    rows = []
+    for name in ("psnr", "ssim", "lpips", "fvd"):
+        result = numbers.get(name)
+        if result is None:
+            rows.append({"metric": name.upper(), "mean": None, "std": None, "videos": None,
+                         "groups": f"absent: {numbers['absent'].get(name, 'not computed')}"})
+            continue
+        rows.append({"metric": name.upper(), "mean": result["mean"], "std": result["std"],
+                     "videos": result["num_videos"], "groups": " / ".join(str(s) for s in result["group_sizes"])})
+    return rows
+
+
+def write_evaluation_report(report_dir: PathLike, numbers: dict[str, Any],
+                            videos: list[tuple[np.ndarray, np.ndarray]], title: str) -> dict[str, Any]:
+    """Writes the report folder of an `evaluate_samples` result (tables, curves, GIFs, metrics.json)."""
+    setup = (f"{numbers['num_videos']} videos of {numbers['frames_per_video']} frames "
+             f"({numbers['context']} context, {numbers['generated_frames']} generated), "
+             f"{numbers['frame_size'][0]}x{numbers['frame_size'][1]}. PSNR, SSIM and LPIPS average the generated "
+             f"frames; mean and std are over groups of {numbers['group_size']} videos (std with ddof 0).")
+    sections: dict[str, Any] = {"Setup": setup, "Summary": report_lib.Table(summary_rows(numbers))}
+    notes = []
+    if numbers.get("lpips_network"):
+        notes.append(f"LPIPS network: {numbers['lpips_network']}.")
+    if numbers.get("fvd"):
+        notes.append(metrics.format_fvd(numbers["fvd"]) + f", frames: {numbers['fvd_frames']}.")
+    if notes:
+        sections["Notes"] = "\n\n".join(notes)
+    if "revisit_psnr" in numbers:
+        r = numbers["revisit_psnr"]
+        sections["Revisit consistency (MazeLab)"] = report_lib.Table([
+            {"frames": "at places seen in the context", "PSNR": r["seen"], "count": r["num_seen"]},
+            {"frames": "at places never seen", "PSNR": r["unseen"], "count": r["num_unseen"]}])
+    return report_lib.write_report(report_dir, numbers=numbers, curves=numbers["curves"], videos=videos,
+                                   sections=sections, title=title, first_frame=numbers["context"],
+                                   curve_spread=numbers["curves_std"])

@@ -1,0 +1,460 @@
+"""Video prediction metrics: PSNR, SSIM, LPIPS, FVD, and their aggregation as TECO reports them.
+
+Conventions shared by every frame metric here:
+
+* Videos are batch-major `(B, T, H, W, 3)` (any leading shape works; the last three axes are one frame).
+* `uint8` inputs are read as `[0, 255]`; floating inputs are read as `[-1, 1]`. Both are mapped to `[0, 1]`
+  before computing, as TECO computes on `[0, 1]` frames, so the data range is 1 in every formula.
+* PSNR of two identical frames is `+inf` (no cap), exactly as TECO's `-10 log10(mse)` with `mse = 0`.
+* SSIM follows `tf.image.ssim`: an 11x11 Gaussian window with sigma 1.5 (normalised), k1 = 0.01, k2 = 0.03,
+  VALID filtering (no padding), the SSIM map averaged over space and then over channels.
+
+Aggregation follows TECO's evaluation scripts (the ConvS5 paper, Appendix D.5): the videos are split into groups of
+`group_size` (256) consecutive videos, each group gives one number (the mean over its videos and generated frames for
+PSNR/SSIM/LPIPS, one Frechet distance for FVD), and the report is the mean and the standard deviation (ddof 0) of
+these numbers over groups. FVD depends on the number of videos, so every FVD result carries it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.linalg
+from tqdm.auto import tqdm
+
+I3D_ENV = "TECO_SSM_I3D"
+I3D_RESOLUTION = 224
+TECO_GROUP_SIZE = 256
+
+# Tensor names inside the TF1 Hub module "deepmind/i3d-kinetics-400" (the ones the FVD reference code reads):
+# the input placeholder and the Kinetics-400 logits averaged over time, used as the FVD embedding.
+_HUB_INPUT = "input_frames:0"
+_HUB_LOGITS = "RGB/inception_i3d/Mean:0"
+
+I3D_HOW_TO_OBTAIN = (
+    "Get the I3D network as the TF Hub module 'deepmind/i3d-kinetics-400' (version 1, a SavedModel directory, e.g. "
+    "from https://tfhub.dev/deepmind/i3d-kinetics-400/1 or its Kaggle Models mirror, extracted), then pass its path "
+    f"or set the environment variable {I3D_ENV}."
+)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# PSNR and SSIM
+# ---------------------------------------------------------------------------------------------------------------------
+def to_unit_range(video: jax.Array) -> jax.Array:
+    """Maps frames to float32 `[0, 1]`.
+
+    Args:
+      video: `(..., H, W, C)`, `uint8` in `[0, 255]` or floating in `[-1, 1]`.
+
+    Returns:
+      `(..., H, W, C)` float32 in `[0, 1]`.
+    """
+    video = jnp.asarray(video)
+    if _value_span(video.dtype) == 255.0:
+        return video.astype(jnp.float32) / 255.0
+    return (video.astype(jnp.float32) + 1.0) / 2.0
+
+
+def _value_span(dtype: Any) -> float:
+    """Width of the value range of frames of this dtype: 255 for uint8, 2 for floating ([-1, 1])."""
+    if dtype == jnp.uint8:
+        return 255.0
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"frames must be uint8 in [0, 255] or floating in [-1, 1], got dtype {dtype}")
+    return 2.0
+
+
+def _check_pair(a: Any, b: Any) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"the two videos differ in shape: {a.shape} vs {b.shape}")
+    if a.ndim < 3:
+        raise ValueError(f"expected frames (..., H, W, C), got shape {a.shape}")
+    if _value_span(a.dtype) != _value_span(b.dtype):
+        raise TypeError(f"the two videos must both be uint8 or both floating, got {a.dtype} and {b.dtype}")
+
+
+@jax.jit
+def psnr(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Peak signal-to-noise ratio per frame, on `[0, 1]` frames (data range 1).
+
+    Args:
+      a, b: `(B, T, H, W, 3)` (any leading shape), both `uint8` or both floating in `[-1, 1]`.
+
+    Returns:
+      `(B, T)` float32 in dB; `+inf` where the frames are identical.
+    """
+    _check_pair(a, b)
+    # Subtract before scaling, so that identical frames give exactly 0 however the compiler fuses the scaling.
+    diff = (jnp.asarray(a, jnp.float32) - jnp.asarray(b, jnp.float32)) / _value_span(a.dtype)
+    mse = jnp.mean(jnp.square(diff), axis=(-3, -2, -1))
+    return -10.0 * jnp.log10(mse)
+
+
+def gaussian_window(size: int = 11, sigma: float = 1.5) -> np.ndarray:
+    """The normalised 1-D Gaussian of `tf.image.ssim`: `(size,)` float64 summing to 1; its outer product with
+    itself is TF's 2-D window."""
+    coords = np.arange(size, dtype=np.float64) - (size - 1) / 2.0
+    g = np.exp(-0.5 * coords**2 / sigma**2)
+    return g / g.sum()
+
+
+def _valid_filter_matrix(length: int, window: np.ndarray) -> np.ndarray:
+    """`(length - k + 1, length)` float32 banded matrix: row i holds the window at offsets i..i+k-1 (VALID)."""
+    k = window.shape[0]
+    matrix = np.zeros((length - k + 1, length), np.float64)
+    for i in range(length - k + 1):
+        matrix[i, i:i + k] = window
+    return matrix.astype(np.float32)
+
+
+@jax.jit
+def ssim(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Structural similarity per frame, equal to `tf.image.ssim(a01, b01, max_val=1.0)` on `[0, 1]` frames.
+
+    Window 11x11 Gaussian (sigma 1.5), k1 = 0.01, k2 = 0.03, VALID filtering; frames need H, W >= 11. The 2-D window
+    is separable, so the local means are two banded matrix products (fast on CPU and accelerators alike).
+
+    Args:
+      a, b: `(B, T, H, W, C)` (any leading shape), both `uint8` or both floating in `[-1, 1]`.
+
+    Returns:
+      `(B, T)` float32; 1 (up to float32 rounding) where the frames are identical.
+    """
+    _check_pair(a, b)
+    height, width, channels = a.shape[-3:]
+    if min(height, width) < 11:
+        raise ValueError(f"SSIM needs frames of at least 11x11 pixels, got {height}x{width}")
+    window = gaussian_window()
+    rows = jnp.asarray(_valid_filter_matrix(height, window))  # (H - 10, H)
+    cols = jnp.asarray(_valid_filter_matrix(width, window))  # (W - 10, W)
+    x, y = to_unit_range(a), to_unit_range(b)
+
+    def local_mean(z: jax.Array) -> jax.Array:  # (..., H, W, C) -> (..., H - 10, W - 10, C)
+        z = jnp.einsum("ih,...hwc->...iwc", rows, z, precision=jax.lax.Precision.HIGHEST)
+        return jnp.einsum("jw,...iwc->...ijc", cols, z, precision=jax.lax.Precision.HIGHEST)
+
+    c1, c2 = 0.01**2, 0.03**2
+    mean_x, mean_y = local_mean(x), local_mean(y)
+    num0 = 2.0 * mean_x * mean_y
+    den0 = jnp.square(mean_x) + jnp.square(mean_y)
+    luminance = (num0 + c1) / (den0 + c1)
+    num1 = 2.0 * local_mean(x * y)
+    den1 = local_mean(jnp.square(x) + jnp.square(y))
+    contrast_structure = (num1 - num0 + c2) / (den1 - den0 + c2)
+    per_channel = jnp.mean(luminance * contrast_structure, axis=(-3, -2))
+    return jnp.mean(per_channel, axis=-1)
+
+
+def masked_means(values: np.ndarray, mask: np.ndarray) -> dict[str, Any]:
+    """Means of `values` where `mask` holds and where it does not.
+
+    Args:
+      values: `(B, T)` float, e.g. per-frame PSNR.
+      mask: `(B, T)` bool.
+
+    Returns:
+      `{"seen": float | None, "unseen": float | None, "num_seen": int, "num_unseen": int}`; a mean is `None` when
+      its set of frames is empty.
+    """
+    values, mask = np.asarray(values, np.float64), np.asarray(mask)
+    if values.shape != mask.shape:
+        raise ValueError(f"values {values.shape} and mask {mask.shape} differ in shape")
+    if mask.dtype != np.bool_:
+        raise TypeError(f"the mask must be bool, got {mask.dtype}")
+    seen, unseen = values[mask], values[~mask]
+    return {
+        "seen": float(seen.mean()) if seen.size else None,
+        "unseen": float(unseen.mean()) if unseen.size else None,
+        "num_seen": int(seen.size),
+        "num_unseen": int(unseen.size),
+    }
+
+
+def revisit_psnr(real: jax.Array, fake: jax.Array, seen_mask: np.ndarray) -> dict[str, Any]:
+    """Consistency on revisits: PSNR of generated frames at places seen in the context versus never seen.
+
+    Args:
+      real: `(B, T, H, W, 3)` ground-truth frames of the generated steps (`uint8`, or floating in `[-1, 1]`).
+      fake: the generated frames, same shape and convention.
+      seen_mask: `(B, T)` bool, true where the agent's place at that step was visible earlier in the context.
+
+    Returns:
+      `masked_means` of the per-frame PSNR: `seen`, `unseen` (dB, or None when empty), `num_seen`, `num_unseen`.
+    """
+    return masked_means(np.asarray(psnr(real, fake)), seen_mask)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# LPIPS
+# ---------------------------------------------------------------------------------------------------------------------
+def lpips_distance(real: np.ndarray, fake: np.ndarray, lpips_fn: Callable[[jax.Array, jax.Array], jax.Array], *,
+                   chunk: int = 256) -> np.ndarray:
+    """LPIPS per frame.
+
+    Args:
+      real, fake: `(B, T, H, W, 3)`, both `uint8` or both floating in `[-1, 1]`.
+      lpips_fn: maps two frame batches `(N, H, W, 3)` float32 in `[-1, 1]` to `(N,)` (or `(N, 1, 1, 1)`) distances,
+        e.g. `teco_ssm.lpips.load_lpips(...)` (VGG16 LPIPS from lpips-j).
+      chunk: frames per network call.
+
+    Returns:
+      `(B, T)` float32.
+    """
+    real, fake = np.asarray(real), np.asarray(fake)
+    _check_pair(real, fake)
+    lead, frame = real.shape[:-3], real.shape[-3:]
+    x, y = real.reshape(-1, *frame), fake.reshape(-1, *frame)
+    out = []
+    for start in range(0, x.shape[0], chunk):
+        xs = to_unit_range(x[start:start + chunk]) * 2.0 - 1.0
+        ys = to_unit_range(y[start:start + chunk]) * 2.0 - 1.0
+        out.append(np.asarray(lpips_fn(xs, ys), np.float32).reshape(-1))
+    return np.concatenate(out).reshape(lead)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Frechet distance and FVD
+# ---------------------------------------------------------------------------------------------------------------------
+def gaussian_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and unbiased covariance (ddof 1, as tf-gan) of `(N, D)` features, in float64: `(D,)`, `(D, D)`."""
+    features = np.asarray(features, np.float64)
+    if features.ndim != 2 or features.shape[0] < 2:
+        raise ValueError(f"need features (N >= 2, D), got shape {features.shape}")
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2).
+
+    `|mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2))`, the matrix square root by `scipy.linalg.sqrtm`
+    (its tiny imaginary part from rounding dropped; a small ridge added when the product is singular).
+
+    Args:
+      mu1, mu2: `(D,)`. sigma1, sigma2: `(D, D)` symmetric positive semi-definite.
+
+    Returns:
+      the distance, a Python float.
+    """
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
+        raise ValueError(f"inconsistent shapes: mu {mu1.shape} {mu2.shape}, sigma {sigma1.shape} {sigma2.shape}")
+    with warnings.catch_warnings():  # singular products are the rule (fewer videos than dimensions)
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+        if not np.all(np.isfinite(covmean)):
+            ridge = np.eye(mu1.shape[0]) * 1e-6
+            covmean = scipy.linalg.sqrtm((sigma1 + ridge) @ (sigma2 + ridge))
+    covmean = np.real(covmean)
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+
+
+def fvd_from_features(real_features: np.ndarray, fake_features: np.ndarray) -> float:
+    """Frechet distance between two sets of `(N, D)` video embeddings."""
+    return frechet_distance(*gaussian_statistics(real_features), *gaussian_statistics(fake_features))
+
+
+@dataclasses.dataclass(frozen=True)
+class I3D:
+    """The I3D network as a callable: `(N, T, 224, 224, 3)` float32 in `[-1, 1]` -> `(N, D)` float32 embeddings.
+
+    `D` is 400 for 'deepmind/i3d-kinetics-400' (the Kinetics logits averaged over time, the FVD embedding).
+    """
+
+    embed: Callable[[Any], Any]
+    path: str
+
+    def __call__(self, videos: np.ndarray) -> np.ndarray:
+        return np.asarray(self.embed(videos), np.float32)
+
+
+def resolve_i3d_path(path: str | os.PathLike | None = None) -> Path:
+    """The I3D directory: `path` if given, else `$TECO_SSM_I3D`; the error says where to obtain the network."""
+    chosen = path if path else os.environ.get(I3D_ENV)
+    if not chosen:
+        raise FileNotFoundError(f"No I3D network configured (argument or {I3D_ENV} unset). {I3D_HOW_TO_OBTAIN}")
+    chosen = Path(chosen).expanduser()
+    if not (chosen / "saved_model.pb").is_file():
+        raise FileNotFoundError(f"No SavedModel at {chosen} (saved_model.pb missing). {I3D_HOW_TO_OBTAIN}")
+    return chosen
+
+
+def load_i3d(path: str | os.PathLike | None = None) -> I3D:
+    """Loads the I3D network from a local directory; never downloads.
+
+    Accepted directories:
+      * the TF1 Hub module 'deepmind/i3d-kinetics-400' as published (a directory with `tfhub_module.pb` and
+        `saved_model.pb`): the graph is pruned from `input_frames:0` to `RGB/inception_i3d/Mean:0`, as the FVD
+        reference code does;
+      * any TF2 SavedModel whose `serving_default` (or `default`) signature takes one tensor
+        `(N, T, 224, 224, 3)` float32 in `[-1, 1]` and returns one `(N, D)` tensor.
+
+    Args:
+      path: the directory; `None` reads the environment variable `TECO_SSM_I3D`.
+
+    Returns:
+      an `I3D` callable.
+    """
+    import tensorflow as tf  # deferred: TensorFlow is only needed for FVD
+
+    directory = resolve_i3d_path(path)
+    # A TF1 Hub module stores its inference graph under the empty tag set (what tensorflow_hub.load passes).
+    tags = [] if (directory / "tfhub_module.pb").is_file() else None
+    try:
+        model = tf.saved_model.load(str(directory), tags=tags)
+    except Exception as error:  # noqa: BLE001 - re-raised with the path and where to get a good copy
+        raise RuntimeError(
+            f"Could not load the I3D SavedModel at {directory}: {error}. {I3D_HOW_TO_OBTAIN}") from error
+
+    graph = getattr(model, "graph", None)
+    if graph is not None and hasattr(model, "prune"):
+        try:
+            graph.get_tensor_by_name(_HUB_INPUT)
+            graph.get_tensor_by_name(_HUB_LOGITS)
+            pruned = model.prune(_HUB_INPUT, _HUB_LOGITS)
+            return I3D(embed=lambda videos: pruned(tf.constant(videos, tf.float32)), path=str(directory))
+        except KeyError:
+            pass  # a TF1 SavedModel without the hub module's tensor names: use its signature below
+    signatures = getattr(model, "signatures", {})
+    for key in ("serving_default", "default"):
+        if key in signatures:
+            signature = signatures[key]
+            break
+    else:
+        raise ValueError(f"{directory}: neither the I3D hub tensors ({_HUB_INPUT}, {_HUB_LOGITS}) nor a "
+                         f"'serving_default'/'default' signature found (signatures: {list(signatures)}). "
+                         + I3D_HOW_TO_OBTAIN)
+    inputs = signature.structured_input_signature[1]
+    outputs = signature.structured_outputs
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise ValueError(f"{directory}: the I3D signature must take one tensor and return one, got inputs "
+                         f"{list(inputs)} and outputs {list(outputs)}")
+    (input_name,), (output_name,) = list(inputs), list(outputs)
+    return I3D(embed=lambda videos: signature(**{input_name: tf.constant(videos, tf.float32)})[output_name],
+               path=str(directory))
+
+
+def preprocess_for_i3d(videos: np.ndarray, resolution: int = I3D_RESOLUTION) -> np.ndarray:
+    """Resizes frames bilinearly to `resolution` and scales to `[-1, 1]`, as the FVD reference code.
+
+    Args:
+      videos: `(B, T, H, W, 3)` `uint8`, or floating in `[-1, 1]`.
+
+    Returns:
+      `(B, T, resolution, resolution, 3)` float32 in `[-1, 1]`.
+    """
+    import tensorflow as tf
+
+    videos = np.asarray(videos)
+    if videos.ndim != 5:
+        raise ValueError(f"expected videos (B, T, H, W, 3), got shape {videos.shape}")
+    frames = np.asarray(to_unit_range(videos)).reshape(-1, *videos.shape[2:]) * 255.0
+    resized = tf.image.resize(frames, (resolution, resolution)).numpy()  # bilinear, half-pixel centres
+    resized = resized.reshape(videos.shape[0], videos.shape[1], resolution, resolution, 3)
+    return 2.0 * resized / 255.0 - 1.0
+
+
+def i3d_features(videos: np.ndarray, i3d: Callable[[np.ndarray], np.ndarray], *, chunk: int = 4,
+                 progress: bool = False) -> np.ndarray:
+    """I3D embeddings of whole videos.
+
+    Args:
+      videos: `(B, T, H, W, 3)` `uint8` (or floating in `[-1, 1]`); resized to 224 inside.
+      i3d: e.g. `load_i3d(...)`.
+      chunk: videos per network call (224x224 float32 videos are large: 300 frames take 180 MB).
+
+    Returns:
+      `(B, D)` float32.
+    """
+    out = []
+    for start in tqdm(range(0, len(videos), chunk), desc="I3D", disable=not progress, leave=False):
+        out.append(np.asarray(i3d(preprocess_for_i3d(videos[start:start + chunk])), np.float32))
+    return np.concatenate(out)
+
+
+def fvd(real: np.ndarray, fake: np.ndarray, i3d: Callable[[np.ndarray], np.ndarray], *, chunk: int = 4) -> float:
+    """Frechet Video Distance between two sets of videos (one group; see `grouped_fvd` for the paper's protocol).
+
+    Args:
+      real, fake: `(N, T, H, W, 3)` `uint8` (or floating in `[-1, 1]`), N >= 2 each.
+      i3d: e.g. `load_i3d(...)`.
+
+    Returns:
+      the FVD; it depends on N, so report N with it.
+    """
+    return fvd_from_features(i3d_features(real, i3d, chunk=chunk), i3d_features(fake, i3d, chunk=chunk))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Aggregation over groups of videos, as the paper reports
+# ---------------------------------------------------------------------------------------------------------------------
+def group_slices(num_videos: int, group_size: int = TECO_GROUP_SIZE) -> list[slice]:
+    """Consecutive groups of `group_size` videos.
+
+    A smaller remainder forms a last group, as TECO's scripts do, except that a single leftover video joins the
+    previous group (one video has no covariance, so it could not give an FVD).
+    """
+    if num_videos < 1 or group_size < 1:
+        raise ValueError(f"need at least one video and group_size >= 1, got {num_videos}, {group_size}")
+    starts = list(range(0, num_videos, group_size))
+    if len(starts) > 1 and num_videos - starts[-1] == 1:
+        starts.pop()
+    return [slice(start, stop) for start, stop in zip(starts, starts[1:] + [num_videos])]
+
+
+def mean_std(values: Sequence[float]) -> dict[str, Any]:
+    """`{"mean", "std", "values"}` with the population standard deviation (ddof 0, `np.std` as TECO's scripts)."""
+    values = np.asarray(values, np.float64)
+    with np.errstate(invalid="ignore"):  # an infinite PSNR (identical frames) has an undefined (nan) std
+        std = float(values.std())
+    return {"mean": float(values.mean()), "std": std, "values": [float(v) for v in values]}
+
+
+def grouped_mean_std(per_video: np.ndarray, group_size: int = TECO_GROUP_SIZE) -> dict[str, Any]:
+    """Per-group means of a per-video score, then their mean and std over groups.
+
+    Args:
+      per_video: `(N,)` a score per video (already averaged over its generated frames).
+
+    Returns:
+      `{"mean", "std", "values" (one per group), "num_videos", "group_sizes"}`.
+    """
+    per_video = np.asarray(per_video, np.float64)
+    slices = group_slices(per_video.shape[0], group_size)
+    result = mean_std([per_video[s].mean() for s in slices])
+    return {**result, "num_videos": int(per_video.shape[0]), "group_sizes": [s.stop - s.start for s in slices]}
+
+
+def grouped_fvd(real_features: np.ndarray, fake_features: np.ndarray,
+                group_size: int = TECO_GROUP_SIZE) -> dict[str, Any]:
+    """FVD per group of videos, then mean and std over groups (the paper: 1024 videos, groups of 256).
+
+    Args:
+      real_features, fake_features: `(N, D)` I3D embeddings of paired videos.
+
+    Returns:
+      `{"mean", "std", "values" (one FVD per group), "num_videos", "group_sizes"}`.
+    """
+    if real_features.shape != fake_features.shape:
+        raise ValueError(f"feature sets differ in shape: {real_features.shape} vs {fake_features.shape}")
+    slices = group_slices(real_features.shape[0], group_size)
+    if min(s.stop - s.start for s in slices) < 2:
+        raise ValueError(f"every FVD group needs at least 2 videos; group sizes {[s.stop - s.start for s in slices]}")
+    result = mean_std([fvd_from_features(real_features[s], fake_features[s]) for s in slices])
+    return {**result, "num_videos": int(real_features.shape[0]), "group_sizes": [s.stop - s.start for s in slices]}
+
+
+def format_fvd(result: dict[str, Any]) -> str:
+    """One line for a `grouped_fvd` result that always states the number of videos."""
+    sizes = result["group_sizes"]
+    groups = f"{len(sizes)} group{'s' if len(sizes) > 1 else ''} of {sizes[0]}" + (
+        f" (last {sizes[-1]})" if sizes[-1] != sizes[0] else "")
+    return f"FVD {result['mean']:.2f} +/- {result['std']:.2f} over {result['num_videos']} videos ({groups})"
