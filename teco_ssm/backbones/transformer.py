@@ -1,0 +1,310 @@
+"""TECO's temporal transformer as a backbone (Yan et al. 2022; ConvS5 paper Appendix D.5, Table 20).
+
+Each latent frame (H, W, C) is cut into (H/downsample) x (W/downsample) tokens by a strided convolution to
+`embed_dim` channels. Every token gets a learned spatial position embedding (one per token of a frame) and the
+sinusoidal embedding of its frame's absolute time index. `n_layers` pre-LayerNorm blocks (attention then MLP, each
+with a residual, as TECO) mix the tokens; a head (Dense, GELU, LayerNorm, as TECO) and a transposed convolution
+bring each frame back to (H, W, d_model).
+
+Attention is block-causal over frames with a sliding window of `max_len` frames: every token of frame t attends
+to every token of frames t - max_len + 1 .. t, in both modes. Keys and values of earlier frames are kept in a
+ring buffer of `max_len` frames per layer, so
+
+* the parallel call over T frames, with or without a cache from earlier frames, equals `init_state` followed by
+  T calls of `step` (the window and the absolute time positions are the same in both), for any T, also
+  T > max_len;
+* splitting a sequence into two parallel calls, the second given the first one's final state, equals one call;
+* `step` attends to one frame's queries against `max_len + 1` frames of keys: the cost of a generated frame and
+  the memory of the state do not grow with the rollout length (1,000+ frame rollouts run at constant memory).
+
+With `n_layers` layers, an output depends on the last `n_layers * (max_len - 1) + 1` input frames. Time positions
+are absolute, so frames beyond the training length use sinusoid phases the model has not seen in training.
+
+Deviations from the TECO release, all of them simplifications: the tokenising convolution carries a bias and is
+not followed by a second linear map (two linear maps in a row span the same functions); dropout is applied to the
+embedding, the residual branches, the MLP hidden units and the head, not to the attention weights (TECO's DMLab
+setting uses rate 0 everywhere).
+
+The state is a list with one dict per layer:
+    key, value: (B, max_len, N, num_heads, embed_dim // num_heads) in the compute dtype; ring slot j holds the
+        most recent frame s < time with s = j (mod max_len), N = (H / downsample) * (W / downsample);
+    time: () int32, the absolute index of the next frame (the number of frames seen so far).
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+_FILE = "teco_ssm/backbones/transformer.py"
+_MASKED = -1e30  # logit of a key outside the window; exp underflows to exactly 0 in float32
+_LAYER_NORM_EPS = 1e-6
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Defaults: TECO-Transformer on DMLab (ConvS5 paper Table 20), d_model as TECO-ConvS5's hidden dim (Table 18).
+
+    max_len is the training sequence length (300 frames); `dtype` names the compute dtype ('float32',
+    'bfloat16'); parameters are always float32.
+    """
+    return ml_collections.ConfigDict(dict(
+        d_model=512,
+        n_layers=8,
+        dropout=0.0,
+        downsample=8,
+        embed_dim=1024,
+        mlp_dim=4096,
+        num_heads=16,
+        max_len=300,
+        remat=False,
+        dtype="float32",
+    ))
+
+
+def sinusoidal_time_embedding(times: jax.Array, dim: int) -> jax.Array:
+    """Sinusoidal embedding of absolute frame indices, TECO's `SinusoidalPositionBiases` layout.
+
+    times: (T,) integer  ->  (T, dim) float32, [sin(t w_0..w_{dim/2-1}), cos(t w_0..w_{dim/2-1})] with
+    w_i = 10000 ** (-2 i / dim). Valid for any t >= 0.
+    """
+    inv_freq = 1.0 / (10000.0 ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    angles = times.astype(jnp.float32)[:, None] * inv_freq[None, :]
+    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+
+def cache_slot_times(next_time: jax.Array, max_len: int) -> jax.Array:
+    """Absolute frame index held by each ring-buffer slot once frames 0 .. next_time - 1 were written.
+
+    next_time: () int  ->  (max_len,) int32; slot j holds frame next_time - 1 - ((next_time - 1 - j) mod max_len),
+    negative for a slot never written.
+    """
+    last = jnp.asarray(next_time, jnp.int32) - 1
+    return last - jnp.mod(last - jnp.arange(max_len, dtype=jnp.int32), max_len)
+
+
+def window_mask(first_time: jax.Array, num_frames: int, max_len: int, tokens_per_frame: int,
+                with_cache: bool) -> jax.Array:
+    """Block-causal sliding-window mask: a token of frame t sees every token of frames s, t - max_len < s <= t.
+
+    first_time: () int, absolute index of the first of `num_frames` new frames. Keys are the ring-buffer cache
+    (when `with_cache`, max_len frames, slot order) followed by the new frames.
+    Returns (num_frames * N, (max_len * N if with_cache else 0) + num_frames * N) bool, N = tokens_per_frame,
+    frame-major token order.
+    """
+    query_times = jnp.asarray(first_time, jnp.int32) + jnp.arange(num_frames, dtype=jnp.int32)
+    key_times = query_times
+    if with_cache:
+        key_times = jnp.concatenate([cache_slot_times(first_time, max_len), query_times])
+    q, k = query_times[:, None], key_times[None, :]
+    frame_mask = (k >= 0) & (k <= q) & (k > q - max_len)
+    return jnp.repeat(jnp.repeat(frame_mask, tokens_per_frame, axis=0), tokens_per_frame, axis=1)
+
+
+def masked_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax attention with a boolean mask; logits and softmax in float32.
+
+    query: (B, Lq, heads, D); key, value: (B, Lk, heads, D); mask: (Lq, Lk) bool, at least one True per row.
+    Returns (B, Lq, heads, D) in value's dtype.
+    """
+    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
+    logits = jnp.where(mask, logits * query.shape[-1] ** -0.5, _MASKED)
+    weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
+
+
+def write_cache(cache: jax.Array, new: jax.Array, first_time: jax.Array) -> jax.Array:
+    """Writes the last min(T, max_len) of T new frames into the ring buffer, frame s into slot s mod max_len.
+
+    cache: (B, max_len, N, heads, D); new: (B, T, N, heads, D) of frames first_time .. first_time + T - 1.
+    Returns the updated cache, same shape and dtype.
+    """
+    max_len, num_new = cache.shape[1], new.shape[1]
+    kept = min(num_new, max_len)
+    slots = jnp.mod(jnp.asarray(first_time, jnp.int32) + num_new - kept + jnp.arange(kept, dtype=jnp.int32),
+                    max_len)
+    return cache.at[:, slots].set(new[:, num_new - kept:].astype(cache.dtype))
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+    """x * sigmoid(1.702 x), the GELU approximation of TECO's MLP blocks."""
+    return x * nn.sigmoid(1.702 * x)
+
+
+class TransformerLayer(nn.Module):
+    """One pre-LayerNorm block: x + Attn(LN(x)), then x + MLP(LN(x)) (TECO's TransformerLayer)."""
+    embed_dim: int
+    num_heads: int
+    mlp_dim: int
+    dropout: float
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array, past_key: jax.Array | None, past_value: jax.Array | None,
+                 mask: jax.Array, train: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x: (B, L, E) tokens; past_key, past_value: (B, P, heads, D) cached keys/values or None;
+        mask: (L, P + L) bool over [past, new] keys. Returns (y (B, L, E), key, value (B, L, heads, D))."""
+        head_dim = self.embed_dim // self.num_heads
+        projection = partial(nn.DenseGeneral, features=(self.num_heads, head_dim), dtype=self.dtype,
+                             kernel_init=nn.initializers.variance_scaling(1.0, "fan_in", "normal"))
+        dropout = partial(nn.Dropout, rate=self.dropout, deterministic=not train)
+
+        h = nn.LayerNorm(epsilon=_LAYER_NORM_EPS, dtype=self.dtype, name="attention_norm")(x)
+        query = projection(name="query")(h)
+        key = projection(name="key")(h)
+        value = projection(name="value")(h)
+        keys, values = key, value
+        if past_key is not None:
+            keys = jnp.concatenate([past_key.astype(key.dtype), key], axis=1)
+            values = jnp.concatenate([past_value.astype(value.dtype), value], axis=1)
+        h = masked_attention(query, keys, values, mask)
+        h = nn.DenseGeneral(self.embed_dim, axis=(-2, -1), dtype=self.dtype, name="attention_out",
+                            kernel_init=nn.initializers.variance_scaling(1.0, "fan_in", "normal"))(h)
+        x = x + dropout()(h)
+
+        h = nn.LayerNorm(epsilon=_LAYER_NORM_EPS, dtype=self.dtype, name="mlp_norm")(x)
+        mlp_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+        h = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=mlp_init, name="mlp_in")(h)
+        h = dropout()(quick_gelu(h))
+        h = nn.Dense(self.embed_dim, dtype=self.dtype, kernel_init=mlp_init, name="mlp_out")(h)
+        return x + dropout()(h), key, value
+
+
+class _SpatialPosition(nn.Module):
+    """Learned embedding of a token's place within its frame: (N, E) float32 parameter, N from the input."""
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        """tokens: (B, T, N, E) -> (B, T, N, E), the embedding added."""
+        table = self.param("embedding", nn.initializers.normal(stddev=0.02), tokens.shape[2:], jnp.float32)
+        return tokens + table.astype(tokens.dtype)
+
+
+class Backbone(nn.Module):
+    """TECO's temporal transformer; see the module docstring for the window, the cache and the protocol."""
+    d_model: int = 512
+    n_layers: int = 8
+    dropout: float = 0.0
+    downsample: int = 8
+    embed_dim: int = 1024
+    mlp_dim: int = 4096
+    num_heads: int = 16
+    max_len: int = 300
+    remat: bool = False
+    dtype: Any = "float32"
+
+    def setup(self):
+        for field in ("d_model", "n_layers", "downsample", "embed_dim", "mlp_dim", "num_heads", "max_len"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{_FILE}: field {field} must be a positive int, got {value!r}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"{_FILE}: field embed_dim={self.embed_dim} must be divisible by "
+                             f"num_heads={self.num_heads}")
+        if self.embed_dim % 2:
+            raise ValueError(f"{_FILE}: field embed_dim={self.embed_dim} must be even (sinusoidal time positions)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"{_FILE}: field dropout must lie in [0, 1), got {self.dropout!r}")
+        compute_dtype = self._compute_dtype()
+        kernel = (self.downsample, self.downsample)
+        self.tokenize = nn.Conv(self.embed_dim, kernel, strides=kernel, padding="VALID", dtype=compute_dtype)
+        self.spatial_position = _SpatialPosition()
+        self.embed_dropout = nn.Dropout(rate=self.dropout)
+        layer = nn.remat(TransformerLayer, static_argnums=(5,)) if self.remat else TransformerLayer
+        self.layers = [layer(embed_dim=self.embed_dim, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
+                             dropout=self.dropout, dtype=compute_dtype) for _ in range(self.n_layers)]
+        self.head_dense = nn.Dense(self.embed_dim, dtype=compute_dtype)
+        self.head_norm = nn.LayerNorm(epsilon=_LAYER_NORM_EPS, dtype=compute_dtype)
+        self.head_dropout = nn.Dropout(rate=self.dropout)
+        self.untokenize = nn.ConvTranspose(self.d_model, kernel, strides=kernel, padding="VALID", use_bias=False,
+                                           dtype=compute_dtype)
+
+    def _compute_dtype(self) -> jnp.dtype:
+        try:
+            dtype = jnp.dtype(self.dtype)
+        except TypeError as error:
+            raise ValueError(f"{_FILE}: field dtype={self.dtype!r} is not a dtype name") from error
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(f"{_FILE}: field dtype={self.dtype!r} must be a floating dtype")
+        return dtype
+
+    def _token_grid(self, spatial_shape: Sequence[int]) -> tuple[int, int]:
+        height, width = (int(s) for s in spatial_shape)
+        if height % self.downsample or width % self.downsample:
+            raise ValueError(f"{_FILE}: field downsample={self.downsample} must divide the latent height and "
+                             f"width, got (H, W) = ({height}, {width})")
+        return height // self.downsample, width // self.downsample
+
+    def init_state(self, batch_size: int, spatial_shape: Sequence[int]) -> list[dict[str, jax.Array]]:
+        """Empty caches for frames of spatial shape (H, W): a list of n_layers dicts, see the module docstring."""
+        rows, cols = self._token_grid(spatial_shape)
+        shape = (batch_size, self.max_len, rows * cols, self.num_heads, self.embed_dim // self.num_heads)
+        dtype = self._compute_dtype()
+        return [dict(key=jnp.zeros(shape, dtype), value=jnp.zeros(shape, dtype), time=jnp.zeros((), jnp.int32))
+                for _ in range(self.n_layers)]
+
+    def _check_state(self, state: list[dict[str, jax.Array]], batch: int, tokens_per_frame: int) -> None:
+        if len(state) != self.n_layers:
+            raise ValueError(f"{_FILE}: state has {len(state)} entries, field n_layers={self.n_layers}")
+        expected = (batch, self.max_len, tokens_per_frame, self.num_heads, self.embed_dim // self.num_heads)
+        for i, entry in enumerate(state):
+            for name in ("key", "value"):
+                if tuple(entry[name].shape) != expected:
+                    raise ValueError(f"{_FILE}: state[{i}][{name!r}] has shape {tuple(entry[name].shape)}, expected "
+                                     f"{expected} (batch, max_len, tokens per frame, num_heads, head dim)")
+
+    def __call__(self, x: jax.Array, state: list[dict[str, jax.Array]] | None = None,
+                 train: bool = False) -> tuple[jax.Array, list[dict[str, jax.Array]]]:
+        """x: (B, T, H, W, C) float, frames state['time'] .. + T - 1 (0 .. T - 1 without a state).
+
+        Returns y: (B, T, H, W, d_model) in the compute dtype, and the final state (caches holding the last
+        max_len frames, time advanced by T). Dropout, when train and dropout > 0, draws from the 'dropout' rng.
+        """
+        if x.ndim != 5:
+            raise ValueError(f"{_FILE}: expected frames (B, T, H, W, C), got shape {x.shape}")
+        batch, num_frames, height, width, _ = x.shape
+        rows, cols = self._token_grid((height, width))
+        tokens_per_frame = rows * cols
+        compute_dtype = self._compute_dtype()
+        if state is None:
+            first_time = jnp.zeros((), jnp.int32)
+            caches = self.init_state(batch, (height, width))
+        else:
+            self._check_state(state, batch, tokens_per_frame)
+            first_time = jnp.asarray(state[0]["time"], jnp.int32)
+            caches = state
+
+        tokens = self.tokenize(x.astype(compute_dtype).reshape(batch * num_frames, height, width, -1))
+        tokens = self.spatial_position(tokens.reshape(batch, num_frames, tokens_per_frame, self.embed_dim))
+        times = first_time + jnp.arange(num_frames, dtype=jnp.int32)
+        tokens = tokens + sinusoidal_time_embedding(times, self.embed_dim)[None, :, None].astype(compute_dtype)
+        h = self.embed_dropout(tokens, deterministic=not train)
+        h = h.reshape(batch, num_frames * tokens_per_frame, self.embed_dim)
+
+        mask = window_mask(first_time, num_frames, self.max_len, tokens_per_frame, with_cache=state is not None)
+        final_state = []
+        for layer, cache in zip(self.layers, caches):
+            past_key = past_value = None
+            if state is not None:
+                head_shape = (batch, self.max_len * tokens_per_frame) + cache["key"].shape[3:]
+                past_key, past_value = cache["key"].reshape(head_shape), cache["value"].reshape(head_shape)
+            h, key, value = layer(h, past_key, past_value, mask, train)
+            frame_shape = (batch, num_frames, tokens_per_frame) + key.shape[2:]
+            final_state.append(dict(key=write_cache(cache["key"], key.reshape(frame_shape), first_time),
+                                    value=write_cache(cache["value"], value.reshape(frame_shape), first_time),
+                                    time=first_time + num_frames))
+
+        h = self.head_norm(nn.gelu(self.head_dense(h)))
+        h = self.head_dropout(h, deterministic=not train)
+        y = self.untokenize(h.reshape(batch * num_frames, rows, cols, self.embed_dim))
+        return y.reshape(batch, num_frames, height, width, self.d_model).astype(jnp.float32), final_state
+
+    def step(self, x_t: jax.Array, state: list[dict[str, jax.Array]]) -> tuple[jax.Array, list[dict[str, jax.Array]]]:
+        """One frame x_t: (B, H, W, C) -> (y_t (B, H, W, d_model), state); attends to the cache and the frame."""
+        if x_t.ndim != 4:
+            raise ValueError(f"{_FILE}: step expects one frame (B, H, W, C), got shape {x_t.shape}")
+        y, state = self(x_t[:, None], state, train=False)
+        return y[:, 0], state
