@@ -1,0 +1,62 @@
+"""Loading experiment configs by the same spelling as `ml_collections.config_flags`: `configs/dmlab.py:convt3`
+and `--config.backbone=s5`-style overrides, for callers that do not use absl flags (the `teco-ssm` command).
+"""
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.util
+from pathlib import Path
+from typing import Sequence
+
+import ml_collections
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """Builds the config `path.py[:arg]` and applies overrides `a.b=value` (values parsed as Python literals).
+
+    A path that does not exist on disk is looked up among the installed `configs` package
+    (`configs/mazelab.py` -> `configs.mazelab`). Unknown fields are an error naming the field.
+    """
+    path, _, arg = spec.partition(":")
+    file = Path(path)
+    if file.exists():
+        module_spec = importlib.util.spec_from_file_location(f"_config_{file.stem}", file)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(f"configs.{file.stem}")
+        except ModuleNotFoundError:
+            raise FileNotFoundError(f"config file {path} does not exist (nor an installed configs.{file.stem})")
+    config = module.get_config(arg) if arg else module.get_config()
+    for item in overrides:
+        apply_override(config, item)
+    return config
+
+
+def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
+    """Sets one `a.b.c=value` override; the value is a Python literal or else a plain string."""
+    key, sep, text = item.partition("=")
+    if not sep:
+        raise ValueError(f"override {item!r} must look like field.name=value")
+    key = key.removeprefix("--").removeprefix("config.")
+    *parents, leaf = key.split(".")
+    node = config
+    for i, name in enumerate(parents):
+        if name not in node:
+            raise ValueError(f"override {item!r}: config has no field {'.'.join(parents[:i + 1])}")
+        node = node[name]
+    if leaf not in node:
+        raise ValueError(f"override {item!r}: config has no field {key}; fields of "
+                         f"{'.'.join(parents) or 'config'}: {', '.join(sorted(node.keys()))}")
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+    current = node[leaf]
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(current, tuple) and isinstance(value, list):
+        value = tuple(value)
+    node[leaf] = value  # a locked config still takes new values for existing fields, type-checked
