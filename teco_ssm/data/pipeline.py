@@ -1,0 +1,402 @@
+"""One entry point for every dataset format: `open_dataset` and `inspect_dataset`.
+
+Order arithmetic (pure functions, the basis of exact resume):
+- Each process owns a contiguous, balanced slice of the split's videos (`process_slice`).
+- Training draws example `g = step * batch_size + row` from epoch `g // n` at position `g % n` of a
+  permutation seeded by (seed, epoch, process); its crop start is a uniform fraction, seeded the same
+  way, of the video's valid start range. Batch k therefore depends on (seed, k) only, and `start_step=k`
+  resumes without reading the first k batches.
+- Evaluation reads every video of the process once, in file order, from frame 0; all processes yield
+  the same number of batches (the largest slice decides), the missing rows padded and `valid=False`.
+"""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+
+from teco_ssm.data import formats, tfds_folder
+from teco_ssm.data.formats import DataError, DatasetInfo, ExampleSpec
+
+_ERROR_RE = re.compile(r'DataError: (.*)')
+
+
+# ------------------------------------------------------------------------------------- arithmetic
+
+def process_slice(num_items: int, process_index: int, process_count: int) -> tuple[int, int]:
+    """[start, stop) of the items owned by one process: contiguous, sizes differ by at most one."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f'process_index {process_index} outside [0, {process_count})')
+    return (num_items * process_index) // process_count, (num_items * (process_index + 1)) // process_count
+
+
+def epoch_order(seed: int, epoch: int, process_index: int, num_items: int) -> tuple[np.ndarray, np.ndarray]:
+    """Permutation (num_items,) int64 and crop fractions (num_items,) float64 in [0, 1) of one epoch."""
+    rng = np.random.default_rng([seed, epoch, process_index])
+    return rng.permutation(num_items), rng.random(num_items)
+
+
+def train_plan(seed: int, process_index: int, num_items: int, start_example: int) -> Iterator[tuple[int, float]]:
+    """Endless (item, crop fraction) from global example index `start_example` on."""
+    g = start_example
+    epoch, order, fractions = -1, None, None
+    while True:
+        e, pos = divmod(g, num_items)
+        if e != epoch:
+            epoch = e
+            order, fractions = epoch_order(seed, epoch, process_index, num_items)
+        item = int(order[pos])
+        yield item, float(fractions[item])
+        g += 1
+
+
+def eval_num_batches(num_items: int, process_count: int, batch_size: int) -> int:
+    """Batches every process yields in evaluation: enough for the largest process slice."""
+    largest = max(b - a for a, b in (process_slice(num_items, p, process_count) for p in range(process_count)))
+    return max(1, math.ceil(largest / batch_size))
+
+
+def crop_start(length: int, seq_len: int, fraction: float) -> int:
+    """Start frame of a crop of `seq_len` frames chosen by `fraction` in [0, 1)."""
+    return min(int(fraction * (length - seq_len + 1)), length - seq_len)
+
+
+# --------------------------------------------------------------------------------------- sources
+
+class _Source:
+    """The videos of one split: `num_items` global items; `locate(i)` a readable description of item i."""
+
+    fmt: str
+    kind: str
+    num_items: int
+
+    def locate(self, item: int) -> str:
+        raise NotImplementedError
+
+
+class _FileSource(_Source):
+    def __init__(self, fmt: str, files: list[str]):
+        self.fmt, self.kind, self.files, self.num_items = fmt, 'frames', files, len(files)
+
+    def locate(self, item: int) -> str:
+        return self.files[item]
+
+    def read(self, item: int) -> tuple[np.ndarray, np.ndarray]:
+        return formats.read_npz(self.files[item]) if self.fmt == 'npz' else formats.read_mp4(self.files[item])
+
+
+class _TfdsSource(_Source):
+    def __init__(self, version_dir: Path, split: str):
+        self.fmt, self.kind = 'tfds', 'codes'
+        self.version_dir = version_dir
+        self.features = tfds_folder.read_features(version_dir)
+        where = version_dir / 'features.json'
+        for key, rank in (('video', 3), ('actions', 1)):
+            f = self.features.get(key)
+            if f is None:
+                raise DataError(f"{where}: no feature {key!r}; features are {sorted(self.features)}")
+            if len(f.shape) != rank or not np.issubdtype(np.dtype(f.dtype), np.integer):
+                raise DataError(f"{where}: feature {key!r} is {f}, expected an integer Tensor of rank {rank}"
+                                + (' (T, h, w) codes' if key == 'video' else ' (T,) action ids'))
+        self.code_shape = tuple(self.features['video'].shape[1:])
+        self.name, self.shards = tfds_folder.read_split_shards(version_dir, split)
+        if any(n is None for _, n in self.shards):  # old dataset_info without shardLengths: count records
+            self.shards = [(p, len(tfds_folder.index_tfrecord(p))) for p, _ in self.shards]
+        self.starts = np.cumsum([0] + [n for _, n in self.shards])
+        self.num_items = int(self.starts[-1])
+        self._index: dict[int, np.ndarray] = {}
+
+    def _shard_of(self, item: int) -> tuple[int, int]:
+        shard = int(np.searchsorted(self.starts, item, side='right') - 1)
+        return shard, item - int(self.starts[shard])
+
+    def locate(self, item: int) -> str:
+        shard, pos = self._shard_of(item)
+        return f'{self.shards[shard][0]} (record {pos})'
+
+    def record(self, item: int) -> tuple[str, int, int]:
+        """(shard path, payload offset, payload length) of one item; indexes its shard on first use."""
+        shard, pos = self._shard_of(item)
+        path, expected = self.shards[shard]
+        if shard not in self._index:
+            index = tfds_folder.index_tfrecord(path)
+            if len(index) != expected:
+                raise DataError(f'{path}: holds {len(index)} records, dataset_info.json lists {expected}')
+            self._index[shard] = index
+        offset, length = self._index[shard][pos]
+        return path, int(offset), int(length)
+
+    def serialized(self, item: int) -> bytes:
+        return tfds_folder.read_record(*self.record(item))
+
+    def read(self, item: int) -> tuple[np.ndarray, np.ndarray]:
+        path, offset, length = self.record(item)
+        data = tfds_folder.decode_example_np(tfds_folder.read_record(path, offset, length),
+                                             {k: self.features[k] for k in ('video', 'actions')},
+                                             self.locate(item))
+        return data['video'], data['actions']
+
+
+def _open_source(path: str | Path, split: str) -> _Source:
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f'{path}: dataset folder not found')
+    version_dir = tfds_folder.find_version_dir(path)
+    if version_dir is not None:
+        return _TfdsSource(version_dir, split)
+    fmt, files = formats.list_videos(path, split)
+    return _FileSource(fmt, files)
+
+
+def _metadata(path: Path, source: _Source) -> dict:
+    root = source.version_dir if isinstance(source, _TfdsSource) else path
+    return formats.read_metadata(root)
+
+
+def _image_shape(image_size: Any) -> Optional[tuple[int, int, int]]:
+    if image_size is None:
+        return None
+    if isinstance(image_size, int):
+        return (image_size, image_size, 3)
+    h, w = image_size[:2]
+    return (int(h), int(w), 3)
+
+
+def _inspect(path: str | Path, split: str, source: _Source, *, image_size: Any = None,
+             action_dim: Optional[int] = None, seq_len: Optional[int] = None, max_headers: Optional[int] = 1
+             ) -> DatasetInfo:
+    path = Path(path)
+    meta = _metadata(path, source)
+    if action_dim is not None and meta.get('action_dim') not in (None, action_dim):
+        raise DataError(f'{path}: metadata.json gives action_dim={meta["action_dim"]}, the configuration '
+                        f'expects {action_dim}')
+    action_dim = action_dim if action_dim is not None else meta.get('action_dim')
+    if source.num_items == 0:
+        raise DataError(f'{path}: empty dataset, split {split!r} holds no videos')
+    count = source.num_items if max_headers is None else min(max_headers, source.num_items)
+    lengths, shape = [], None
+    for item in range(count):
+        where = source.locate(item)
+        if isinstance(source, _FileSource) and source.fmt == 'npz':
+            item_shape, length = formats.header_spec('npz', where)
+            if action_dim is not None and item == 0:  # action values need the array: first file only
+                actions = formats.load_npz_arrays(where, ('actions',))['actions']
+                formats.check_action_ids(actions, where, action_dim)
+        else:
+            video, actions = source.read(item)
+            formats.check_example(video, actions, where, ExampleSpec(source.kind, action_dim=action_dim))
+            item_shape, length = tuple(video.shape[1:]), int(video.shape[0])
+        if shape is not None and item_shape != shape:
+            raise DataError(f'{where}: frames of shape {item_shape}, expected {shape} like {source.locate(0)}')
+        shape = item_shape
+        lengths.append(length)
+        spec = ExampleSpec(source.kind, seq_len=seq_len,
+                           frame_shape=_image_shape(image_size) if source.kind == 'frames' else None)
+        if spec.frame_shape is not None and item_shape != spec.frame_shape:
+            raise DataError(f'{where}: frames of shape {item_shape}, expected {spec.frame_shape} from the '
+                            f'configuration (image_size={image_size})')
+        if seq_len is not None and length < seq_len:
+            raise DataError(f'{where}: video has {length} frames, shorter than seq_len={seq_len}')
+    return DatasetInfo(path=str(path), split=split, format=source.fmt, kind=source.kind,
+                       num_videos=source.num_items, video_length=min(lengths),
+                       frame_shape=shape if source.kind == 'frames' else None,
+                       code_shape=shape if source.kind == 'codes' else None, action_dim=action_dim)
+
+
+def inspect_dataset(path: str | Path, split: str, *, seq_len: Optional[int] = None, image_size: Any = None,
+                    action_dim: Optional[int] = None, max_headers: Optional[int] = 1) -> DatasetInfo:
+    """Quick up-front check of one split: the file list and `max_headers` headers (None: all).
+
+    Raises DataError naming the file and what was expected: missing split folder, empty dataset,
+    corrupt/truncated file, video shorter than `seq_len`, frames not of `image_size`, actions whose
+    length differs from the video's, action ids outside [0, action_dim) (first file), a TFDS folder
+    whose spec or shards do not match dataset_info.json.
+    """
+    source = _open_source(path, split)
+    return _inspect(path, split, source, image_size=image_size, action_dim=action_dim, seq_len=seq_len,
+                    max_headers=max_headers)
+
+
+# ------------------------------------------------------------------------------------------ dataset
+
+class Dataset:
+    """Iterable of numpy batches; see `open_dataset`. `num_batches` is None for (endless) training."""
+
+    def __init__(self, source: _Source, info: DatasetInfo, *, seq_len: int, batch_size: int, shuffle: bool,
+                 seed: int, start_step: int, process_index: int, process_count: int,
+                 num_parallel_reads: Optional[int], prefetch: Optional[int], frames_dtype: str = 'float32'):
+        if frames_dtype not in ('float32', 'uint8'):
+            raise ValueError(f"frames_dtype must be 'float32' or 'uint8', got {frames_dtype!r}")
+        self.frames_dtype = frames_dtype
+        self.info = info
+        self.seq_len, self.batch_size, self.shuffle, self.seed = seq_len, batch_size, shuffle, seed
+        self.start_step = start_step
+        self.process_index, self.process_count = process_index, process_count
+        self._source = source
+        self._start, self._stop = process_slice(source.num_items, process_index, process_count)
+        self.num_local_videos = self._stop - self._start
+        if shuffle and self.num_local_videos == 0:
+            raise DataError(f'{info.path}: process {process_index} of {process_count} gets no videos of split '
+                            f'{info.split!r} ({source.num_items} in all)')
+        self.num_batches = None if shuffle else eval_num_batches(source.num_items, process_count, batch_size)
+        self._parallel = num_parallel_reads
+        self._prefetch = prefetch
+        frame_shape = info.frame_shape if info.kind == 'frames' else info.code_shape
+        self._spec = ExampleSpec(info.kind, seq_len=seq_len, frame_shape=frame_shape, action_dim=info.action_dim)
+
+    def locate(self, index: int) -> str:
+        """The file (and record) of global video `index`, as yielded in batch['index']."""
+        return self._source.locate(index)
+
+    def __len__(self) -> int:
+        if self.num_batches is None:
+            raise TypeError('a training dataset (shuffle=True) is endless')
+        return self.num_batches
+
+    # plan: (global item index or -1 for padding, crop fraction)
+    def _plan(self) -> Iterator[tuple[int, float]]:
+        if self.shuffle:
+            for item, fraction in train_plan(self.seed, self.process_index, self.num_local_videos,
+                                             self.start_step * self.batch_size):
+                yield self._start + item, fraction
+        else:
+            total = self.num_batches * self.batch_size
+            for pos in range(self.start_step * self.batch_size, total):
+                yield (self._start + pos if pos < self.num_local_videos else -1), 0.0
+
+    def _crop(self, item: int, fraction: float, video: np.ndarray, actions: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray, int]:
+        """Checked (seq_len, ...) crop of one item's video and int32 actions; zeros for padding (item -1)."""
+        shape = (self.seq_len,) + tuple(self._spec.frame_shape)
+        dtype = np.uint8 if self.info.kind == 'frames' else np.int32
+        if item < 0:
+            return np.zeros(shape, dtype), np.zeros((self.seq_len,), np.int32), 0
+        formats.check_example(video, actions, self._source.locate(item), self._spec)
+        start = crop_start(video.shape[0], self.seq_len, fraction) if self.shuffle else 0
+        video = video[start:start + self.seq_len].astype(dtype, copy=False)
+        return video, actions[start:start + self.seq_len].astype(np.int32), start
+
+    def _tf_dataset(self):
+        import tensorflow as tf
+
+        frame_shape = tuple(self._spec.frame_shape)
+        video_dtype = tf.uint8 if self.info.kind == 'frames' else tf.int32
+        source = self._source
+
+        if isinstance(source, _TfdsSource):  # raw bytes in Python, parsing in the TF graph (no GIL)
+            keys = ('video', 'actions')
+            spec = tfds_folder.parse_spec(source.features, keys)
+
+            def read(item):
+                return tf.numpy_function(lambda i: source.serialized(int(i)) if i >= 0 else b'', [item],
+                                         tf.string, stateful=False)
+
+            def decode(item, serialized):
+                parsed = tf.io.parse_single_example(serialized, spec)
+                return [tfds_folder.decode_feature(parsed, k, source.features[k]) for k in keys]
+        else:
+            def read(item):
+                return tf.zeros((), tf.string)
+
+            def decode(item, serialized):
+                def fn(i):
+                    if i < 0:
+                        return np.zeros((0,) + frame_shape, np.uint8), np.zeros((0,), np.int64)
+                    video, actions = source.read(int(i))
+                    return video, actions.astype(np.int64)
+
+                return tf.numpy_function(fn, [item], [tf.uint8, tf.int64], stateful=False)
+
+        def load(item, fraction):
+            raw_video, raw_actions = decode(item, read(item))
+
+            def fn(i, f, v, a):
+                return self._crop(int(i), float(f), v, a)
+
+            video, actions, start = tf.numpy_function(fn, [item, fraction, raw_video, raw_actions],
+                                                      [video_dtype, tf.int32, tf.int64], stateful=False)
+            video.set_shape((self.seq_len,) + frame_shape)
+            actions.set_shape((self.seq_len,))
+            start.set_shape(())
+            return {'video': video, 'actions': actions, 'index': tf.cast(item, tf.int32),
+                    'start': tf.cast(start, tf.int32), 'valid': item >= 0}
+
+        def finish(batch):
+            if self.info.kind == 'frames' and self.frames_dtype == 'float32':
+                batch['video'] = tf.cast(batch['video'], tf.float32) / 127.5 - 1.0
+            return batch
+
+        plan = tf.data.Dataset.from_generator(
+            self._plan, output_signature=(tf.TensorSpec((), tf.int64), tf.TensorSpec((), tf.float64)))
+        ds = plan.map(load, num_parallel_calls=self._parallel or tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.batch(self.batch_size, drop_remainder=True)
+        ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.prefetch(self._prefetch or tf.data.AUTOTUNE)
+        options = tf.data.Options()
+        options.deterministic = True
+        return ds.with_options(options)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        import tensorflow as tf
+
+        iterator = self._tf_dataset().as_numpy_iterator()
+        while True:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            except tf.errors.OpError as e:
+                match = _ERROR_RE.search(e.message)
+                if match:
+                    raise DataError(match.group(1).strip()) from None
+                raise
+            yield batch
+
+
+def open_dataset(path: str | Path, split: str, *, seq_len: int, batch_size: int, shuffle: Optional[bool] = None,
+                 seed: int = 0, start_step: int = 0, image_size: Any = None, action_dim: Optional[int] = None,
+                 process_index: Optional[int] = None, process_count: Optional[int] = None,
+                 num_parallel_reads: Optional[int] = None, prefetch: Optional[int] = None,
+                 frames_dtype: str = 'float32') -> Dataset:
+    """Batches of one split of a raw npz, raw mp4 or encoded TFDS dataset (format detected from the folder).
+
+    Each batch is a numpy dict:
+      video:   frames float32 in [-1, 1] (B, T, H, W, 3), or codes int32 (B, T, h, w); T = seq_len.
+      actions: int32 (B, T); actions[:, t] is the action taken between frames t-1 and t.
+      valid:   bool (B,), False on padding rows of the last evaluation batch.
+      index:   int32 (B,), global video index (`ds.locate(i)` names its file), -1 on padding.
+      start:   int32 (B,), first frame of the crop within the video.
+
+    Args:
+      path: dataset root (`<root>/{train,test}/...`) or TFDS folder (`<root>/<name>` or its version dir).
+      split: 'train', 'test', ...
+      seq_len: frames per example.
+      batch_size: examples per batch on this process.
+      shuffle: training mode (endless, permuted, random crops); defaults to split == 'train'.
+        Otherwise one deterministic pass over every video once, from frame 0.
+      seed: seed of the permutations and crops.
+      start_step: first batch to yield; batch k equals the k-th batch of a fresh iterator.
+      image_size: expected frame size (int or (H, W)); other sizes are a DataError. Ignored for codes.
+      action_dim: action ids must lie in [0, action_dim); defaults to the dataset's metadata.json.
+      process_index, process_count: file sharding; default `jax.process_index()`/`process_count()`.
+      num_parallel_reads: concurrent file reads (default: autotuned).
+      prefetch: batches prepared ahead (default: autotuned).
+      frames_dtype: 'float32' (default, scaled to [-1, 1]) or 'uint8' (raw frames, a quarter of the host
+        memory traffic; scale with `x / 127.5 - 1` on the accelerator).
+    """
+    if seq_len <= 0 or batch_size <= 0 or start_step < 0:
+        raise ValueError(f'seq_len={seq_len}, batch_size={batch_size} must be positive, start_step={start_step} >= 0')
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    shuffle = (split == 'train') if shuffle is None else shuffle
+    source = _open_source(path, split)
+    info = _inspect(path, split, source, image_size=image_size, action_dim=action_dim, seq_len=seq_len)
+    return Dataset(source, info, seq_len=seq_len, batch_size=batch_size, shuffle=shuffle, seed=seed,
+                   start_step=start_step, process_index=process_index, process_count=process_count,
+                   num_parallel_reads=num_parallel_reads, prefetch=prefetch, frames_dtype=frames_dtype)
