@@ -1,0 +1,146 @@
+"""Checks an experiment config before anything is compiled: every problem is a ValueError naming the field and what
+was expected.
+
+    validate(config)                      # structure, values, and the dataset and tokenizer folders
+    validate(config, check_paths=False)   # structure and values only (e.g. for tests and dry runs)
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping
+
+import ml_collections
+
+from teco_ssm import backbones
+
+_FILE = "teco_ssm/config_check.py"
+
+
+def _reference() -> ml_collections.ConfigDict:
+    """The default config of the same shape, whose fields are the valid ones."""
+    from configs import common  # the shared blocks define the fields of a config
+
+    return common.teco_config(dataset="reference", backbone=backbones.NAMES[0], model_fields={}, per_backbone={},
+                              optim=common.optimizer(1e-3))
+
+
+def _as_dict(value: Any) -> Mapping[str, Any] | None:
+    if isinstance(value, ml_collections.ConfigDict):
+        return value
+    if isinstance(value, Mapping):
+        return value
+    return None
+
+
+def _compare_fields(config: Mapping[str, Any], reference: Mapping[str, Any], prefix: str, errors: list[str]) -> None:
+    given, expected = set(config.keys()), set(reference.keys())
+    for key in sorted(given - expected):
+        errors.append(f"{prefix}{key} is not a field; expected fields of {prefix.rstrip('.') or 'config'}: "
+                      f"{', '.join(sorted(expected))}")
+    for key in sorted(expected - given):
+        errors.append(f"{prefix}{key} is missing; expected fields of {prefix.rstrip('.') or 'config'}: "
+                      f"{', '.join(sorted(expected))}")
+    for key in sorted(given & expected):
+        sub_config, sub_reference = _as_dict(config[key]), _as_dict(reference[key])
+        if sub_reference is not None:
+            if sub_config is None:
+                errors.append(f"{prefix}{key} must be a group with fields {', '.join(sorted(sub_reference.keys()))}")
+            else:
+                _compare_fields(sub_config, sub_reference, f"{prefix}{key}.", errors)
+
+
+def _check_values(config: ml_collections.ConfigDict, errors: list[str]) -> None:
+    model = config.model
+
+    def positive(name: str, value: Any) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            errors.append(f"config.{name} must be a positive integer, got {value!r}")
+
+    for name in ("batch_size", "seq_len", "steps", "log_every", "checkpoint_every", "keep_checkpoints",
+                 "visualise_every"):
+        positive(name, config[name])
+    if isinstance(config.seq_len, int) and config.seq_len <= model.condition_frames:
+        errors.append(f"config.seq_len={config.seq_len} must exceed config.model.condition_frames="
+                      f"{model.condition_frames} (at least one frame to predict)")
+    if not 0.0 <= model.drop_loss_rate < 1.0:
+        errors.append(f"config.model.drop_loss_rate must lie in [0, 1), got {model.drop_loss_rate}")
+    if not 0.0 <= model.action_dropout <= 1.0:
+        errors.append(f"config.model.action_dropout must lie in [0, 1], got {model.action_dropout}")
+    for name in ("lr", "ssm_lr"):
+        if not config.optim[name] > 0:
+            errors.append(f"config.optim.{name} must be > 0, got {config.optim[name]}")
+    if config.optim.warmup_steps >= config.steps:
+        errors.append(f"config.optim.warmup_steps={config.optim.warmup_steps} must be below config.steps="
+                      f"{config.steps}")
+    for protocol in ("action_conditioned", "unconditioned"):
+        settings = config.sampling[protocol]
+        if settings.context < model.condition_frames:
+            errors.append(f"config.sampling.{protocol}.context={settings.context} must be at least "
+                          f"config.model.condition_frames={model.condition_frames}")
+        positive(f"sampling.{protocol}.horizon", settings.horizon)
+    for name in ("draft_steps", "revise_steps"):
+        positive(f"sampling.{name}", config.sampling[name])
+    teco_fields = {f.name for f in dataclasses.fields(_teco_class())} - {"backbone", "parent", "name"}
+    unknown = sorted(set(model.keys()) - teco_fields)
+    if unknown:
+        errors.append(f"config.model has field(s) {', '.join(unknown)} that teco_ssm.teco.Teco does not; "
+                      f"expected: {', '.join(sorted(teco_fields))}")
+
+
+def _teco_class():
+    from teco_ssm.teco import Teco
+
+    return Teco
+
+
+def _check_paths(config: ml_collections.ConfigDict, errors: list[str]) -> None:
+    name = config.dataset.name
+    path = config.dataset.path
+    if path is None or path == "":
+        errors.append(f"config.dataset.path is unset; pass --config.dataset.path=/path/to/{name} (a folder holding "
+                      f"the {config.dataset.train_split!r} and {config.dataset.eval_split!r} splits)")
+    elif not os.path.isdir(path):
+        errors.append(f"config.dataset.path={path!r} is not a folder; expected the {name} dataset root holding the "
+                      f"{config.dataset.train_split!r} and {config.dataset.eval_split!r} splits")
+    else:
+        from teco_ssm.data import inspect_dataset
+
+        try:
+            info = inspect_dataset(path, config.dataset.train_split, seq_len=config.seq_len,
+                                   action_dim=config.model.num_actions if config.model.use_actions else None)
+        except ValueError as error:
+            errors.append(f"config.dataset.path={path!r}: {error}")
+        else:
+            if info.kind == "codes" and tuple(info.code_shape) != tuple(config.model.code_shape):
+                errors.append(f"config.dataset.path={path!r} holds codes of shape {tuple(info.code_shape)}, but "
+                              f"config.model.code_shape={tuple(config.model.code_shape)}")
+    tokenizer = config.tokenizer.path
+    if tokenizer is None or tokenizer == "":
+        errors.append("config.tokenizer.path is unset; pass --config.tokenizer.path=/path/to/vqgan (a TECO VQGAN "
+                      "checkpoint folder with args and checkpoints/, or a VQGAN workdir with config.json)")
+    elif not os.path.isdir(tokenizer):
+        errors.append(f"config.tokenizer.path={tokenizer!r} is not a folder; expected a TECO VQGAN checkpoint folder "
+                      f"(args + checkpoints/) or a VQGAN workdir (config.json + checkpoints/)")
+    elif not (os.path.isfile(os.path.join(tokenizer, "args")) or
+              os.path.isfile(os.path.join(tokenizer, "config.json"))):
+        errors.append(f"config.tokenizer.path={tokenizer!r} holds neither 'args' (TECO VQGAN checkpoint folder) nor "
+                      f"'config.json' (VQGAN workdir)")
+
+
+def validate(config: ml_collections.ConfigDict, *, check_paths: bool = True) -> None:
+    """Raises ValueError listing every problem found (unknown backbone, unknown or missing fields, bad values,
+    unset or wrong dataset and tokenizer paths when `check_paths`). Returns None for a valid config."""
+    backbone = config.get("backbone")
+    if backbone not in backbones.NAMES:
+        raise ValueError(f"config.backbone={backbone!r} is not a known backbone; valid backbones: "
+                         f"{', '.join(backbones.NAMES)}")
+    errors: list[str] = []
+    _compare_fields(config, _reference(), "config.", errors)
+    if errors:  # value checks need the fields
+        raise ValueError("invalid config:\n  " + "\n  ".join(errors))
+    _check_values(config, errors)
+    if check_paths:
+        _check_paths(config, errors)
+    if errors:
+        raise ValueError("invalid config:\n  " + "\n  ".join(errors))

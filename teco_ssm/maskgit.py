@@ -1,0 +1,210 @@
+"""The MaskGit dynamics prior over latent codes (Chang et al. 2022), as TECO uses it.
+
+A small bidirectional transformer predicts every latent code of one frame from a partly masked frame and the
+backbone output at that frame. Training masks a random number of codes drawn from a schedule (cosine by default:
+mask ratio cos(pi r / 2), r ~ U[0, 1)) and scores the masked codes. Generation is TECO's draft-and-revise procedure
+(Lee et al. 2022): a draft fills the frame in `draft_steps` rounds of random positions, then `revise_rounds` times
+the frame is split into `revise_steps` random groups and each group is masked and sampled again given the rest.
+
+The sampler is a pure function of (network, inputs, rng): it runs under `jit`, inside `lax.scan`, with fixed
+shapes, and gives the same codes for the same rng.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_FILE = "teco_ssm/maskgit.py"
+SCHEDULES = ("cosine", "linear", "square", "sqrt")
+
+
+def mask_ratio(r: jax.Array | np.ndarray | float, schedule: str = "cosine") -> Any:
+    """Fraction of codes still masked at progress r in [0, 1]: 1 at r = 0, 0 at r = 1, decreasing.
+
+    cosine: cos(pi r / 2); linear: 1 - r; square: 1 - r**2; sqrt: 1 - sqrt(r). Works on NumPy and JAX arrays.
+    """
+    xp = jnp if isinstance(r, jax.Array) else np
+    if schedule == "cosine":
+        return xp.cos(0.5 * math.pi * r)
+    if schedule == "linear":
+        return 1.0 - r
+    if schedule == "square":
+        return 1.0 - r ** 2
+    if schedule == "sqrt":
+        return 1.0 - xp.sqrt(r)
+    raise ValueError(f"{_FILE}: unknown mask schedule {schedule!r}; valid schedules: {', '.join(SCHEDULES)}")
+
+
+def training_mask(rng: jax.Array, batch: int, num_tokens: int, schedule: str = "cosine") -> jax.Array:
+    """Random training masks, one per row: (batch, num_tokens) bool.
+
+    Row b masks n_b = max(1, floor(mask_ratio(r_b) * num_tokens)) positions, r_b ~ U[0, 1), chosen uniformly at
+    random without replacement.
+    """
+    ratio_rng, order_rng = jax.random.split(rng)
+    r = jax.random.uniform(ratio_rng, (batch,))
+    counts = jnp.maximum(1, jnp.floor(mask_ratio(r, schedule) * num_tokens)).astype(jnp.int32)
+    ranks = _random_ranks(order_rng, batch, num_tokens)
+    return ranks < counts[:, None]
+
+
+def _random_ranks(rng: jax.Array, batch: int, num_tokens: int) -> jax.Array:
+    """(batch, num_tokens) int32: each row a uniformly random permutation of 0 .. num_tokens - 1."""
+    keys = jax.random.uniform(rng, (batch, num_tokens))
+    return jnp.argsort(jnp.argsort(keys, axis=-1), axis=-1).astype(jnp.int32)
+
+
+def step_boundaries(num_tokens: int, steps: int, schedule: str) -> np.ndarray:
+    """How many codes are revealed after each of `steps` rounds: (steps + 1,) int, 0 first, num_tokens last,
+    non-decreasing; round i reveals positions ranked in [b[i], b[i+1]).
+
+    The count revealed after round i is num_tokens - floor(mask_ratio((i + 1) / steps) * num_tokens); with the
+    linear schedule the rounds have (nearly) equal sizes, TECO's choice for both draft and revision.
+    """
+    if steps < 1:
+        raise ValueError(f"{_FILE}: the number of sampling steps must be >= 1, got {steps}")
+    progress = np.arange(steps + 1, dtype=np.float64) / steps
+    remaining = np.floor(np.asarray(mask_ratio(progress, schedule), np.float64) * num_tokens + 1e-9)
+    remaining[0], remaining[-1] = num_tokens, 0
+    return (num_tokens - remaining).astype(np.int64)
+
+
+def sampling_masks(rng: jax.Array, batch: int, num_tokens: int, draft_steps: int, revise_steps: int,
+                   revise_rounds: int, draft_schedule: str = "linear") -> jax.Array:
+    """Which codes each round of draft-and-revise (re)samples: (draft_steps + revise_rounds * revise_steps,
+    batch, num_tokens) bool.
+
+    The draft rounds partition the positions (a fresh random order per row, round sizes from `draft_schedule`);
+    each revision pass partitions them again in `revise_steps` near-equal random groups.
+    """
+    keys = jax.random.split(rng, revise_rounds + 1)
+    masks = []
+    passes = [(keys[0], draft_steps, draft_schedule)] + [(k, revise_steps, "linear") for k in keys[1:]]
+    for key, steps, schedule in passes:
+        ranks = _random_ranks(key, batch, num_tokens)
+        bounds = step_boundaries(num_tokens, steps, schedule)
+        for i in range(steps):
+            masks.append((ranks >= int(bounds[i])) & (ranks < int(bounds[i + 1])))
+    return jnp.stack(masks)
+
+
+def sample_logits(rng: jax.Array, logits: jax.Array, temperature: float = 1.0, top_p: float = 1.0) -> jax.Array:
+    """Draws one code per position. logits: (..., K) float -> (...) int32.
+
+    temperature 0 takes the argmax; otherwise logits / temperature, restricted to the smallest set of most likely
+    codes whose probability reaches `top_p` (nucleus sampling; 1.0 keeps every code).
+    """
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / temperature
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # probability of the strictly more likely codes
+        keep = before < top_p
+        threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits >= threshold, logits, -jnp.inf)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def draft_and_revise(predict: Callable[[jax.Array], jax.Array], rng: jax.Array, batch: int, num_tokens: int,
+                     mask_id: int, *, draft_steps: int, revise_steps: int, revise_rounds: int,
+                     temperature: float = 1.0, top_p: float = 1.0, draft_schedule: str = "linear") -> jax.Array:
+    """TECO's draft-and-revise sampler, one compiled `lax.fori_loop` over all rounds.
+
+    predict: tokens (batch, num_tokens) int32, `mask_id` at masked places -> logits (batch, num_tokens, K), a pure
+    function (the conditioning is closed over). Starts from an all-masked frame; round i masks the positions of
+    `sampling_masks(...)[i]`, predicts, and samples those positions only.
+    Returns (batch, num_tokens) int32 codes in [0, K). Deterministic given rng.
+    """
+    mask_rng, sample_rng = jax.random.split(rng)
+    masks = sampling_masks(mask_rng, batch, num_tokens, draft_steps, revise_steps, revise_rounds, draft_schedule)
+    keys = jax.random.split(sample_rng, masks.shape[0])
+
+    def round_(i, tokens):
+        mask = masks[i]
+        tokens = jnp.where(mask, mask_id, tokens)
+        drawn = sample_logits(keys[i], predict(tokens), temperature, top_p)
+        return jnp.where(mask, drawn, tokens)
+
+    start = jnp.full((batch, num_tokens), mask_id, jnp.int32)
+    return jax.lax.fori_loop(0, masks.shape[0], round_, start)
+
+
+def masked_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+    """Prior loss as TECO scales it: mean cross-entropy over masked positions, times positions per frame.
+
+    logits: (N, L, K) float; targets: (N, L) int; mask: (N, L) bool with at least one True. Returns () float32.
+    """
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(log_probs, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    mask = mask.astype(jnp.float32)
+    return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0) * targets.shape[-1]
+
+
+class _Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + SelfAttention(LN(x)), then x + MLP(LN(x)). x: (N, L, width)."""
+    width: int
+    mlp_dim: int
+    num_heads: int
+    dropout: float
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        h = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)(x)
+        h = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype, dropout_rate=0.0,
+                                            deterministic=True)(h, h)
+        x = x + nn.Dropout(self.dropout, deterministic=not train)(h)
+        h = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)(x)
+        h = nn.Dense(self.mlp_dim, dtype=self.dtype)(h)
+        h = nn.Dense(self.width, dtype=self.dtype)(nn.gelu(h))
+        return x + nn.Dropout(self.dropout, deterministic=not train)(h)
+
+
+class MaskGitPrior(nn.Module):
+    """Bidirectional transformer over the codes of one latent frame, conditioned on the backbone output.
+
+    Code embeddings (K + 1 rows, the last for "masked") are concatenated with the conditioning per position,
+    mapped to `width`, given a learned position embedding per row and per column, mixed by `layers` blocks, and
+    read out against the code embeddings (TECO's MLM head) as logits over the K codes.
+    """
+    num_codes: int
+    width: int = 512
+    mlp_dim: int = 2048
+    num_heads: int = 8
+    layers: int = 8
+    token_dim: int = 256
+    dropout: float = 0.0
+    dtype: Any = jnp.float32
+
+    @property
+    def mask_id(self) -> int:
+        """The token id of a masked position (one past the last code)."""
+        return self.num_codes
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, cond: jax.Array, train: bool = False) -> jax.Array:
+        """tokens: (N, h, w) int32 in [0, K] (K = masked); cond: (N, h, w, D) -> logits (N, h, w, K) float32."""
+        n, height, width = tokens.shape
+        embed = self.param("token_embedding", nn.initializers.normal(stddev=0.02),
+                           (self.num_codes + 1, self.token_dim), jnp.float32)
+        x = jnp.concatenate([embed[tokens].astype(self.dtype), cond.astype(self.dtype)], axis=-1)
+        x = nn.Dense(self.width, dtype=self.dtype, name="input")(x)
+        rows = self.param("row_embedding", nn.initializers.normal(stddev=0.02), (height, 1, self.width))
+        cols = self.param("column_embedding", nn.initializers.normal(stddev=0.02), (1, width, self.width))
+        x = (x + (rows + cols).astype(self.dtype)).reshape(n, height * width, self.width)
+        x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        for i in range(self.layers):
+            x = _Block(self.width, self.mlp_dim, self.num_heads, self.dropout, self.dtype, name=f"block_{i}")(x, train)
+        x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="final_norm")(x)
+        x = nn.Dense(self.token_dim, dtype=self.dtype, name="head")(x)
+        x = nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32, name="head_norm")(nn.gelu(x))
+        bias = self.param("output_bias", nn.initializers.zeros, (self.num_codes,), jnp.float32)
+        logits = x.astype(jnp.float32) @ embed[: self.num_codes].T + bias
+        return logits.reshape(n, height, width, self.num_codes)

@@ -1,0 +1,242 @@
+"""The TECO model at toy size, for every registered backbone: losses, DropLoss, label smoothing, action dropout,
+future-frame masking, the parallel path against the step path, deterministic generation, and learning."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from teco_ssm import backbones
+from teco_ssm.teco import (Teco, drop_loss_count, drop_loss_steps, init_variables, set_code_embeddings,
+                           smoothed_cross_entropy)
+
+TOY_BACKBONES = {
+    "transformer": dict(d_model=16, n_layers=1, embed_dim=16, mlp_dim=32, num_heads=2, downsample=2, max_len=16),
+    "s5": dict(d_model=16, n_layers=1, ssm_size=8, downsample=2, embed_dim=8),
+    "convs5": dict(d_model=16, n_layers=1, ssm_size=8),
+    "convt3": dict(d_model=16, n_layers=1, ssm_size=8),
+}
+TOY_MODEL = dict(code_shape=(8, 8), vqgan_codes=12, vqgan_embedding_dim=8, encoder_depths=(16, 16),
+                 encoder_blocks=1, decoder_depths=(16, 16), decoder_blocks=1, latent_codes=16, latent_proj_dim=8,
+                 latent_dim=8, prior_width=16, prior_mlp_dim=32, prior_heads=2, prior_layers=1, prior_token_dim=8,
+                 num_actions=3, action_embed_dim=4)
+
+
+def toy_model(name="convs5", **overrides):
+    return Teco(backbone=backbones.build(name, TOY_BACKBONES[name]), **{**TOY_MODEL, **overrides})
+
+
+def toy_batch(batch=2, frames=6, seed=1):
+    codes = jax.random.randint(jax.random.key(seed), (batch, frames, 8, 8), 0, 12)
+    actions = jax.random.randint(jax.random.key(seed + 1), (batch, frames), 0, 3)
+    return codes, actions
+
+
+@functools.lru_cache(maxsize=None)
+def toy_variables(name, **overrides):
+    return init_variables(toy_model(name, **dict(overrides)), jax.random.key(0))
+
+
+def test_toy_backbones_cover_the_registry():
+    assert set(TOY_BACKBONES) == set(backbones.NAMES)
+
+
+@pytest.mark.parametrize("name", backbones.NAMES)
+def test_loss_terms_finite_and_sum_for_every_backbone(name):
+    model = toy_model(name, drop_loss_rate=0.5)
+    variables = toy_variables(name, drop_loss_rate=0.5)
+    assert set(variables) == {"params", "tokenizer"}
+    codes, actions = toy_batch()
+    loss, metrics = jax.jit(functools.partial(model.apply, train=True))(variables, codes, actions,
+                                                                         rng=jax.random.key(2))
+    for key, value in metrics.items():
+        assert value.shape == () and np.isfinite(float(value)), key
+    total = metrics["recon_loss"] + metrics["prior_loss"] + metrics["codebook_loss"] + metrics["commitment_loss"]
+    np.testing.assert_allclose(float(loss), float(total), rtol=1e-6)
+    # At initialisation the reconstruction loss is near 64 positions x log(12 codes).
+    assert 0.5 * 64 * np.log(12) < float(metrics["recon_loss"]) < 2 * 64 * np.log(12)
+    assert 1.0 <= float(metrics["code_perplexity"]) <= 16.0
+    assert 0.0 <= float(metrics["recon_accuracy"]) <= 1.0
+
+
+def test_label_smoothing_against_numpy():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(4, 5, 7)) * 3
+    targets = rng.integers(0, 7, size=(4, 5))
+    labels = np.eye(7)[targets] * 0.99 + 0.01 / 7
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    expected = -(labels * log_probs).sum(-1)
+    got = smoothed_cross_entropy(jnp.asarray(logits, jnp.float32), jnp.asarray(targets), 0.01)
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5)
+
+
+def test_drop_loss_count_and_steps():
+    assert drop_loss_count(300, 0.9) == 30 and drop_loss_count(299, 0.9) == 29
+    assert drop_loss_count(5, 0.9) == 1 and drop_loss_count(7, 0.0) == 7
+    steps = np.asarray(drop_loss_steps(jax.random.key(0), 299, 0.9))
+    assert steps.shape == (29,) and np.all(np.diff(steps) > 0) and steps.min() >= 0 and steps.max() < 299
+    np.testing.assert_array_equal(drop_loss_steps(jax.random.key(0), 7, 0.0), np.arange(7))
+
+
+def test_drop_loss_scores_exactly_the_sampled_steps():
+    """Gradients reach the backbone output at the sampled frames only, and the decoder sees only those frames."""
+    model = toy_model("convs5", drop_loss_rate=0.7)
+    codes, actions = toy_batch(frames=11)
+    rng = jax.random.key(7)
+    variables = jax.jit(functools.partial(model.init, train=True))({"params": jax.random.key(0)}, codes, actions,
+                                                                    rng=rng)
+    assert variables["perturbations"]["hidden"].shape[:2] == (2, 10)
+
+    def loss(perturbations):
+        return model.apply({**variables, "perturbations": perturbations}, codes, actions, train=True, rng=rng)[0]
+
+    grads = jax.jit(jax.grad(loss))(variables["perturbations"])["hidden"]
+    touched = np.flatnonzero(np.abs(np.asarray(grads)).sum(axis=(0, 2, 3, 4)) > 0)
+    expected = np.asarray(drop_loss_steps(jax.random.split(rng, 3)[1], 10, 0.7))
+    assert len(expected) == 3
+    np.testing.assert_array_equal(touched, expected)
+
+    params = {k: v for k, v in variables.items() if k != "perturbations"}
+    decoded_shape = lambda train: jax.eval_shape(functools.partial(
+        model.apply, train=train, capture_intermediates=True, mutable=["intermediates"]),
+        params, codes, actions, rng=rng)[1]["intermediates"]["decoder"]["__call__"][0].shape
+    assert decoded_shape(True) == (2 * 3, 8, 8, 12)  # 3 of 10 frames per sequence were decoded
+    assert decoded_shape(False) == (2 * 10, 8, 8, 12)  # evaluation scores every frame
+
+
+def test_frozen_code_embeddings_and_tokenizer_codebook():
+    model = toy_model("convs5")
+    variables = toy_variables("convs5")
+    codes, actions = toy_batch()
+    assert "code_embeddings" not in variables["params"]
+    table = jax.random.normal(jax.random.key(9), (12, 8))
+    loaded = set_code_embeddings(variables, table)
+    np.testing.assert_array_equal(loaded["tokenizer"]["code_embeddings"], table)
+    run = jax.jit(functools.partial(model.apply, train=False, rng=jax.random.key(0)))
+    before, after = run(variables, codes, actions)[0], run(loaded, codes, actions)[0]
+    assert float(before) != float(after)
+    with pytest.raises(ValueError, match=r"vqgan_codes, vqgan_embedding_dim"):
+        set_code_embeddings(variables, jnp.zeros((12, 9)))
+    learned = init_variables(toy_model("convs5", learn_code_embeddings=True), jax.random.key(0))
+    assert "tokenizer" not in learned and learned["params"]["code_embeddings"].shape == (12, 8)
+
+
+def test_action_dropout_and_no_actions():
+    codes, actions = toy_batch()
+    other = (actions + 1) % 3
+    rng = jax.random.key(4)
+    variables = toy_variables("convs5")
+    model = toy_model("convs5", action_dropout=1.0)
+    run = jax.jit(model.apply, static_argnames="train")
+    # Every sequence's actions dropped in training: the actions make no difference, as if none were given ...
+    dropped, metrics = run(variables, codes, actions, train=True, rng=rng)
+    np.testing.assert_allclose(float(run(variables, codes, other, train=True, rng=rng)[0]), float(dropped), rtol=1e-6)
+    np.testing.assert_allclose(float(run(variables, codes, None, train=True, rng=rng)[0]), float(dropped), rtol=1e-6)
+    assert float(metrics["actions_given"]) == 0.0
+    # ... while evaluation keeps them, and they matter.
+    kept, metrics = run(variables, codes, actions, train=False, rng=rng)
+    assert abs(float(run(variables, codes, other, train=False, rng=rng)[0]) - float(kept)) > 1e-4
+    assert float(metrics["actions_given"]) == 1.0
+
+
+def test_future_frame_masking():
+    """With actions, predictions past the context ignore the frames after it; without actions they do not."""
+    model = toy_model("convs5", mask_future_frames=True, mask_future_after=3)
+    variables = toy_variables("convs5", mask_future_frames=True, mask_future_after=3)
+    codes, actions = toy_batch(frames=8)
+    changed = codes.at[:, 4:].set((codes[:, 4:] + 5) % 12)
+    predict = jax.jit(functools.partial(model.apply, method=Teco.predict), static_argnames="use_actions")
+    for use_actions in (True, False):
+        a = predict(variables, codes, actions, use_actions=use_actions)["hidden"]
+        b = predict(variables, changed, actions, use_actions=use_actions)["hidden"]
+        # hidden index k is frame k + 1; frames 1..4 only see frames < 4 either way.
+        np.testing.assert_allclose(a[:, :4], b[:, :4], atol=1e-6)
+        assert np.allclose(a[:, 5:], b[:, 5:], atol=1e-6) == use_actions
+
+
+@pytest.mark.parametrize("name, mask_future", [(name, False) for name in backbones.NAMES] + [("convs5", True)])
+def test_step_path_equals_parallel_predictions(name, mask_future):
+    overrides = dict(mask_future_frames=mask_future, mask_future_after=3)
+    model = toy_model(name, **overrides)
+    variables = toy_variables(name, **overrides)
+    codes, actions = toy_batch(frames=7)
+    parallel = jax.jit(functools.partial(model.apply, method=Teco.predict))(variables, codes, actions)
+    context = 3
+    carry = jax.jit(functools.partial(model.apply, method=Teco.condition))(variables, codes[:, :context],
+                                                                            actions[:, :context])
+
+    def body(carry, inputs):
+        action, latent_codes = inputs
+        return model.apply(variables, carry, action, latent_codes, method=Teco.teacher_forced_step)
+
+    inputs = (jnp.moveaxis(actions[:, context:], 1, 0), jnp.moveaxis(parallel["latent_codes"][:, context:], 1, 0))
+    _, logits = jax.jit(lambda c, i: jax.lax.scan(body, c, i))(carry, inputs)
+    expected = parallel["logits"][:, context - model.condition_frames:]
+    np.testing.assert_allclose(np.moveaxis(np.asarray(logits), 0, 1), expected, atol=2e-3, rtol=2e-3)
+    np.testing.assert_array_equal(np.moveaxis(np.asarray(logits), 0, 1).argmax(-1), np.asarray(expected).argmax(-1))
+
+
+def test_generation_is_deterministic_in_one_scan():
+    """One backbone here: the step path of every backbone is checked above; long rollouts of every backbone
+    belong to the sampler's tests."""
+    model = toy_model("convs5")
+    variables = toy_variables("convs5")
+    codes, actions = toy_batch(frames=4)
+    step = functools.partial(model.apply, method=Teco.generate_step, draft_steps=3, revise_steps=2,
+                             revise_rounds=1, top_p=0.9)
+
+    @jax.jit
+    def rollout(variables, rng):
+        carry = model.apply(variables, codes[:, :2], actions[:, :2], method=Teco.condition)
+        keys = jax.random.split(rng, 5)
+        future = jnp.concatenate([actions[:, 2:], actions[:, :2], actions[:, :1]], axis=1)
+        return jax.lax.scan(lambda c, x: step(variables, c, x[0], x[1]), carry, (future.T, keys))
+
+    carry, frames = rollout(variables, jax.random.key(0))
+    _, again = rollout(variables, jax.random.key(0))
+    _, other = rollout(variables, jax.random.key(1))
+    assert frames.shape == (5, 2, 8, 8) and frames.dtype == jnp.int32
+    np.testing.assert_array_equal(frames, again)
+    assert not np.array_equal(frames, other)
+    assert int(carry["time"]) == 2 + 5
+    assert frames.min() >= 0 and frames.max() < 12
+
+
+def test_short_training_run_reduces_the_loss():
+    """Sequences of a pattern that moves one column per frame, direction given by the action: a model that learns
+    the dynamics drives the loss far below its start."""
+    model = toy_model("convs5", drop_loss_rate=0.5, action_dropout=0.0, prior_layers=1)
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 12, size=(4, 8, 8))
+
+    def make_batch(seed):
+        r = np.random.default_rng(seed)
+        actions = r.integers(0, 2, size=(8, 6))
+        offsets = np.cumsum(np.where(actions == 0, 1, -1), axis=1)
+        start = r.integers(0, 4, size=8)
+        codes = np.stack([np.stack([np.roll(base[start[b]], offsets[b, t], axis=1) for t in range(6)])
+                          for b in range(8)])
+        return jnp.asarray(codes, jnp.int32), jnp.asarray(actions, jnp.int32)
+
+    variables = init_variables(model, jax.random.key(0))
+    params, frozen = variables["params"], {k: v for k, v in variables.items() if k != "params"}
+    optimizer = optax.adamw(3e-3, weight_decay=0.0)
+    opt_state = optimizer.init(params)
+
+    @jax.jit
+    def train_step(params, opt_state, codes, actions, key):
+        def loss_fn(p):
+            return model.apply({"params": p, **frozen}, codes, actions, train=True, rng=key)
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, metrics
+
+    losses = []
+    for i in range(150):
+        codes, actions = make_batch(i % 16)
+        params, opt_state, metrics = train_step(params, opt_state, codes, actions, jax.random.key(i))
+        losses.append(float(metrics["loss"]))
+    start, end = np.mean(losses[:5]), np.mean(losses[-10:])
+    assert end < 0.35 * start, (start, end)
