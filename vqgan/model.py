@@ -12,6 +12,7 @@ taming-transformers, MIT licence), in the layout of the Flax conversion publishe
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -300,10 +301,19 @@ def model_fields(args: Any, source: str) -> dict[str, Any]:
     return fields
 
 
-def abstract_variables(model: VQGAN) -> dict[str, Any]:
-    """Shapes and dtypes of `model`'s variables ({'params', 'stats'}), without allocating them."""
+@functools.lru_cache(maxsize=16)
+def _traced_variables(model: VQGAN) -> dict[str, Any]:
     frames = jax.ShapeDtypeStruct((1, model.resolution, model.resolution, 3), jnp.float32)
     return jax.eval_shape(lambda r, x: model.init(r, x, method=VQGAN.initialize), jax.random.key(0), frames)
+
+
+def abstract_variables(model: VQGAN) -> dict[str, Any]:
+    """Shapes and dtypes of `model`'s variables ({'params', 'stats'}), without allocating them.
+
+    Tracing the model takes seconds on a CPU, so the result is remembered per model (modules are frozen and
+    compare by their fields); each call returns a fresh copy of the nested dicts.
+    """
+    return jax.tree_util.tree_map(lambda leaf: leaf, _traced_variables(model))
 
 
 def host_init(abstract: Any, seed: int, codebook_scale: float | None = None) -> Any:

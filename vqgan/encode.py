@@ -1,0 +1,221 @@
+"""Encoding a video dataset into codes once: `encode_dataset(tokenizer, data_path, out_root, name)`.
+
+Every video of each split (npz or mp4 folders, whatever `teco_ssm.data.open_dataset` reads as frames) is
+encoded whole, in file order, and written with its actions to `<out_root>/<name>/1.0.0/` by
+`teco_ssm.data.TfdsWriter`: a TFDS folder with features `video` int32 (T, h, w) and `actions` int32 (T,), read
+back by `open_dataset(out_root/name, split, ...)` as codes.
+
+  <out_root>/<name>/1.0.0/encoding.json   what produced the folder: the tokenizer's fingerprint, its source,
+                                          the input dataset, the number of videos of every split
+
+Resume: the writer keeps only finished shards, so a crashed run leaves a prefix of every split; running again
+with the same tokenizer and input skips the trajectories already stored. An output that is complete, or that
+another tokenizer or input produced, is refused unless `overwrite=True`; an overwrite is written beside the old
+folder and replaces it only once every split is complete, so a failed run never destroys an existing output.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from teco_ssm.data import DataError, TfdsWriter, inspect_dataset
+from teco_ssm.data import formats
+from teco_ssm.data.tfds_folder import find_version_dir
+from vqgan.tokenizer import Tokenizer, load
+
+VERSION = '1.0.0'
+ENCODING_FILE = 'encoding.json'
+
+
+def tokenizer_fingerprint(tok: Tokenizer) -> str:
+    """sha256 over the model's hyperparameters and every variable (names, shapes, float32 bytes), hex."""
+    digest = hashlib.sha256()
+    fields = {f: getattr(tok.model, f) for f in ('resolution', 'ch', 'ch_mult', 'num_res_blocks',
+                                                 'attn_resolutions', 'z_channels', 'n_embed', 'embed_dim',
+                                                 'num_groups')}
+    digest.update(json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()},
+                             sort_keys=True).encode())
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tok.variables)[0]:
+        value = np.ascontiguousarray(np.asarray(leaf, np.float32))
+        digest.update(jax.tree_util.keystr(path).encode())
+        digest.update(str(value.shape).encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
+def list_split(data_path: str | os.PathLike, split: str, tok: Tokenizer) -> tuple[list[str], str, int | None]:
+    """(video files in order, format 'npz' | 'mp4', action_dim or None) of one split, checked up front.
+
+    Raises DataError naming the file when the split is missing or empty, already holds codes, or its first
+    video's frames are not of the tokenizer's frame shape.
+    """
+    info = inspect_dataset(data_path, split, image_size=tok.frame_shape[:2])
+    if info.kind != 'frames':
+        raise DataError(f'{data_path}: split {split!r} already holds codes ({info.format}); encoding needs frames')
+    fmt, files = formats.list_videos(Path(data_path), split)
+    return files, fmt, info.action_dim
+
+
+def read_video(path: str, fmt: str, frame_shape: tuple[int, int, int], action_dim: int | None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """One whole checked video: frames (T, H, W, 3) uint8 and actions (T,) int32; DataError naming the file."""
+    video, actions = formats.read_npz(path) if fmt == 'npz' else formats.read_mp4(path)
+    formats.check_example(video, actions, path, formats.ExampleSpec('frames', frame_shape=frame_shape,
+                                                                     action_dim=action_dim))
+    return video, actions.astype(np.int32)
+
+
+def encode_video(tok: Tokenizer, video: np.ndarray) -> np.ndarray:
+    """Frames (T, H, W, 3) uint8 -> codes (T, h, w) int32 (`tok.encode` of frames / 127.5 - 1)."""
+    frames = video.astype(np.float32)[None] / 127.5 - 1.0
+    return tok.encode(frames)[1][0]
+
+
+def _prefetched(items: Sequence[str], read) -> Iterable[tuple[str, Any]]:
+    """(item, read(item)) in order, reading the next item in a background thread while the caller works."""
+    if not items:
+        return
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(read, items[0])
+        for i, item in enumerate(items):
+            result = pending.result()
+            if i + 1 < len(items):
+                pending = pool.submit(read, items[i + 1])
+            yield item, result
+
+
+def _read_record(version_dir: Path) -> dict[str, Any] | None:
+    path = version_dir / ENCODING_FILE
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise DataError(f'{path}: expected JSON describing the encoding ({e})') from None
+
+
+def _write_record(version_dir: Path, record: dict[str, Any]) -> None:
+    version_dir.mkdir(parents=True, exist_ok=True)
+    tmp = version_dir / (ENCODING_FILE + '.tmp')
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
+    os.replace(tmp, version_dir / ENCODING_FILE)
+
+
+def _stored_counts(version_dir: Path, splits: Sequence[str]) -> dict[str, int]:
+    """Trajectories listed per split in `version_dir/dataset_info.json` (0 for a split not yet present)."""
+    path = version_dir / 'dataset_info.json'
+    if not path.exists():
+        return {s: 0 for s in splits}
+    try:
+        info = json.loads(path.read_text())
+    except ValueError as e:
+        raise DataError(f'{path}: expected valid JSON ({e})') from None
+    listed = {s.get('name'): sum(int(n) for n in s.get('shardLengths', [])) for s in info.get('splits', [])}
+    return {s: listed.get(s, 0) for s in splits}
+
+
+def _compatible(record: dict[str, Any] | None, wanted: dict[str, Any]) -> bool:
+    return record is not None and all(record.get(k) == wanted[k] for k in ('tokenizer_sha256', 'data_path'))
+
+
+def _encode_split(tok: Tokenizer, root: Path, name: str, split: str, files: list[str], fmt: str,
+                  action_dim: int | None, examples_per_shard: int, progress: bool) -> int:
+    with TfdsWriter(root, name, split, tok.latent_shape, action_dim=action_dim, codebook_size=tok.n_codes,
+                    examples_per_shard=examples_per_shard, version=VERSION,
+                    description=f'{split} videos encoded to codes') as writer:
+        done = writer.num_examples
+        if done > len(files):
+            raise DataError(f'{writer.folder}: split {split!r} holds {done} trajectories, the input has only '
+                            f'{len(files)}; use overwrite=True')
+        bar = tqdm(total=len(files), initial=done, desc=f'encode {split}', unit='video', disable=not progress)
+        try:
+            read = lambda f: read_video(f, fmt, tok.frame_shape, action_dim)  # noqa: E731
+            for _, (video, actions) in _prefetched(files[done:], read):
+                writer.write(encode_video(tok, video), actions)
+                bar.update(1)
+        finally:
+            bar.close()
+    return len(files)
+
+
+def encode_dataset(tokenizer: str | os.PathLike | Tokenizer, data_path: str | os.PathLike,
+                   out_root: str | os.PathLike, name: str, splits: Sequence[str] = ('train', 'test'),
+                   overwrite: bool = False, *, examples_per_shard: int = 64, chunk_size: int = 64,
+                   progress: bool = True) -> dict[str, Any]:
+    """Encodes every video of `splits` of `data_path` whole into the TFDS folder `<out_root>/<name>`.
+
+    Args:
+      tokenizer: a `Tokenizer`, or a checkpoint folder for `vqgan.load` (TECO layout or a VQGAN workdir).
+      data_path: a raw video dataset root (`<root>/<split>/<shard>/*.npz` or `*.mp4`, optional metadata.json).
+      out_root, name: the output is `<out_root>/<name>/1.0.0/`; name in lowercase letters, digits, underscores.
+      splits: the splits to encode; each must exist in `data_path`.
+      overwrite: replace an existing output (complete, or made by another tokenizer or from another input).
+      examples_per_shard: trajectories per tfrecord shard (also the unit of crash safety).
+      chunk_size: frames per jitted tokenizer call when `tokenizer` is a path.
+      progress: show a tqdm bar per split.
+
+    Returns:
+      {'path': the dataset folder, 'splits': {split: number of videos}, 'code_shape': (h, w), 'n_codes': K}.
+
+    Raises:
+      FileExistsError naming the folder when the output is complete or was produced by another tokenizer or
+      input and `overwrite` is False; DataError naming the file for a bad input video.
+    """
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else load(tokenizer, chunk_size=chunk_size)
+    out_root, data_path = Path(out_root).absolute(), Path(data_path).absolute()
+    if not splits:
+        raise ValueError('splits: at least one split to encode')
+    listed = {split: list_split(data_path, split, tok) for split in splits}
+    dims = {s: a for s, (_, _, a) in listed.items()}
+    action_dim = next((a for a in dims.values() if a is not None), None)
+    record = {'tokenizer_sha256': tokenizer_fingerprint(tok), 'tokenizer_source': tok.source,
+              'data_path': str(data_path), 'code_shape': list(tok.latent_shape), 'n_codes': tok.n_codes,
+              'frame_shape': list(tok.frame_shape)}
+    counts = {s: len(files) for s, (files, _, _) in listed.items()}
+
+    final = out_root / name
+    existing = find_version_dir(final) if final.exists() else None
+    staging_root = out_root / f'.{name}.overwrite'
+    if existing is not None:
+        old = _read_record(existing)
+        stored = _stored_counts(existing, splits)
+        complete = all(stored[s] >= counts[s] for s in splits)
+        if not overwrite:
+            if not _compatible(old, record):
+                raise FileExistsError(
+                    f'{final}: holds a dataset not produced by this tokenizer from {data_path} (see '
+                    f'{existing / ENCODING_FILE}); pass overwrite=True to replace it')
+            if complete:
+                raise FileExistsError(f'{final}: already holds the encoded splits {list(splits)} '
+                                      f'({stored}); pass overwrite=True to replace it')
+    elif final.exists() and any(final.iterdir()) and not overwrite:
+        raise FileExistsError(f'{final}: exists and is not an encoded dataset; pass overwrite=True to replace it')
+
+    replace = overwrite and final.exists()
+    root = staging_root if replace else out_root
+    version_dir = root / name / VERSION
+    if replace and staging_root.exists() and not _compatible(_read_record(version_dir), record):
+        shutil.rmtree(staging_root)
+    old = _read_record(version_dir)
+    _write_record(version_dir, {**record, 'splits': {**(old or {}).get('splits', {}), **counts}})
+    for split, (files, fmt, split_dim) in listed.items():
+        _encode_split(tok, root, name, split, files, fmt, action_dim if split_dim is None else split_dim,
+                      examples_per_shard, progress)
+    if replace:
+        trash = out_root / f'.{name}.replaced'
+        if trash.exists():
+            shutil.rmtree(trash)
+        os.replace(final, trash)
+        os.replace(staging_root / name, final)
+        shutil.rmtree(trash)
+        shutil.rmtree(staging_root)
+    return {'path': str(final), 'splits': counts, 'code_shape': tok.latent_shape, 'n_codes': tok.n_codes}
