@@ -10,6 +10,7 @@ rejects others):
     model                                            fields of `teco_ssm.teco.Teco`
     optim                                            AdamW, warm-up + cosine decay, clipping, SSM parameter group
     seed, batch_size, seq_len, steps, log_every, checkpoint_every, keep_checkpoints, visualise_every
+    shard_params, model_parallelism                  parameter sharding over the mesh's 'model' axis
     sampling                                         the MaskGit sampler and the two benchmark protocols
 """
 from __future__ import annotations
@@ -120,6 +121,8 @@ def teco_config(*, dataset: str, backbone: str, model_fields: dict[str, Any], pe
     config.checkpoint_every = checkpoint_every
     config.keep_checkpoints = keep_checkpoints
     config.visualise_every = visualise_every
+    config.shard_params = False  # True: large weight matrices split over the mesh's 'model' axis
+    config.model_parallelism = 1  # size of the 'model' axis; the 'data' axis takes the remaining devices
     config.sampling = sampling_config if sampling_config is not None else sampling()
     config.lock()
     return config

@@ -42,7 +42,7 @@ class S5Layer(nn.Module):
     def __call__(self, u: jax.Array, x0: jax.Array | None, train: bool = False):
         dtype = dtype_of(self.dtype)
         lam_bar, B_bar, C_tilde = DiagonalSSM(self.ssm_size, self.blocks, u.shape[-1], u.shape[-1],
-                                              self.dt_min, self.dt_max, self.clip_eigs, name="ssm")()
+                                              self.dt_min, self.dt_max, self.clip_eigs, name="diagonal")()
         u32 = u.astype(jnp.float32)
         xs = scan.scan(lam_bar, u32 @ B_bar.T, x0, mode=self.scan_mode)
         D = self.param("D", nn.initializers.normal(1.0), (u.shape[-1],))

@@ -1,0 +1,93 @@
+"""Train steps per second and peak memory of the full TECO train step (`teco_ssm.train.train_step`), per backbone.
+
+    python scripts/bench_train.py                          # MazeLab config (configs/mazelab.py), on this machine
+    python scripts/bench_train.py --steps 20 --backbones convs5,convt3
+    python scripts/bench_train.py --dmlab                  # DMLab config, batch 16 x 300 frames, remat, bfloat16
+                                                           # (for a GPU; the default when one is present)
+
+Runs the real train step (AdamW update included) on random codes of the config's shapes on one device, after one
+compiling call. Prints, per backbone: parameters, compile seconds, steps/s (median of the timed steps), and XLA's
+peak memory estimate of the compiled step (arguments + outputs + temporaries - donated aliases).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs import dmlab, mazelab
+from teco_ssm import backbones, optim, sharding, teco, train
+
+
+def bench_config(name: str, use_dmlab: bool):
+    if not use_dmlab:
+        return mazelab.get_config(name)
+    config = dmlab.get_config(name)
+    config.batch_size, config.seq_len = 16, 300
+    config.model.remat, config.model.dtype = True, "bfloat16"
+    return config
+
+
+def measure(config, steps: int) -> dict[str, float]:
+    model = teco.build(config)
+    settings = optim.OptimizerSettings.from_config(config.optim, config.steps)
+    mesh = sharding.make_mesh(1, jax.devices()[:1])
+    static = dict(model=model, settings=settings, mesh=mesh, shard_params=False)
+    state, constants = train.init_state(train.init_key(0), None, **static)
+    rng = np.random.default_rng(0)
+    shape = (config.batch_size, config.seq_len)
+    batch = sharding.global_batch({
+        "codes": rng.integers(0, model.vqgan_codes, shape + tuple(model.code_shape)).astype(np.int32),
+        "actions": rng.integers(0, model.num_actions, shape).astype(np.int32)}, mesh)
+    key = jax.random.key(0)
+
+    start = time.perf_counter()
+    compiled = train.train_step.lower(state, constants, batch, key, **static).compile()
+    compile_s = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    peak = None
+    if memory is not None:
+        peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
+                - memory.alias_size_in_bytes)
+    state, metrics = compiled(state, constants, batch, key)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, metrics = compiled(state, constants, batch, key)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    return dict(params=sum(x.size for x in jax.tree_util.tree_leaves(state["params"])), compile_s=compile_s,
+                steps_per_s=1.0 / float(np.median(times)), peak_mib=None if peak is None else peak / 2 ** 20,
+                loss=float(metrics["loss"]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbones", default=",".join(backbones.NAMES))
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per backbone")
+    parser.add_argument("--dmlab", action="store_true", help="DMLab config at batch 16 x 300, remat, bfloat16")
+    args = parser.parse_args()
+    use_dmlab = args.dmlab or jax.default_backend() == "gpu"
+
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    device = jax.devices()[0]
+    print(f"# {'DMLab (16 x 300, remat, bfloat16)' if use_dmlab else 'MazeLab'} train step; {device.device_kind} "
+          f"({platform.machine()}, {os.cpu_count()} cores), jax {jax.__version__}; load average before: {load}")
+    print(f"{'backbone':<12} {'params':>10} {'compile s':>10} {'steps/s':>9} {'ms/step':>9} {'peak MiB':>10}")
+    for name in args.backbones.split(","):
+        config = bench_config(name, use_dmlab)
+        row = measure(config, args.steps)
+        peak = "-" if row["peak_mib"] is None else f"{row['peak_mib']:.1f}"
+        print(f"{name:<12} {row['params']:>10,} {row['compile_s']:>10.1f} {row['steps_per_s']:>9.2f} "
+              f"{1e3 / row['steps_per_s']:>9.1f} {peak:>10}", flush=True)
+    print(f"# load average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()
