@@ -1,0 +1,270 @@
+"""The sampler: one compiled rollout per backbone (1,000 frames, deterministic, equal to a per-frame loop), the
+context kept, teacher-forced steps against the parallel predictions, the protocols' frame arithmetic, and the
+sample files (contents, MazeLab `seen` mask, sharding over 4 devices, actions ignored when unconditioned, resume)."""
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from teco_ssm import backbones, checkpoint, sample
+from teco_ssm.teco import Teco, init_variables
+from vqgan.model import VQGAN
+from vqgan.model import init_variables as vqgan_init
+from vqgan.tokenizer import Tokenizer
+
+TOY_BACKBONES = {
+    "transformer": dict(d_model=16, n_layers=1, embed_dim=16, mlp_dim=32, num_heads=2, downsample=2, max_len=8),
+    "s5": dict(d_model=16, n_layers=1, ssm_size=8, downsample=2, embed_dim=8),
+    "convs5": dict(d_model=16, n_layers=1, ssm_size=8),
+    "convt3": dict(d_model=16, n_layers=1, ssm_size=8),
+}
+TOY_MODEL = dict(code_shape=(8, 8), vqgan_codes=12, vqgan_embedding_dim=8, encoder_depths=(16, 16),
+                 encoder_blocks=1, decoder_depths=(16, 16), decoder_blocks=1, latent_codes=16, latent_proj_dim=8,
+                 latent_dim=8, prior_width=16, prior_mlp_dim=32, prior_heads=2, prior_layers=1, prior_token_dim=8,
+                 num_actions=3, action_embed_dim=4)
+SAMPLER = dict(draft_steps=2, revise_steps=2, revise_rounds=1, temperature=1.0)
+CONTEXT, LONG = 3, 1000
+# RBG keys compile to far smaller programs than threefry on CPU; the sampler takes any key type.
+KEY = functools.partial(jax.random.key, impl="rbg")
+
+
+def toy_model(name):
+    return Teco(backbone=backbones.build(name, TOY_BACKBONES[name]), **TOY_MODEL)
+
+
+@functools.lru_cache(maxsize=None)
+def toy_variables(name):
+    """Variables of the toy model: the backbone initialised by its own `init` (SSM eigenvalues and timescales
+    matter over 1,000 frames), the other parts drawn on the host like Flax's defaults (LeCun-normal kernels, zero
+    biases, unit scales, small embeddings), which spares compiling the whole training loss per backbone."""
+    model = toy_model(name)
+    abstract = jax.eval_shape(lambda key: init_variables(model, key), KEY(0))
+    rng = np.random.default_rng(0)
+
+    def draw(path, leaf):
+        field = path[-1].key
+        if field == "kernel":
+            return jnp.asarray(rng.normal(size=leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1])), leaf.dtype)
+        if field in ("bias", "scale"):
+            return jnp.full(leaf.shape, 1.0 if field == "scale" else 0.0, leaf.dtype)
+        return jnp.asarray(rng.normal(size=leaf.shape) * (1.0 if field == "code_embeddings" else 0.02), leaf.dtype)
+
+    variables = jax.tree_util.tree_map_with_path(draw, abstract)
+    h, w = model.latent_shape
+    x = jnp.zeros((1, 2, h, w, TOY_MODEL["latent_dim"] + TOY_MODEL["action_embed_dim"]))
+    backbone = jax.jit(model.backbone.init)(KEY(1), x)["params"]
+    shapes = lambda tree: jax.tree.map(lambda a: (a.shape, a.dtype), tree)
+    assert shapes(backbone) == shapes(abstract["params"]["backbone"])
+    variables["params"]["backbone"] = backbone
+    return variables
+
+
+def toy_inputs(batch=2, frames=CONTEXT + LONG, seed=1):
+    codes = jax.random.randint(jax.random.key(seed), (batch, CONTEXT, 8, 8), 0, 12)
+    actions = jax.random.randint(jax.random.key(seed + 1), (batch, frames), 0, 3)
+    return codes, actions
+
+
+def test_toy_backbones_cover_the_registry():
+    assert set(TOY_BACKBONES) == set(backbones.NAMES)
+
+
+# ------------------------------------------------------------------------------------------------- protocols
+def test_protocol_frame_arithmetic():
+    conditioned = sample.resolve_protocol("action_conditioned")
+    assert (conditioned.context, conditioned.horizon, conditioned.use_actions) == (144, 156, True)
+    assert conditioned.num_frames == 300 and conditioned.generated == slice(144, 300)
+    assert len(range(300)[conditioned.generated]) == 156
+    unconditioned = sample.resolve_protocol("unconditioned")
+    assert (unconditioned.context, unconditioned.horizon, unconditioned.use_actions) == (36, 264, False)
+    assert unconditioned.num_frames == 300 and len(range(300)[unconditioned.generated]) == 264
+    assert sample.resolve_protocol((10, 5)) == sample.Protocol(10, 5, True)
+    assert sample.resolve_protocol([10, 5, False]) == sample.Protocol(10, 5, False)
+
+
+def test_protocols_from_dataset_configs():
+    from configs import mazelab, minecraft
+
+    minecraft_sampling = minecraft.get_config("convs5").sampling
+    assert sample.resolve_protocol("unconditioned", minecraft_sampling) == sample.Protocol(36, 264, True)
+    assert sample.resolve_protocol("action_conditioned", minecraft_sampling) == sample.Protocol(144, 156, True)
+    assert sample.resolve_protocol("unconditioned", mazelab.get_config().sampling) == sample.Protocol(8, 56, False)
+    with pytest.raises(ValueError, match="unknown protocol 'open_loop'.*action_conditioned, unconditioned"):
+        sample.resolve_protocol("open_loop")
+    with pytest.raises(ValueError, match="context >= 1 and horizon >= 0"):
+        sample.resolve_protocol((0, 5))
+    with pytest.raises(ValueError, match=r"\(context, horizon\)"):
+        sample.resolve_protocol((1, 2, True, 4))
+
+
+# --------------------------------------------------------------------------------------------------- rollout
+def test_context_only_rollout_reproduces_the_context():
+    model, variables = toy_model("convs5"), toy_variables("convs5")
+    codes, actions = toy_inputs(frames=CONTEXT)
+    out = sample.rollout(model, variables, codes, actions, KEY(0), horizon=0, **SAMPLER)
+    np.testing.assert_array_equal(out, codes)
+    assert out.dtype == jnp.int32
+    with pytest.raises(ValueError, match=r"actions must be \(B, Tc \+ horizon\) = \(2, 5\)"):
+        sample.rollout(model, variables, codes, actions, KEY(0), horizon=2, **SAMPLER)
+    with pytest.raises(ValueError, match="codes_ctx must be"):
+        sample.rollout(model, variables, codes[..., :4], None, KEY(0), horizon=2, **SAMPLER)
+
+
+@pytest.mark.parametrize("name", backbones.NAMES)
+def test_thousand_frame_rollout_is_deterministic(name):
+    """1,000 frames in one compiled call, past the Transformer's 8-frame window and far past training lengths."""
+    model, variables = toy_model(name), toy_variables(name)
+    codes, actions = toy_inputs()
+    run = functools.partial(sample.rollout, model, variables, codes, actions, horizon=LONG, **SAMPLER)
+    out, carry = run(KEY(0), return_carry=True)
+    again = run(KEY(0))
+    other = run(KEY(1))
+    assert out.shape == (2, CONTEXT + LONG, 8, 8) and out.dtype == jnp.int32
+    np.testing.assert_array_equal(out[:, :CONTEXT], codes)
+    np.testing.assert_array_equal(out, again)
+    assert np.mean(np.asarray(out[:, CONTEXT:]) != np.asarray(other[:, CONTEXT:])) > 0.1
+    assert int(out.min()) >= 0 and int(out.max()) < TOY_MODEL["vqgan_codes"]
+    assert int(carry["time"]) == CONTEXT + LONG
+    for leaf in jax.tree.leaves(carry["state"]):
+        if jnp.issubdtype(leaf.dtype, jnp.inexact):
+            assert np.all(np.isfinite(np.asarray(leaf))), "backbone state diverged"
+        else:
+            assert int(leaf) == CONTEXT + LONG  # the Transformer's absolute time
+
+
+def test_compiled_rollout_equals_a_per_frame_loop():
+    """The scan and a Python loop over the same jitted one-frame step give the same frames, past the
+    Transformer's window (its ring buffer wraps), so chunked or frame-by-frame generation equals one call."""
+    model, variables = toy_model("transformer"), toy_variables("transformer")
+    codes, actions = toy_inputs()
+    compiled = sample.rollout(model, variables, codes, actions, KEY(0), horizon=LONG, **SAMPLER)
+    carry = jax.jit(functools.partial(model.apply, method=Teco.condition))(variables, codes, actions[:, :CONTEXT])
+    step = jax.jit(functools.partial(sample.sample_frame, model, **SAMPLER))
+    frames = []
+    for t in range(CONTEXT, CONTEXT + 12):
+        carry, frame = step(variables, carry, actions[:, t], KEY(0))
+        frames.append(frame)
+    np.testing.assert_array_equal(np.stack(frames, axis=1), compiled[:, CONTEXT:CONTEXT + 12])
+    # Actions steer the rollout: other future actions, other frames (same key).
+    flipped = actions.at[:, CONTEXT:].set((actions[:, CONTEXT:] + 1) % 3)
+    steered = sample.rollout(model, variables, codes, flipped, KEY(0), horizon=LONG, **SAMPLER)
+    assert not np.array_equal(steered[:, CONTEXT:], compiled[:, CONTEXT:])
+
+
+def test_teacher_forced_steps_equal_the_parallel_predictions():
+    """Stepping the generation path with the true latents gives the training forward pass's logits, here past
+    the Transformer's window (12 frames, window 8; tests/test_teco.py checks every backbone's step path)."""
+    model, variables = toy_model("transformer"), toy_variables("transformer")
+    codes = jax.random.randint(jax.random.key(3), (2, 12, 8, 8), 0, 12)
+    actions = jax.random.randint(jax.random.key(4), (2, 12), 0, 3)
+    run = jax.jit(lambda v, c, a: (sample.teacher_forced(model, v, c, a, context=CONTEXT),
+                                   model.apply(v, c, a, method=Teco.predict)["logits"]))
+    stepped, parallel = run(variables, codes, actions)
+    expected = np.asarray(parallel)[:, CONTEXT - model.condition_frames:]
+    assert stepped.shape == expected.shape == (2, 12 - CONTEXT, 8, 8, 12)
+    np.testing.assert_allclose(stepped, expected, atol=2e-3, rtol=2e-3)
+    np.testing.assert_array_equal(np.asarray(stepped).argmax(-1), expected.argmax(-1))
+
+
+# ------------------------------------------------------------------------------------------------ sample files
+TOKENIZER_FIELDS = dict(ch=4, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), z_channels=6, resolution=16,
+                        n_embed=12, embed_dim=8)
+FILE_CONTEXT, FILE_HORIZON = 4, 3
+
+
+def toy_config():
+    from configs import mazelab
+
+    config = mazelab.get_config("convs5")
+    config.model.update(TOY_MODEL)
+    config.convs5.update(TOY_BACKBONES["convs5"])
+    config.sampling.update(SAMPLER)
+    return config
+
+
+def write_dataset(root, num_videos, frames):
+    """MazeLab-layout npz files with poses: video i stands still at pose i during the context except at frame 1,
+    then revisits frame 1's pose, a context pose, and a new pose."""
+    rng = np.random.default_rng(0)
+    (root / "test" / "0000").mkdir(parents=True)
+    (root / "metadata.json").write_text(json.dumps({"action_dim": 3}))
+    for i in range(num_videos):
+        poses = np.zeros((frames, 3), np.int32)
+        poses[:, 0] = i
+        poses[1] = (i, 5, 0)
+        poses[FILE_CONTEXT:FILE_CONTEXT + 3] = [(i, 5, 0), (i, 0, 0), (i, 7, 7)]
+        np.savez(root / "test" / "0000" / f"{i:06d}.npz",
+                 video=rng.integers(0, 256, (frames, 16, 16, 3), dtype=np.uint8),
+                 actions=rng.integers(0, 3, frames).astype(np.int32), poses=poses)
+
+
+def test_sample_dataset_files_sharding_and_resume(tmp_path):
+    config = toy_config()
+    model = toy_model("convs5")
+    variables = toy_variables("convs5")
+    workdir = tmp_path / "workdir"
+    mngr = checkpoint.manager(str(workdir), config)
+    checkpoint.save(mngr, 10, {"model": variables}, force=True)
+    checkpoint.close(mngr)
+    vq = VQGAN(**TOKENIZER_FIELDS, num_groups=2)
+    tokenizer = Tokenizer(vq, vqgan_init(vq, 3), chunk_size=16)
+    data = tmp_path / "data"
+    write_dataset(data, num_videos=6, frames=FILE_CONTEXT + FILE_HORIZON + 2)
+    out = tmp_path / "samples"
+    run = functools.partial(sample.sample_dataset, config, str(workdir), tokenizer, str(data), str(out),
+                            protocol=(FILE_CONTEXT, FILE_HORIZON, False), num_videos=5, batch_size=4, seed=7)
+
+    first = run()
+    assert first["written"] == 2 and first["skipped"] == 0 and first["num_videos"] == 5
+    files = [out / "batch_00000.npz", out / "batch_00001.npz"]
+    assert first["files"] == [str(f) for f in files] and sorted(out.iterdir()) == files
+    with np.load(files[0]) as f0, np.load(files[1]) as f1:
+        batch0, batch1 = dict(f0), dict(f1)
+    assert batch0["fake"].shape == batch0["real"].shape == (4, 7, 16, 16, 3)
+    assert batch1["real"].shape[0] == 1  # the fifth video only: num_videos=5 of 6
+    assert batch0["fake"].dtype == np.uint8 and int(batch0["context"]) == FILE_CONTEXT
+    assert int(batch0["horizon"]) == FILE_HORIZON and int(batch0["seed"]) == 7 and not bool(batch0["use_actions"])
+    np.testing.assert_array_equal(batch0["index"], [0, 1, 2, 3])
+    np.testing.assert_array_equal(batch1["index"], [4])
+    for i, index in enumerate(batch0["index"]):
+        with np.load(data / "test" / "0000" / f"{index:06d}.npz") as video:
+            np.testing.assert_array_equal(batch0["real"][i], video["video"][:7])
+            np.testing.assert_array_equal(batch0["actions"][i], video["actions"][:7])
+    # seen: context frames trivially; then a revisit of frame 1's pose, of frame 0's pose, and a new place.
+    np.testing.assert_array_equal(batch0["seen"], np.tile([True] * 4 + [True, True, False], (4, 1)))
+
+    # The sample equals an unsharded rollout of the same codes with the file's key (4 devices vs 1), and the
+    # unconditioned protocol ignores the actions (other actions here, same frames).
+    codes = tokenizer.encode(batch0["real"].astype(np.float32) / 127.5 - 1.0)[1]
+    loaded = sample.load_variables(config, str(workdir))
+    loaded = {**loaded, "tokenizer": {"code_embeddings": tokenizer.codebook}}
+    direct = sample.rollout(model, loaded, codes[:, :FILE_CONTEXT], (batch0["actions"] + 1) % 3,
+                            jax.random.fold_in(jax.random.key(7), 0), horizon=FILE_HORIZON, use_actions=False,
+                            **sample.sampler_settings(config.sampling))
+    np.testing.assert_array_equal(batch0["fake"], sample.to_uint8(tokenizer.decode(np.asarray(direct))))
+
+    # Resume: the finished file is kept untouched, the missing one is written again, identically.
+    stamp = os.stat(files[0]).st_mtime_ns
+    files[1].unlink()
+    second = run()
+    assert second["written"] == 1 and second["skipped"] == 1 and second["num_videos"] == 5
+    assert os.stat(files[0]).st_mtime_ns == stamp
+    with np.load(files[1]) as f1:
+        for key, value in batch1.items():
+            np.testing.assert_array_equal(f1[key], value)
+    # The workdir alone (config.json, a tokenizer folder) reaches the same files: nothing left to write.
+    tokenizer_dir = tmp_path / "tokenizer"
+    mngr = checkpoint.manager(str(tokenizer_dir), {"model": dict(TOKENIZER_FIELDS, num_groups=2)})
+    checkpoint.save(mngr, 1, {"model": tokenizer.variables}, force=True)
+    checkpoint.close(mngr)
+    third = sample.sample_workdir(str(workdir), str(out), protocol=(FILE_CONTEXT, FILE_HORIZON, False),
+                                  data_path=str(data), tokenizer_path=str(tokenizer_dir), num_videos=5,
+                                  batch_size=4, seed=7)
+    assert third["written"] == 0 and third["skipped"] == 2 and os.stat(files[0]).st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="batch_00000.npz: field 'seed' is 7, this run asks for 8"):
+        sample.sample_dataset(config, str(workdir), tokenizer, str(data), str(out),
+                              protocol=(FILE_CONTEXT, FILE_HORIZON, False), num_videos=5, batch_size=4, seed=8)
