@@ -26,6 +26,9 @@ from teco_ssm import report as report_lib
 PathLike = Union[str, os.PathLike]
 LpipsFn = Callable[[Any, Any], Any]
 LPIPS_NETWORK = "VGG16 LPIPS (lpips-j weights); TECO reported AlexNet LPIPS"
+# A generated frame identical to the truth has infinite PSNR; one such frame would make every mean infinite (a
+# baseline that repeats a frame hits it whenever the agent stands still), so per-frame PSNR is capped here.
+PSNR_CAP_DB = 100.0
 
 
 def sample_files(samples_dir: PathLike) -> list[Path]:
@@ -140,7 +143,7 @@ def evaluate_samples(samples_dir: PathLike, report_dir: PathLike | None, *,
             raise ValueError(f"{path}: videos {real.shape[1:]} with context {sample['context']} differ from the "
                              f"first file's {shape} with context {ctx}")
         real_gen, fake_gen = real[:, ctx:], fake[:, ctx:]
-        per_frame["psnr"].append(np.asarray(metrics.psnr(real_gen, fake_gen), np.float64))
+        per_frame["psnr"].append(np.minimum(np.asarray(metrics.psnr(real_gen, fake_gen), np.float64), PSNR_CAP_DB))
         per_frame["ssim"].append(np.asarray(metrics.ssim(real_gen, fake_gen), np.float64))
         if lpips_fn is not None:
             per_frame["lpips"].append(
@@ -159,7 +162,7 @@ def evaluate_samples(samples_dir: PathLike, report_dir: PathLike | None, *,
     numbers: dict[str, Any] = {
         "num_files": len(files), "num_videos": num_videos, "frames_per_video": int(shape[0]), "context": ctx,
         "generated_frames": int(shape[0] - ctx), "frame_size": [int(shape[1]), int(shape[2])],
-        "group_size": group_size,
+        "group_size": group_size, "psnr_cap_db": PSNR_CAP_DB,
     }
     for name, values in frames.items():
         numbers[name] = metrics.grouped_mean_std(values.mean(axis=1), group_size)

@@ -307,6 +307,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, tokenize
             bar.update(step)
             for hook in hooks:
                 hook(step)
+        summary["num_params"] = int(sum(np.size(x) for x in jax.tree_util.tree_leaves(state["params"])))
         return summary
     finally:
         if bar is not None:

@@ -175,14 +175,20 @@ def test_bad_sample_file_names_the_file_and_field(tmp_path):
         evaluate.evaluate_samples(tmp_path, None, lpips=mean_abs, i3d=tiny_i3d)
 
 
-def test_identical_videos_give_infinite_psnr_written_as_null(tmp_path):
+def test_identical_frames_count_at_the_psnr_cap(tmp_path):
     video = LEVELS[np.random.default_rng(1).integers(0, 4, (2, 4, 16, 16, 3))]
-    np.savez(tmp_path / "s.npz", real=video, fake=video, actions=np.zeros((2, 4)))
+    fake = video.copy()
+    fake[0, 3] = LEVELS[(np.searchsorted(LEVELS, video[0, 3]) + 1) % 4]  # one generated frame differs
+    np.savez(tmp_path / "s.npz", real=video, fake=fake, actions=np.zeros((2, 4)))
     numbers = evaluate.evaluate_samples(tmp_path, tmp_path / "report", lpips=mean_abs, i3d=tiny_i3d, context=1)
-    assert numbers["context"] == 1 and np.isposinf(numbers["psnr"]["mean"])
-    assert numbers["ssim"]["mean"] == pytest.approx(1.0, abs=1e-6) and numbers["lpips"]["mean"] == 0.0
+    differing = float(metrics.psnr(video[:1, 3:], fake[:1, 3:])[0, 0])
+    cap = evaluate.PSNR_CAP_DB
+    assert numbers["context"] == 1 and np.isfinite(differing) and differing < cap
+    # video 0: two identical frames at the cap and one differing frame; video 1: three at the cap
+    assert numbers["psnr"]["mean"] == pytest.approx(((2 * cap + differing) / 3 + cap) / 2)
+    assert numbers["lpips"]["mean"] > 0.0
     stored = json.loads((tmp_path / "report" / "metrics.json").read_text())
-    assert stored["psnr"]["mean"] is None and stored["ssim"]["mean"] == numbers["ssim"]["mean"]
+    assert stored["psnr"]["mean"] == pytest.approx(numbers["psnr"]["mean"]) and stored["psnr_cap_db"] == cap
 
 
 def test_markdown_builder_tables_and_relative_figures(tmp_path):

@@ -1,0 +1,299 @@
+"""The stages behind the `teco-ssm` command, and `run`, the whole chain on MazeLab under one workdir.
+
+Each `command_<stage>(args)` takes the parsed command line (see `teco_ssm.cli`) and calls the library function of
+that stage. `run` records each finished stage in `<workdir>/stages/<stage>.json` (written last, atomically), so an
+interrupted run skips what is complete and redoes what is not.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from teco_ssm import backbones
+
+
+# ------------------------------------------------------------------------------------------------ sizes of `run`
+@dataclasses.dataclass(frozen=True)
+class RunSize:
+    """What `run` builds. `default` finishes in under 20 minutes on 2 CPU cores, `quick` in under 5."""
+
+    num_train: int
+    num_test: int
+    length: int
+    tokenizer_variant: str
+    train_steps: int
+    batch_size: int
+    seq_len: int
+    num_videos: int
+    action_conditioned: tuple[int, int]  # (context, horizon)
+    unconditioned: tuple[int, int]
+    model_overrides: tuple[str, ...] = ()
+
+
+_SMALL_MODEL = ("model.encoder_depths=(16, 32)", "model.decoder_depths=(16, 32)", "model.prior_width=32",
+                "model.prior_mlp_dim=64", "model.prior_layers=1", "model.drop_loss_rate=0.5")
+SIZES = {
+    "default": RunSize(num_train=200, num_test=32, length=96, tokenizer_variant="", train_steps=800, batch_size=4,
+                       seq_len=32, num_videos=32, action_conditioned=(32, 64), unconditioned=(8, 88),
+                       model_overrides=_SMALL_MODEL + ("optim.warmup_steps=100", "checkpoint_every=250",
+                                                       "visualise_every=500")),
+    "quick": RunSize(num_train=24, num_test=8, length=48, tokenizer_variant="quick", train_steps=60, batch_size=4,
+                     seq_len=16, num_videos=8, action_conditioned=(16, 32), unconditioned=(8, 40),
+                     model_overrides=_SMALL_MODEL + ("optim.warmup_steps=10", "checkpoint_every=30",
+                                                     "visualise_every=1000000", "sampling.draft_steps=2",
+                                                     "sampling.revise_steps=2", "sampling.batch_size=8")),
+}
+
+
+# ------------------------------------------------------------------------------------------------ single stages
+def command_data(args: argparse.Namespace) -> dict[str, Any]:
+    from teco_ssm import mazelab
+
+    figures = mazelab.write_dataset(args.out, args.num_train, args.num_test, args.length, args.seed,
+                                    workers=max(1, args.workers))
+    _contact_sheet(Path(args.out))
+    return figures
+
+
+def _contact_sheet(root: Path) -> None:
+    import numpy as np
+
+    from teco_ssm import mazelab
+
+    files = sorted((root / "train").rglob("*.npz"))[:4]
+    videos = []
+    for f in files:
+        with np.load(f) as data:
+            videos.append(data["video"])
+    if videos:
+        mazelab.contact_sheet(videos, root / "contact_sheet.png")
+
+
+def command_tokenizer(args: argparse.Namespace) -> dict[str, Any]:
+    from teco_ssm.config_io import load_config
+    from vqgan import train as vqgan_train
+
+    config = load_config(args.config, [f"data.path={args.data}", *args.overrides])
+    return vqgan_train.train_and_evaluate(config, args.workdir)
+
+
+def command_encode(args: argparse.Namespace) -> dict[str, Any]:
+    from vqgan import encode
+
+    return encode.encode_dataset(args.tokenizer, args.data, args.out, args.name, overwrite=args.overwrite)
+
+
+def command_train(args: argparse.Namespace) -> dict[str, Any]:
+    from teco_ssm import train
+    from teco_ssm.config_io import load_config
+
+    paths = ([f"dataset.path={args.data}"] if args.data else []) + (
+        [f"tokenizer.path={args.tokenizer}"] if args.tokenizer else [])
+    config = load_config(args.config, [*paths, *args.overrides])
+    return train.train_and_evaluate(config, args.workdir)
+
+
+def command_sample(args: argparse.Namespace) -> dict[str, Any]:
+    from teco_ssm import sample
+
+    protocol = args.protocol
+    if "," in protocol:  # CONTEXT,HORIZON[,actions]
+        parts = protocol.split(",")
+        protocol = (int(parts[0]), int(parts[1]), len(parts) > 2 and parts[2] == "actions")
+    return sample.sample_workdir(args.workdir, args.out, protocol=protocol, data_path=args.data,
+                                 tokenizer_path=args.tokenizer, num_videos=args.num_videos,
+                                 batch_size=args.batch_size, seed=args.seed)
+
+
+def command_eval(args: argparse.Namespace) -> dict[str, Any]:
+    from teco_ssm import evaluate
+
+    return evaluate.evaluate_samples(args.samples, args.report, lpips=args.lpips_weights, i3d=args.i3d)
+
+
+# ------------------------------------------------------------------------------------------------ the chain
+class Stages:
+    """Runs named stages once: a stage whose record `<workdir>/stages/<name>.json` exists is skipped."""
+
+    def __init__(self, workdir: Path):
+        self.dir = workdir / "stages"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.records: dict[str, dict[str, Any]] = {}
+
+    def __call__(self, name: str, fn: Callable[[], dict[str, Any] | None]) -> dict[str, Any]:
+        record_path = self.dir / f"{name}.json"
+        if record_path.exists():
+            record = json.loads(record_path.read_text())
+            print(f"[{name}] already complete ({record['seconds']:.0f} s when it ran): skipped", flush=True)
+        else:
+            print(f"[{name}] ...", flush=True)
+            start = time.perf_counter()
+            result = fn() or {}
+            record = {"seconds": time.perf_counter() - start, "result": result}
+            tmp = record_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(record, indent=2, default=_jsonable))
+            os.replace(tmp, record_path)
+            print(f"[{name}] done in {record['seconds']:.0f} s", flush=True)
+        self.records[name] = record
+        return record["result"]
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        import numpy as np
+
+        if isinstance(value, np.generic):
+            return value.item()
+        if isinstance(value, np.ndarray):
+            return value.tolist()
+    except ImportError:
+        pass
+    return str(value)
+
+
+def command_run(args: argparse.Namespace) -> dict[str, Any]:
+    size = SIZES["quick" if args.quick else "default"]
+    names = list(backbones.NAMES) if args.backbone == "all" else [args.backbone]
+    for name in names:
+        backbones.default_config(name)  # an unknown name fails here, listing the valid ones
+    workdir = Path(args.workdir)
+    stages = Stages(workdir)
+    data, tokenizer, encoded = workdir / "data", workdir / "tokenizer", workdir / "encoded"
+    steps = args.steps or size.train_steps
+
+    stages("data", lambda: command_data(argparse.Namespace(
+        out=str(data), num_train=size.num_train, num_test=size.num_test, length=size.length, seed=0,
+        workers=os.cpu_count() or 1)))
+    variant = f":{size.tokenizer_variant}" if size.tokenizer_variant else ""
+    tok = stages("tokenizer", lambda: command_tokenizer(argparse.Namespace(
+        config=f"configs/vqgan_mazelab.py{variant}", data=str(data), workdir=str(tokenizer), overrides=[])))
+    stages("encode", lambda: command_encode(argparse.Namespace(
+        tokenizer=str(tokenizer), data=str(data), out=str(encoded), name="mazelab", overwrite=False)))
+
+    results = {name: _run_backbone(stages, workdir, name, size, steps, encoded / "mazelab", tokenizer)
+               for name in names}
+    summary = {"size": "quick" if args.quick else "default", "train_steps": steps,
+               "stage_seconds": {k: v["seconds"] for k, v in stages.records.items()},
+               "tokenizer": tok, "backbones": results}
+    path = write_run_report(workdir / "report", summary)
+    print_summary(summary)
+    print(f"\nreport: {path}")
+    return summary
+
+
+def _run_backbone(stages: Stages, workdir: Path, name: str, size: RunSize, steps: int, data: Path,
+                  tokenizer: Path) -> dict[str, Any]:
+    import jax
+
+    import vqgan
+    from teco_ssm import evaluate, sample, teco, train
+    from teco_ssm.config_io import load_config
+
+    model_dir = workdir / "models" / name
+    samples, reports = workdir / "samples" / name, workdir / "report" / name
+    tok = vqgan.load(tokenizer)
+    overrides = [f"dataset.path={data}", f"tokenizer.path={tokenizer}", f"steps={steps}",
+                 f"model.vqgan_codes={tok.n_codes}", f"model.vqgan_embedding_dim={tok.embedding_dim}",
+                 f"model.code_shape={tuple(tok.latent_shape)}",
+                 f"batch_size={size.batch_size}", f"seq_len={size.seq_len}", f"sampling.num_videos={size.num_videos}",
+                 f"sampling.action_conditioned.context={size.action_conditioned[0]}",
+                 f"sampling.action_conditioned.horizon={size.action_conditioned[1]}",
+                 f"sampling.unconditioned.context={size.unconditioned[0]}",
+                 f"sampling.unconditioned.horizon={size.unconditioned[1]}", *size.model_overrides]
+    config = load_config(f"configs/mazelab.py:{name}", overrides)
+    out = {"train": stages(f"train-{name}", lambda: train.train_and_evaluate(config, str(model_dir)))}
+    def untrained_variables() -> dict[str, Any]:
+        model = teco.build(config)
+        return teco.set_code_embeddings(teco.init_variables(model, jax.random.key(config.seed)), tok.codebook)
+
+    runs = {"trained": ("action_conditioned", None), "unconditioned": ("unconditioned", None),
+            "untrained": ("action_conditioned", untrained_variables)}
+    for label, (protocol, variables) in runs.items():
+        protocol_config = config.sampling[protocol]
+        generated = size.num_videos * protocol_config.horizon
+        sampled = stages(f"sample-{name}-{label}", lambda: sample.sample_dataset(
+            config, str(model_dir) if variables is None else variables(), tok, data, samples / label,
+            protocol=protocol))
+        if label == "trained":
+            seconds = stages.records[f"sample-{name}-{label}"]["seconds"]
+            out["sampling"] = {"frames_per_second": generated / seconds, "num_files": len(sampled["files"])}
+        out[label] = stages(f"eval-{name}-{label}", lambda: evaluate.evaluate_samples(
+            str(samples / label), str(reports / label), title=f"TECO-{name}: {label.replace('_', ' ')}"))
+    out["repeat_last"] = stages(f"eval-{name}-repeat_last", lambda: evaluate.evaluate_samples(
+        evaluate.write_repeat_last_frame_samples(samples / "trained", samples / "repeat_last"),
+        str(reports / "repeat_last"), title="Baseline: repeat the last context frame"))
+    return out
+
+
+def _mean(result: dict[str, Any] | None, metric: str) -> float | None:
+    value = (result or {}).get(metric)
+    return None if value is None else value["mean"]
+
+
+def summary_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per backbone: action-conditioned PSNR/SSIM against the baselines, FVD-free unconditioned PSNR,
+    training and sampling speed, parameters."""
+    rows = []
+    for name, r in summary["backbones"].items():
+        train = r["train"] or {}
+        rows.append({
+            "backbone": name,
+            "PSNR": _mean(r["trained"], "psnr"), "SSIM": _mean(r["trained"], "ssim"),
+            "PSNR untrained": _mean(r["untrained"], "psnr"), "PSNR repeat-last": _mean(r["repeat_last"], "psnr"),
+            "PSNR unconditioned": _mean(r["unconditioned"], "psnr"),
+            "final loss": train.get("loss"), "train steps/s": train.get("steps_per_second"),
+            "params": train.get("num_params"),
+            "sampling frames/s": (r.get("sampling") or {}).get("frames_per_second"),
+        })
+    return rows
+
+
+def write_run_report(report_dir: Path, summary: dict[str, Any]) -> Path:
+    """`report_dir/report.md` (the summary table, stage times, links to each evaluation's curves and GIFs) and
+    `report_dir/summary.json`."""
+    from teco_ssm import report as report_lib
+
+    report_dir.mkdir(parents=True, exist_ok=True)
+    report_lib.write_json(summary, report_dir / "summary.json")
+    sections: dict[str, Any] = {
+        "Setup": (f"MazeLab, {summary['size']} size, {summary['train_steps']} training steps per backbone. "
+                  "PSNR and SSIM are means over the generated frames of the action-conditioned protocol; the "
+                  "baselines are the same model untrained and repeating the last context frame."),
+        "Results": report_lib.Table(summary_rows(summary)),
+        "Tokenizer": report_lib.Table([{k: v for k, v in (summary["tokenizer"] or {}).items()
+                                        if not isinstance(v, (dict, list))}]),
+        "Stage times (s)": report_lib.Table([{"stage": k, "seconds": v} for k, v in summary["stage_seconds"].items()]),
+    }
+    for name in summary["backbones"]:
+        blocks: list[Any] = []
+        for label in ("trained", "unconditioned", "untrained", "repeat_last"):
+            sub = report_dir / name / label
+            blocks.append(f"[{label.replace('_', ' ')}]({name}/{label}/report.md)")
+            if (sub / "curves" / "psnr.png").exists():
+                blocks.append(report_lib.Figure(sub / "curves" / "psnr.png", f"{name} {label} PSNR per frame"))
+            gif = sub / "videos" / "video_0.gif"
+            if gif.exists() and label in ("trained", "unconditioned"):
+                blocks.append(report_lib.Figure(gif, f"{name} {label}: ground truth (left), generated (right)"))
+        sections[f"TECO-{name}"] = blocks
+    path = report_dir / "report.md"
+    path.write_text(report_lib.build_markdown("teco_ssm on MazeLab", sections, report_dir))
+    return path
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    """The stage times and the results table on the terminal."""
+    print("\nstage                                   seconds")
+    for name, seconds in summary["stage_seconds"].items():
+        print(f"{name:<40}{seconds:>7.0f}")
+    rows = summary_rows(summary)
+    if rows:
+        columns = list(rows[0])
+        print("\n" + " | ".join(columns))
+        for row in rows:
+            print(" | ".join("-" if row[c] is None else f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c])
+                             for c in columns))
