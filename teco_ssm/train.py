@@ -257,7 +257,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, tokenize
         batches = code_batches(ds, tokenizer, model.vqgan_codes)
         train_rng, vis_rng = jax.random.split(jax.random.key(config.seed))
         if start == 0:
-            state, constants = init_state(init_key(config.seed), jnp.asarray(tokenizer.codebook, jnp.float32), **static)
+            state, constants = init_state(init_key(config.seed), np.asarray(tokenizer.codebook, np.float32), **static)
             logging.info("parameter values per optimiser group: %s",
                          optim.group_sizes(state["params"], settings.ssm_params))
         else:
