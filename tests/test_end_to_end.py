@@ -1,0 +1,85 @@
+"""`teco-ssm run --quick`: the whole chain in a temporary workdir, every artifact checked, and a rerun that skips
+every finished stage."""
+import json
+
+import numpy as np
+import pytest
+
+from teco_ssm import cli, data
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    assert cli.main(["run", "--quick", "--workdir", str(root)]) == 0
+    return root
+
+
+def test_every_stage_leaves_its_artifacts(workdir):
+    stages = {p.stem for p in (workdir / "stages").glob("*.json")}
+    assert {"data", "tokenizer", "encode", "train-convt3", "sample-convt3-trained", "sample-convt3-unconditioned",
+            "sample-convt3-untrained", "eval-convt3-trained", "eval-convt3-repeat_last"} <= stages
+
+    assert len(list((workdir / "data" / "train").rglob("*.npz"))) == 24
+    assert (workdir / "data" / "contact_sheet.png").stat().st_size > 0
+    assert (workdir / "tokenizer" / "config.json").exists() and any((workdir / "tokenizer" / "checkpoints").iterdir())
+    encoded = data.inspect_dataset(workdir / "encoded" / "mazelab", "test")
+    assert encoded.kind == "codes" and encoded.num_videos == 8
+    assert any((workdir / "models" / "convt3" / "checkpoints").iterdir())
+
+    with np.load(sorted((workdir / "samples" / "convt3" / "trained").glob("*.npz"))[0]) as sample:
+        assert sample["real"].dtype == np.uint8 and sample["real"].shape == sample["fake"].shape
+        assert sample["real"].shape[1] == 16 + 32 and int(sample["context"]) == 16
+
+    summary = json.loads((workdir / "report" / "summary.json").read_text())
+    trained = summary["backbones"]["convt3"]["trained"]
+    assert 5.0 < trained["psnr"]["mean"] < 100.0 and 0.0 < trained["ssim"]["mean"] <= 1.0
+    assert summary["backbones"]["convt3"]["train"]["step"] == 60
+    for label in ("trained", "unconditioned", "untrained", "repeat_last"):
+        report = workdir / "report" / "convt3" / label
+        assert json.loads((report / "metrics.json").read_text())["num_videos"] == 8
+        assert (report / "curves" / "psnr.png").exists() and list((report / "videos").glob("*.gif"))
+    text = (workdir / "report" / "report.md").read_text()
+    assert "| convt3 |" in text and "convt3/trained/report.md" in text
+
+
+def test_rerun_skips_finished_stages(workdir, capsys):
+    assert cli.main(["run", "--quick", "--workdir", str(workdir)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("already complete") == len(list((workdir / "stages").glob("*.json")))
+    assert "] ..." not in out
+
+
+def test_unknown_backbone_fails_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="valid backbones: transformer, s5, convs5, convt3"):
+        cli.main(["run", "--quick", "--backbone", "lstm", "--workdir", str(tmp_path)])
+    assert not (tmp_path / "stages").exists()
+
+
+def test_each_stage_as_its_own_subcommand(workdir, tmp_path):
+    """The commands the README gives for TECO's data, here on the run's MazeLab artifacts."""
+    tokenizer, encoded = workdir / "tokenizer", workdir / "encoded" / "mazelab"
+    assert cli.main(["data", "--out", str(tmp_path / "maze"), "--num_train", "2", "--num_test", "2",
+                     "--length", "20", "--workers", "1"]) == 0
+    assert cli.main(["tokenizer", "--config", "configs/vqgan_mazelab.py:quick", "--data", str(tmp_path / "maze"),
+                     "--workdir", str(tmp_path / "tok"), "--set", "num_steps=2", "--set", "checkpoint_every=2",
+                     "--set", "data.eval_frames=8", "--set", "optim.warmup_steps=1"]) == 0
+    assert cli.main(["encode", "--tokenizer", str(tokenizer), "--data", str(tmp_path / "maze"),
+                     "--out", str(tmp_path / "codes"), "--name", "maze"]) == 0
+    assert data.inspect_dataset(tmp_path / "codes" / "maze", "train").kind == "codes"
+
+    model = workdir / "models" / "convt3"
+    assert cli.main(["sample", "--workdir", str(model), "--out", str(tmp_path / "samples"),
+                     "--protocol", "16,8,actions", "--num_videos", "4", "--batch_size", "4"]) == 0
+    with np.load(sorted((tmp_path / "samples").glob("*.npz"))[0]) as sample:
+        assert sample["fake"].shape[:2] == (4, 24) and int(sample["context"]) == 16
+    assert cli.main(["eval", str(tmp_path / "samples"), "--report", str(tmp_path / "report")]) == 0
+    assert json.loads((tmp_path / "report" / "metrics.json").read_text())["generated_frames"] == 8
+
+    config = json.loads((model / "config.json").read_text())
+    overrides = [f"model.{k}={config['model'][k]!r}" for k in ("vqgan_codes", "vqgan_embedding_dim")]
+    assert cli.main(["train", "--config", "configs/mazelab.py:convt3", "--data", str(encoded),
+                     "--tokenizer", str(tokenizer), "--workdir", str(tmp_path / "train"), "--set", "steps=2",
+                     "--set", "optim.warmup_steps=1", "--set", "batch_size=4", "--set", "seq_len=8",
+                     *[a for o in overrides for a in ("--set", o)]]) == 0
+    assert any((tmp_path / "train" / "checkpoints").iterdir())
