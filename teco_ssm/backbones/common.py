@@ -11,6 +11,7 @@ from typing import Any, Callable, ClassVar, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import scipy.linalg
 
@@ -70,6 +71,12 @@ def conv2d(x: jax.Array, kernel: jax.Array) -> jax.Array:
     dtype = jnp.result_type(x, kernel)
     return jax.lax.conv_general_dilated(x.astype(dtype), kernel.astype(dtype), (1, 1), "SAME",
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def config_from_fields(module_cls: type) -> ml_collections.ConfigDict:
+    """A backbone's default config: its linen dataclass fields with their defaults (one place for both)."""
+    return ml_collections.ConfigDict({f.name: f.default for f in dataclasses.fields(module_cls)
+                                      if f.name not in ("parent", "name")})
 
 
 def shared_fields(cls: type, source: Any) -> dict:

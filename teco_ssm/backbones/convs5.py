@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from teco_ssm import scan
-from teco_ssm.backbones.common import (DiagonalSSM, ResNetActivation, SSMStack, conv2d, dtype_of, over_frames,
-                                       shared_fields)
+from teco_ssm.backbones.common import (DiagonalSSM, ResNetActivation, SSMStack, config_from_fields, conv2d, dtype_of,
+                                       over_frames, shared_fields)
 
 Basis = Callable[[jax.Array], jax.Array]
 
@@ -116,8 +116,5 @@ class Backbone(SSMStack):
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """TECO-ConvS5 on DMLab (ConvS5 paper, Table 18)."""
-    return ml_collections.ConfigDict(dict(
-        d_model=512, n_layers=8, dropout=0.0, ssm_size=1024, blocks=1, clip_eigs=False,
-        B_kernel_size=3, C_kernel_size=3, D_kernel_size=3, dt_min=0.001, dt_max=0.1,
-        scan_mode="associative", remat=False, dtype="float32"))
+    """TECO-ConvS5 on DMLab (ConvS5 paper, Table 18): the `Backbone` field defaults."""
+    return config_from_fields(Backbone)

@@ -25,6 +25,7 @@ import numpy as np
 import scipy.fft
 
 from teco_ssm.backbones import convs5
+from teco_ssm.backbones.common import config_from_fields
 
 
 def dst1_matrix(n: int) -> np.ndarray:
@@ -93,7 +94,4 @@ class Backbone(convs5.Backbone):
 
 def default_config() -> ml_collections.ConfigDict:
     """TECO-ConvS5's DMLab settings (ConvS5 paper, Table 18) with the structured state kernel."""
-    config = convs5.default_config()
-    config.stencil_bound = 0.9
-    config.stencil_init = 0.5
-    return config
+    return config_from_fields(Backbone)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from teco_ssm import scan
-from teco_ssm.backbones.common import DiagonalSSM, HalfGLU, SSMStack, dtype_of
+from teco_ssm.backbones.common import DiagonalSSM, HalfGLU, SSMStack, config_from_fields, dtype_of
 
 
 class S5Layer(nn.Module):
@@ -92,7 +92,5 @@ class Backbone(SSMStack):
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """TECO-S5 on DMLab (ConvS5 paper, Table 19)."""
-    return ml_collections.ConfigDict(dict(
-        d_model=2048, n_layers=8, dropout=0.0, ssm_size=2048, blocks=1, clip_eigs=False, dt_min=0.001, dt_max=0.1,
-        downsample=8, embed_dim=256, scan_mode="associative", remat=False, dtype="float32"))
+    """TECO-S5 on DMLab (ConvS5 paper, Table 19): the `Backbone` field defaults."""
+    return config_from_fields(Backbone)
