@@ -189,10 +189,21 @@ class SSMStack(nn.Module):
     static `state_shape(cfg, batch_size, spatial_shape)`) and may override how frames enter and leave the stack
     (`embed`, `unembed`). Layer fields are taken from the backbone's fields of the same name. `step` is the
     parallel call on one frame: the scan kernel then takes its single-step path, so generation costs one frame.
+    The fields below are those every SSM backbone has; subclasses add theirs and may change the defaults.
     """
 
     layer: ClassVar[type]
-
+    d_model: int = 512
+    n_layers: int = 8
+    dropout: float = 0.0
+    ssm_size: int = 1024
+    blocks: int = 1
+    clip_eigs: bool = False
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    scan_mode: str = "associative"
+    remat: bool = False
+    dtype: Any = "float32"
 
     @nn.nowrap
     def embed(self, x: jax.Array) -> jax.Array:

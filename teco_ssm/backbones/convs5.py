@@ -99,20 +99,9 @@ class Backbone(SSMStack):
     """A stack of ConvS5 layers on latent frames (B, T, H, W, C) -> (B, T, H, W, d_model)."""
 
     layer = ConvS5Layer
-    d_model: int = 512
-    n_layers: int = 8
-    dropout: float = 0.0
-    ssm_size: int = 1024
-    blocks: int = 1
-    clip_eigs: bool = False
     B_kernel_size: int = 3
     C_kernel_size: int = 3
     D_kernel_size: int = 3
-    dt_min: float = 0.001
-    dt_max: float = 0.1
-    scan_mode: str = "associative"
-    remat: bool = False
-    dtype: Any = "float32"
 
 
 def default_config() -> ml_collections.ConfigDict:

@@ -57,18 +57,9 @@ class Backbone(SSMStack):
 
     layer = S5Layer
     d_model: int = 2048
-    n_layers: int = 8
-    dropout: float = 0.0
     ssm_size: int = 2048
-    blocks: int = 1
-    clip_eigs: bool = False
-    dt_min: float = 0.001
-    dt_max: float = 0.1
     downsample: int = 8
     embed_dim: int = 256
-    scan_mode: str = "associative"
-    remat: bool = False
-    dtype: Any = "float32"
 
     @nn.nowrap
     def embed(self, x: jax.Array) -> jax.Array:
