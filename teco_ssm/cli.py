@@ -14,8 +14,6 @@ import argparse
 import json
 import os
 import sys
-import time
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from teco_ssm import pipeline

@@ -136,24 +136,13 @@ class Stages:
             result = fn() or {}
             record = {"seconds": time.perf_counter() - start, "result": result}
             tmp = record_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(record, indent=2, default=_jsonable))
+            from teco_ssm import report as report_lib  # matplotlib: imported when a stage finishes, not at start-up
+
+            tmp.write_text(json.dumps(report_lib.json_safe(record), indent=2, default=str))
             os.replace(tmp, record_path)
             print(f"[{name}] done in {record['seconds']:.0f} s", flush=True)
         self.records[name] = record
         return record["result"]
-
-
-def _jsonable(value: Any) -> Any:
-    try:
-        import numpy as np
-
-        if isinstance(value, np.generic):
-            return value.item()
-        if isinstance(value, np.ndarray):
-            return value.tolist()
-    except ImportError:
-        pass
-    return str(value)
 
 
 def command_run(args: argparse.Namespace) -> dict[str, Any]:

@@ -15,7 +15,6 @@ import ml_collections
 import numpy as np
 import scipy.linalg
 
-from teco_ssm import scan
 
 
 # ----------------------------------------------------------------------------------------------- pure functions

@@ -15,7 +15,6 @@ nothing is lost by fixing a + 2|b| = 1. raw_b = 0 (stencil_init 0) makes the lay
 """
 from __future__ import annotations
 
-from typing import Any
 
 import flax.linen as nn
 import jax
