@@ -94,6 +94,19 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Mapping[str, Any], *, fo
     return mngr.save(int(step), args=args, force=force)
 
 
+def _restore_target(leaf: Any) -> jax.ShapeDtypeStruct:
+    """The leaf's shape, dtype and sharding; a leaf without a sharding goes to the first local device.
+
+    Without a target sharding orbax would reuse the one recorded at save time, which names the saving machine's
+    devices: a checkpoint written on a CPU could then not be read on a GPU (orbax: 'Topology mismatch').
+    """
+    target = ocp.utils.to_shape_dtype_struct(leaf)
+    if getattr(target, 'sharding', None) is None:
+        target = jax.ShapeDtypeStruct(target.shape, target.dtype,
+                                      sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+    return target
+
+
 def restore(mngr: ocp.CheckpointManager, abstract_state: Mapping[str, Any], step: int | None = None
             ) -> dict[str, Any]:
     """Restores the items named in `abstract_state` (pytrees of arrays or jax.ShapeDtypeStruct) at `step`.
@@ -106,8 +119,7 @@ def restore(mngr: ocp.CheckpointManager, abstract_state: Mapping[str, Any], step
         step = mngr.latest_step()
     if step is None:
         raise FileNotFoundError(f'{mngr.directory}: no finished checkpoint to restore')
-    abstract = {name: jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, item)
-                for name, item in abstract_state.items()}
+    abstract = {name: jax.tree_util.tree_map(_restore_target, item) for name, item in abstract_state.items()}
     args = ocp.args.Composite(**{name: ocp.args.StandardRestore(item) for name, item in abstract.items()})
     restored = mngr.restore(step, args=args)
     return {name: restored[name] for name in abstract_state}

@@ -45,3 +45,21 @@ def test_interrupted_write_is_never_restored(tmp_path):
     assert ckpt.latest_step(mngr) == 1
     assert int(ckpt.restore_or_none(mngr, state(0))['train']['step']) == 1
     ckpt.close(mngr)
+
+
+def test_abstract_leaves_without_sharding_restore_on_this_machine(tmp_path):
+    """A checkpoint records the saving machine's devices; a target without shardings must not depend on them
+    (otherwise one written on a CPU cannot be read on a GPU): such leaves land on the first local device."""
+    devices = jax.devices()
+    assert len(devices) >= 2  # conftest: several host devices
+    mesh = jax.sharding.Mesh(np.array(devices), ('data',))
+    spread = jax.device_put(jnp.arange(8.0 * len(devices)),
+                            jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+    mngr = ckpt.manager(str(tmp_path / 'run'))
+    ckpt.save(mngr, 1, {'model': {'w': spread}}, force=True)
+    ckpt.close(mngr)
+    mngr = ckpt.manager(str(tmp_path / 'run'))
+    back = ckpt.restore(mngr, {'model': {'w': jax.ShapeDtypeStruct(spread.shape, spread.dtype)}})['model']['w']
+    ckpt.close(mngr)
+    assert back.sharding == jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    np.testing.assert_array_equal(np.asarray(back), np.arange(8.0 * len(devices)))
