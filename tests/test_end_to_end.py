@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from teco_ssm import cli, data
+from teco_ssm import cli, data, pipeline
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,8 @@ def test_every_stage_leaves_its_artifacts(workdir):
 
     with np.load(sorted((workdir / "samples" / "convt3" / "trained").glob("*.npz"))[0]) as sample:
         assert sample["real"].dtype == np.uint8 and sample["real"].shape == sample["fake"].shape
-        assert sample["real"].shape[1] == 16 + 32 and int(sample["context"]) == 16
+        context, horizon = pipeline.SIZES["quick"].action_conditioned
+        assert sample["real"].shape[1] == context + horizon and int(sample["context"]) == context
 
     summary = json.loads((workdir / "report" / "summary.json").read_text())
     trained = summary["backbones"]["convt3"]["trained"]

@@ -92,7 +92,7 @@ def test_protocols_from_dataset_configs():
     minecraft_sampling = minecraft.get_config("convs5").sampling
     assert sample.resolve_protocol("unconditioned", minecraft_sampling) == sample.Protocol(36, 264, True)
     assert sample.resolve_protocol("action_conditioned", minecraft_sampling) == sample.Protocol(144, 156, True)
-    assert sample.resolve_protocol("unconditioned", mazelab.get_config().sampling) == sample.Protocol(8, 56, False)
+    assert sample.resolve_protocol("unconditioned", mazelab.get_config().sampling) == sample.Protocol(8, 40, False)
     with pytest.raises(ValueError, match="unknown protocol 'open_loop'.*action_conditioned, unconditioned"):
         sample.resolve_protocol("open_loop")
     with pytest.raises(ValueError, match="context >= 1 and horizon >= 0"):
