@@ -23,7 +23,8 @@ The protocols of the ConvS5 paper (Appendix D.5), selectable by name or by expli
   actions  (B, T) int32            the dataset's actions (given to the model only when the protocol uses them)
   context, horizon  int; use_actions bool; seed int (the run's seed; batch k samples with fold_in(key(seed), k));
   batch    int, this file's batch index; index (B,) int32, the dataset's video indices
-  seen     (B, T) bool, when the dataset's files hold MazeLab `poses`: True where the frame's pose was first visited
+  seen     (B, T) bool, when the dataset holds MazeLab `poses` (its npz files, or the `poses` feature that
+           `vqgan/encode.py` keeps when encoding them): True where the frame's pose was first visited
            during the context (first-visit index < context), i.e. a generated frame at a place the context showed.
 """
 from __future__ import annotations
@@ -265,16 +266,15 @@ def seen_in_context(poses: np.ndarray, context: int) -> np.ndarray:
 
 
 def _dataset_poses(dataset: Any, index: int, start: int, num_frames: int) -> np.ndarray | None:
-    """Poses (num_frames, 3) of video `index` from `start`, when its file is an npz holding `poses`; else None."""
-    if dataset.info.format != "npz":
+    """Poses (num_frames, 3) of video `index` from `start`, when the dataset stores `poses` (a MazeLab npz file, or
+    a TFDS record encoded from one by `vqgan/encode.py`); else None."""
+    poses = dataset.read_field(int(index), "poses")
+    if poses is None:
         return None
-    path = dataset.locate(int(index))
-    if "poses" not in formats.npz_header(path):
-        return None
-    poses = formats.load_npz_arrays(path, ("poses",))["poses"][start:start + num_frames]
+    poses = poses[start:start + num_frames]
     if poses.shape != (num_frames, 3):
-        raise formats.DataError(f"{path}: field 'poses' expected ({num_frames}, 3) from frame {start}, got "
-                                f"{poses.shape}")
+        raise formats.DataError(f"{dataset.locate(int(index))}: field 'poses' expected ({num_frames}, 3) from frame "
+                                f"{start}, got {poses.shape}")
     return poses
 
 

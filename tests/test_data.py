@@ -222,6 +222,36 @@ def test_tfds_writer_resumes_after_a_crash(tmp_path):
         TfdsWriter(tmp_path, 'enc', 'train', (8, 8))
 
 
+def test_tfds_writer_extra_per_frame_feature(tmp_path):
+    """MazeLab poses (T, 3) stored beside the codes, read back whole by `Dataset.read_field`; the spec is checked."""
+    rng = np.random.default_rng(4)
+    examples = [(v, a, rng.integers(0, 9, (len(a), 3))) for v, a in _codes(rng, 3)]
+    with TfdsWriter(tmp_path, 'enc', 'test', (4, 4), examples_per_shard=2, extra_features={'poses': (3,)}) as w:
+        for video, actions, poses in examples:
+            w.write(video, actions, poses=poses)
+        with pytest.raises(DataError, match=r"example 3: field 'poses' expected \(7, 3\) integers"):
+            w.write(*examples[0][:2], poses=examples[0][2][:, :2])
+        with pytest.raises(DataError, match=r"example 3: got extra fields \[\], the writer declares \['poses'\]"):
+            w.write(*examples[0][:2])
+    folder = tmp_path / 'enc' / '1.0.0'
+    assert tfds_folder.read_features(folder)['poses'] == tfds_folder.TensorFeature((None, 3), 'int32', 'none')
+    ds = open_dataset(tmp_path / 'enc', 'test', seq_len=7, batch_size=3, **ONE)
+    (batch,) = list(ds)                                    # the tf.data path reads video and actions as before
+    for i, (video, actions, poses) in enumerate(examples):
+        np.testing.assert_array_equal(batch['video'][i], video[:7])
+        np.testing.assert_array_equal(batch['actions'][i], actions[:7])
+        np.testing.assert_array_equal(ds.read_field(i, 'poses'), poses)
+    assert ds.read_field(0, 'depth') is None
+    with pytest.raises(DataError, match='feature spec'):  # a writer without the poses on the same folder
+        TfdsWriter(tmp_path, 'enc', 'train', (4, 4))
+    with pytest.raises(DataError, match='feature spec'):
+        TfdsWriter(tmp_path, 'enc', 'train', (4, 4), extra_features={'poses': (2,)})
+    with TfdsWriter(tmp_path, 'enc', 'train', (4, 4), extra_features={'poses': [3]}) as w:
+        assert w.num_examples == 0                         # the same spec: another split of the folder
+    write_npz_dataset(tmp_path / 'raw', [6])              # npz files without poses
+    assert open_dataset(tmp_path / 'raw', 'test', seq_len=6, batch_size=1, **ONE).read_field(0, 'poses') is None
+
+
 def _example(features):
     import tensorflow as tf
 

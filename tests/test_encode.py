@@ -1,4 +1,5 @@
-"""encode_dataset: whole videos to codes read back by the data layer, resume after a crash, no silent overwrite."""
+"""encode_dataset: whole videos to codes read back by the data layer, MazeLab poses kept, resume after a crash, no
+silent overwrite."""
 import hashlib
 import json
 import os
@@ -25,18 +26,21 @@ def small_frames(video: np.ndarray) -> np.ndarray:
     return video.reshape(t, 16, 4, 16, 4, 3).mean(axis=(2, 4)).round().astype(np.uint8)
 
 
-def write_videos(root: Path, lengths=LENGTHS) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
-    """A raw npz dataset of downscaled MazeLab trajectories; returns {split: [(video, actions)]}."""
+def write_videos(root: Path, lengths=LENGTHS, poses: bool = False) -> dict[str, list[tuple[np.ndarray, ...]]]:
+    """A raw npz dataset of downscaled MazeLab trajectories; returns {split: [(video, actions)]}, with the
+    trajectory's poses (T, 3) int32 also stored and returned third when `poses`."""
     out = {}
     for split, lens in lengths.items():
         out[split] = []
         for i, length in enumerate(lens):
             traj = mazelab.make_trajectory(mazelab.trajectory_seed(5, split, i), length)
-            video, actions = small_frames(traj['video']), traj['actions'].astype(np.int32)
+            arrays = dict(video=small_frames(traj['video']), actions=traj['actions'].astype(np.int32))
+            if poses:
+                arrays['poses'] = traj['poses'].astype(np.int32)
             path = root / split / '0000' / f'{i:06d}.npz'
             path.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(path, video=video, actions=actions)
-            out[split].append((video, actions))
+            np.savez(path, **arrays)
+            out[split].append(tuple(arrays.values()))
     (root / 'metadata.json').write_text(json.dumps({'action_dim': mazelab.ACTION_DIM}))
     return out
 
@@ -123,6 +127,38 @@ def test_round_trip_reads_back_as_codes(dataset, tmp_path):
     assert len(np.unique(batch['video'])) > 4      # the comparison is not between constant arrays
     meta = json.loads((tmp_path / 'maze_codes' / '1.0.0' / 'metadata.json').read_text())
     assert meta['codebook_size'] == MODEL.n_embed
+    # files without poses (TECO's datasets) give the two features they always did
+    assert set(tfds_folder.read_features(tmp_path / 'maze_codes' / '1.0.0')) == {'video', 'actions'}
+    assert ds.read_field(0, 'poses') is None
+
+
+def test_mazelab_poses_survive_encoding(dataset, tmp_path):
+    _, _, tok, _ = dataset
+    raw = tmp_path / 'raw'
+    videos = write_videos(raw, {'train': [6, 7], 'test': [6]}, poses=True)
+    encode_dataset(tok, raw, tmp_path / 'out', 'maze_codes', examples_per_shard=1, progress=False)
+    features = tfds_folder.read_features(tmp_path / 'out' / 'maze_codes' / '1.0.0')
+    assert features['poses'] == tfds_folder.TensorFeature((None, 3), 'int32', 'none')
+    for split, items in videos.items():
+        records = stored(tmp_path / 'out', 'maze_codes', split)
+        assert len(records) == len(items)
+        for record, (video, actions, poses) in zip(records, items):
+            np.testing.assert_array_equal(record['video'], expected_codes(tok, video))
+            np.testing.assert_array_equal(record['actions'], actions)
+            np.testing.assert_array_equal(record['poses'], poses)       # the same poses per trajectory
+    assert len(np.unique(videos['train'][1][2], axis=0)) > 1            # not a constant pose
+    ds = open_dataset(tmp_path / 'out' / 'maze_codes', 'train', seq_len=6, batch_size=2, shuffle=False)
+    np.testing.assert_array_equal(ds.read_field(1, 'poses'), videos['train'][1][2])
+
+    # every split must agree: a test split without poses is refused before anything is written
+    np.savez(raw / 'test' / '0000' / '000000.npz', video=videos['test'][0][0], actions=videos['test'][0][1])
+    with pytest.raises(DataError, match='disagree on the per-frame poses'):
+        encode_dataset(tok, raw, tmp_path / 'out2', 'maze_codes', progress=False)
+    assert not (tmp_path / 'out2').exists()
+    # a later file of a split whose first file holds poses must hold them too
+    np.savez(raw / 'train' / '0000' / '000001.npz', video=videos['train'][1][0], actions=videos['train'][1][1])
+    with pytest.raises(DataError, match=r"000001\.npz: missing field\(s\) \['poses'\]"):
+        encode_dataset(tok, raw, tmp_path / 'out3', 'maze_codes', splits=('train',), progress=False)
 
 
 def test_resume_after_crash_skips_stored_trajectories(dataset, tmp_path):

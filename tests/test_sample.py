@@ -1,6 +1,7 @@
 """The sampler: one compiled rollout per backbone (1,000 frames, deterministic, equal to a per-frame loop), the
 context kept, teacher-forced steps against the parallel predictions, the protocols' frame arithmetic, and the
-sample files (contents, MazeLab `seen` mask, sharding over 4 devices, actions ignored when unconditioned, resume)."""
+sample files (contents, MazeLab `seen` mask, sharding over 4 devices, actions ignored when unconditioned, resume), and
+the MazeLab poses read from an encoded dataset."""
 import functools
 import json
 import os
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from teco_ssm import backbones, checkpoint, sample
+from teco_ssm.data import DataError, TfdsWriter, open_dataset
 from teco_ssm.teco import Teco, init_variables
 from vqgan.model import VQGAN
 from vqgan.model import init_variables as vqgan_init
@@ -268,3 +270,32 @@ def test_sample_dataset_files_sharding_and_resume(tmp_path):
     with pytest.raises(ValueError, match="batch_00000.npz: field 'seed' is 7, this run asks for 8"):
         sample.sample_dataset(config, str(workdir), tokenizer, str(data), str(out),
                               protocol=(FILE_CONTEXT, FILE_HORIZON, False), num_videos=5, batch_size=4, seed=8)
+
+
+def test_dataset_poses_from_an_encoded_dataset(tmp_path):
+    """`vqgan/encode.py` keeps the npz files' poses, so the encoded dataset (what `teco-ssm run` samples) gives the
+    same poses and `seen` mask as the raw one; an encoded dataset without poses gives none."""
+    from vqgan.encode import encode_dataset
+
+    data, frames, num_frames = tmp_path / "data", FILE_CONTEXT + FILE_HORIZON + 2, FILE_CONTEXT + FILE_HORIZON
+    write_dataset(data, num_videos=2, frames=frames)
+    vq = VQGAN(**TOKENIZER_FIELDS, num_groups=2)
+    encode_dataset(Tokenizer(vq, vqgan_init(vq, 3), chunk_size=16), data, tmp_path / "codes", "maze",
+                   splits=("test",), progress=False)
+    raw = open_dataset(data, "test", seq_len=num_frames, batch_size=2, shuffle=False)
+    encoded = open_dataset(tmp_path / "codes" / "maze", "test", seq_len=num_frames, batch_size=2, shuffle=False)
+    assert encoded.info.format == "tfds" and encoded.info.kind == "codes"
+    for index in range(2):
+        poses = sample._dataset_poses(encoded, index, 1, num_frames)
+        with np.load(data / "test" / "0000" / f"{index:06d}.npz") as f:
+            np.testing.assert_array_equal(poses, f["poses"][1:1 + num_frames])
+        np.testing.assert_array_equal(poses, sample._dataset_poses(raw, index, 1, num_frames))
+        seen = sample.seen_in_context(sample._dataset_poses(encoded, index, 0, num_frames), FILE_CONTEXT)
+        np.testing.assert_array_equal(seen, [True] * 4 + [True, True, False])   # as in the raw files' samples
+    with pytest.raises(DataError, match=r"\(record 0\): field 'poses' expected \(7, 3\) from frame 3, got \(6, 3\)"):
+        sample._dataset_poses(encoded, 0, 3, num_frames)
+
+    with TfdsWriter(tmp_path / "plain", "codes", "test", (8, 8)) as writer:   # TECO's encoded datasets
+        writer.write(np.zeros((num_frames, 8, 8), np.int32), np.zeros(num_frames, np.int32))
+    plain = open_dataset(tmp_path / "plain" / "codes", "test", seq_len=num_frames, batch_size=1, shuffle=False)
+    assert sample._dataset_poses(plain, 0, 0, num_frames) is None

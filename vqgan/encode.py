@@ -3,7 +3,9 @@
 Every video of each split (npz or mp4 folders, whatever `teco_ssm.data.open_dataset` reads as frames) is
 encoded whole, in file order, and written with its actions to `<out_root>/<name>/1.0.0/` by
 `teco_ssm.data.TfdsWriter`: a TFDS folder with features `video` int32 (T, h, w) and `actions` int32 (T,), read
-back by `open_dataset(out_root/name, split, ...)` as codes.
+back by `open_dataset(out_root/name, split, ...)` as codes. When the npz files hold MazeLab `poses` (T, 3) (the
+first file of every split decides, and all splits must agree), they are stored too, as a feature `poses` int32
+(T, 3), so samples of the encoded dataset still get the revisit mask (`teco_ssm.sample`).
 
   <out_root>/<name>/1.0.0/encoding.json   what produced the folder: the tokenizer's fingerprint, its source,
                                           the input dataset, the number of videos of every split
@@ -65,6 +67,21 @@ def list_split(data_path: str | os.PathLike, split: str, tok: Tokenizer) -> tupl
     return files, fmt, info.action_dim
 
 
+def pose_shape(files: Sequence[str], fmt: str) -> tuple[int, ...] | None:
+    """Trailing shape of the per-frame `poses` of a split's npz files ((3,) for MazeLab), read from the first
+    file's header; None for mp4 files or npz files without poses."""
+    if fmt != 'npz':
+        return None
+    header = formats.npz_header(files[0])
+    if 'poses' not in header:
+        return None
+    shape, dtype = header['poses']
+    if len(shape) < 2 or not np.issubdtype(dtype, np.integer):
+        raise DataError(f"{files[0]}: field 'poses' expected (T, 3) integers (one pose per video frame), got "
+                        f'{shape} {dtype}')
+    return tuple(shape[1:])
+
+
 def read_video(path: str, fmt: str, frame_shape: tuple[int, int, int], action_dim: int | None
                ) -> tuple[np.ndarray, np.ndarray]:
     """One whole checked video: frames (T, H, W, 3) uint8 and actions (T,) int32; DataError naming the file."""
@@ -72,6 +89,15 @@ def read_video(path: str, fmt: str, frame_shape: tuple[int, int, int], action_di
     formats.check_example(video, actions, path, formats.ExampleSpec('frames', frame_shape=frame_shape,
                                                                      action_dim=action_dim))
     return video, actions.astype(np.int32)
+
+
+def read_poses(path: str, length: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Poses (T, *shape) int32 of one npz trajectory of `length` frames; DataError naming the file."""
+    poses = formats.load_npz_arrays(path, ('poses',))['poses']
+    if poses.shape != (length,) + tuple(shape) or not np.issubdtype(poses.dtype, np.integer):
+        raise DataError(f"{path}: field 'poses' expected {(length,) + tuple(shape)} integers (one pose per video "
+                        f'frame), got {poses.shape} {poses.dtype}')
+    return poses.astype(np.int32)
 
 
 def encode_video(tok: Tokenizer, video: np.ndarray) -> np.ndarray:
@@ -128,19 +154,25 @@ def _compatible(record: dict[str, Any] | None, wanted: dict[str, Any]) -> bool:
 
 
 def _encode_split(tok: Tokenizer, root: Path, name: str, split: str, files: list[str], fmt: str,
-                  action_dim: int | None, examples_per_shard: int, progress: bool) -> int:
+                  action_dim: int | None, poses: tuple[int, ...] | None, examples_per_shard: int,
+                  progress: bool) -> int:
     with TfdsWriter(root, name, split, tok.latent_shape, action_dim=action_dim, codebook_size=tok.n_codes,
                     examples_per_shard=examples_per_shard, version=VERSION,
-                    description=f'{split} videos encoded to codes') as writer:
+                    description=f'{split} videos encoded to codes',
+                    extra_features=None if poses is None else {'poses': poses}) as writer:
         done = writer.num_examples
         if done > len(files):
             raise DataError(f'{writer.folder}: split {split!r} holds {done} trajectories, the input has only '
                             f'{len(files)}; use overwrite=True')
         bar = tqdm(total=len(files), initial=done, desc=f'encode {split}', unit='video', disable=not progress)
         try:
-            read = lambda f: read_video(f, fmt, tok.frame_shape, action_dim)  # noqa: E731
-            for _, (video, actions) in _prefetched(files[done:], read):
-                writer.write(encode_video(tok, video), actions)
+            def read(path: str) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+                video, actions = read_video(path, fmt, tok.frame_shape, action_dim)
+                extra = {} if poses is None else {'poses': read_poses(path, len(video), poses)}
+                return video, actions, extra
+
+            for _, (video, actions, extra) in _prefetched(files[done:], read):
+                writer.write(encode_video(tok, video), actions, **extra)
                 bar.update(1)
         finally:
             bar.close()
@@ -155,7 +187,8 @@ def encode_dataset(tokenizer: str | os.PathLike | Tokenizer, data_path: str | os
 
     Args:
       tokenizer: a `Tokenizer`, or a checkpoint folder for `vqgan.load` (TECO layout or a VQGAN workdir).
-      data_path: a raw video dataset root (`<root>/<split>/<shard>/*.npz` or `*.mp4`, optional metadata.json).
+      data_path: a raw video dataset root (`<root>/<split>/<shard>/*.npz` or `*.mp4`, optional metadata.json);
+        npz files holding `poses` (T, 3) (MazeLab) keep them as a feature `poses` of the output.
       out_root, name: the output is `<out_root>/<name>/1.0.0/`; name in lowercase letters, digits, underscores.
       splits: the splits to encode; each must exist in `data_path`.
       overwrite: replace an existing output (complete, or made by another tokenizer or from another input).
@@ -177,6 +210,12 @@ def encode_dataset(tokenizer: str | os.PathLike | Tokenizer, data_path: str | os
     listed = {split: list_split(data_path, split, tok) for split in splits}
     dims = {s: a for s, (_, _, a) in listed.items()}
     action_dim = next((a for a in dims.values() if a is not None), None)
+    poses = {s: pose_shape(files, fmt) for s, (files, fmt, _) in listed.items()}
+    if len(set(poses.values())) > 1:
+        found = {listed[s][0][0]: 'no poses' if p is None else f'poses (T, {", ".join(map(str, p))})'
+                 for s, p in poses.items()}
+        raise DataError(f'{data_path}: splits {list(splits)} disagree on the per-frame poses, first files hold '
+                        f'{found}; every split needs the same fields')
     record = {'tokenizer_sha256': tokenizer_fingerprint(tok), 'tokenizer_source': tok.source,
               'data_path': str(data_path), 'code_shape': list(tok.latent_shape), 'n_codes': tok.n_codes,
               'frame_shape': list(tok.frame_shape)}
@@ -209,7 +248,7 @@ def encode_dataset(tokenizer: str | os.PathLike | Tokenizer, data_path: str | os
     _write_record(version_dir, {**record, 'splits': {**(old or {}).get('splits', {}), **counts}})
     for split, (files, fmt, split_dim) in listed.items():
         _encode_split(tok, root, name, split, files, fmt, action_dim if split_dim is None else split_dim,
-                      examples_per_shard, progress)
+                      poses[split], examples_per_shard, progress)
     if replace:
         trash = out_root / f'.{name}.replaced'
         if trash.exists():

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
@@ -76,6 +76,9 @@ class _Source:
     def locate(self, item: int) -> str:
         raise NotImplementedError
 
+    def read_field(self, item: int, key: str) -> Optional[np.ndarray]:
+        raise NotImplementedError
+
 
 class _FileSource(_Source):
     def __init__(self, fmt: str, files: list[str]):
@@ -86,6 +89,12 @@ class _FileSource(_Source):
 
     def read(self, item: int) -> tuple[np.ndarray, np.ndarray]:
         return formats.read_npz(self.files[item]) if self.fmt == 'npz' else formats.read_mp4(self.files[item])
+
+    def read_field(self, item: int, key: str) -> Optional[np.ndarray]:
+        path = self.files[item]
+        if self.fmt != 'npz' or key not in formats.npz_header(path):
+            return None
+        return formats.load_npz_arrays(path, (key,))[key]
 
 
 class _TfdsSource(_Source):
@@ -138,6 +147,12 @@ class _TfdsSource(_Source):
                                              {k: self.features[k] for k in ('video', 'actions')},
                                              self.locate(item))
         return data['video'], data['actions']
+
+    def read_field(self, item: int, key: str) -> Optional[np.ndarray]:
+        if key not in self.features:
+            return None
+        return tfds_folder.decode_example_np(self.serialized(item), {key: self.features[key]},
+                                             self.locate(item))[key]
 
 
 def _open_source(path: str | Path, split: str) -> _Source:
@@ -250,6 +265,11 @@ class Dataset:
     def locate(self, index: int) -> str:
         """The file (and record) of global video `index`, as yielded in batch['index']."""
         return self._source.locate(index)
+
+    def read_field(self, index: int, key: str) -> Optional[np.ndarray]:
+        """The whole per-video array `key` of global video `index` (e.g. MazeLab `poses` (T, 3)), from its npz file
+        or its TFDS record; None when the dataset does not store that field (mp4, or no such npz array or feature)."""
+        return self._source.read_field(int(index), key)
 
     def __len__(self) -> int:
         if self.num_batches is None:

@@ -25,7 +25,7 @@ import os
 import re
 import struct
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -294,8 +294,10 @@ class TfdsWriter:
     """Writes one split of an encoded dataset as a TFDS folder, incrementally and resumably.
 
     `<root>/<name>/1.0.0/` gets features.json (`video`: Tensor (None, h, w) of `code_dtype`, `actions`:
-    Tensor (None,) int32), metadata.json (action_dim, codebook_size, when given) and
-    `<name>-<split>.tfrecord-XXXXX-of-YYYYY` shards of `examples_per_shard` trajectories each.
+    Tensor (None,) int32, and one Tensor (None, *shape) int32 per entry {name: shape} of `extra_features`,
+    e.g. {'poses': (3,)} for MazeLab's per-frame poses), metadata.json (action_dim, codebook_size, when given)
+    and `<name>-<split>.tfrecord-XXXXX-of-YYYYY` shards of `examples_per_shard` trajectories each. A writer
+    opened on an existing folder must declare the same features.
 
     A shard is written to a `.tmp` file and becomes part of the dataset only once closed, synced and
     renamed; dataset_info.json is then rewritten atomically. Opening a writer on a folder left by a crash
@@ -308,12 +310,15 @@ class TfdsWriter:
         with TfdsWriter(root, 'mazelab_encoded', 'train', (16, 16), action_dim=4) as writer:
             for video, actions in trajectories[writer.num_examples:]:
                 writer.write(codes, actions)
+
+        with TfdsWriter(root, 'mazelab_encoded', 'train', (16, 16), extra_features={'poses': (3,)}) as writer:
+            writer.write(codes, actions, poses=poses)        # poses (T, 3) int
     """
 
     def __init__(self, root: str | os.PathLike, name: str, split: str, code_shape: tuple[int, int], *,
                  action_dim: Optional[int] = None, codebook_size: Optional[int] = None,
                  code_dtype: str = 'int32', examples_per_shard: int = 64, description: str = '',
-                 version: str = '1.0.0'):
+                 version: str = '1.0.0', extra_features: Optional[Mapping[str, Sequence[int]]] = None):
         if not re.match(r'^[a-z0-9_]+$', name):
             raise ValueError(f'dataset name {name!r}: use lowercase letters, digits and underscores')
         if not re.match(r'^[a-z0-9_]+$', split):
@@ -323,6 +328,13 @@ class TfdsWriter:
         self.code_shape = tuple(int(d) for d in code_shape)
         self.code_dtype = np.dtype(code_dtype).name
         self.action_dim, self.codebook_size = action_dim, codebook_size
+        self.extra_features = {key: tuple(int(d) for d in shape) for key, shape in (extra_features or {}).items()}
+        for key, shape in self.extra_features.items():
+            if key in ('video', 'actions') or not re.match(r'^[a-z0-9_]+$', key):
+                raise ValueError(f'extra feature {key!r}: use lowercase letters, digits and underscores, '
+                                 "other than 'video' and 'actions'")
+            if any(d <= 0 for d in shape):
+                raise ValueError(f'extra feature {key!r}: trailing shape {shape} must be positive')
         self.examples_per_shard = int(examples_per_shard)
         self.description = description
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -343,7 +355,8 @@ class TfdsWriter:
 
         features = {'pythonClassName': _DICT_CLASS, 'featuresDict': {'features': {
             'video': tensor((None,) + self.code_shape, self.code_dtype),
-            'actions': tensor((None,), 'int32')}}}
+            'actions': tensor((None,), 'int32'),
+            **{key: tensor((None,) + shape, 'int32') for key, shape in self.extra_features.items()}}}}
         path = self.folder / 'features.json'
         if path.exists():
             existing = read_features(self.folder)
@@ -408,22 +421,36 @@ class TfdsWriter:
         """Trajectories stored in finished shards (the ones a crash cannot lose)."""
         return sum(self._shard_lengths)
 
-    def write(self, video: np.ndarray, actions: np.ndarray) -> None:
-        """Appends one trajectory: video (T, h, w) integer codes, actions (T,) integer ids."""
+    def write(self, video: np.ndarray, actions: np.ndarray, **extra: np.ndarray) -> None:
+        """Appends one trajectory: video (T, h, w) integer codes, actions (T,) integer ids, and one (T, *shape)
+        integer array per extra feature of the writer (e.g. `poses=` (T, 3))."""
         import tensorflow as tf
 
         video, actions = np.asarray(video), np.asarray(actions)
-        check_example(video, actions, f'{self.name}/{self.split} example {self.num_examples + self._pending}',
-                      self._spec)
+        where = f'{self.name}/{self.split} example {self.num_examples + self._pending}'
+        check_example(video, actions, where, self._spec)
         info = np.iinfo(self.code_dtype)
         if video.size and (video.min() < info.min or video.max() > info.max):
             raise DataError(f'codes outside the range of {self.code_dtype}: [{video.min()}, {video.max()}]')
+        if set(extra) != set(self.extra_features):
+            raise DataError(f'{where}: got extra fields {sorted(extra)}, the writer declares '
+                            f'{sorted(self.extra_features)}')
+        extra = {key: np.asarray(value) for key, value in extra.items()}
+        for key, value in extra.items():
+            shape = (video.shape[0],) + self.extra_features[key]
+            if value.shape != shape or not np.issubdtype(value.dtype, np.integer):
+                raise DataError(f"{where}: field {key!r} expected {shape} integers (one row per video frame), got "
+                                f'{value.shape} {value.dtype}')
+            limits = np.iinfo(np.int32)
+            if value.size and (value.min() < limits.min or value.max() > limits.max):
+                raise DataError(f"{where}: field {key!r} outside the range of int32: [{value.min()}, {value.max()}]")
         if self._writer is None:
             index = len(self._shard_lengths)
             self._tmp = self.folder / f'{_shard_name(self.name, self.split, index, index + 1)}.tmp'
             self._writer = tf.io.TFRecordWriter(str(self._tmp))
         example = tf.train.Example(features=tf.train.Features(feature={
-            'video': _int64_feature(video.astype(np.int64)), 'actions': _int64_feature(actions.astype(np.int64))}))
+            'video': _int64_feature(video.astype(np.int64)), 'actions': _int64_feature(actions.astype(np.int64)),
+            **{key: _int64_feature(value.astype(np.int64)) for key, value in extra.items()}}))
         self._writer.write(example.SerializeToString())
         self._pending += 1
         if self._pending >= self.examples_per_shard:
