@@ -18,7 +18,7 @@ def get_config(variant: str = '') -> ml_collections.ConfigDict:
     quick = variant == 'quick'
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.num_steps = 30 if quick else 1200
+    c.num_steps = 30 if quick else 1300
     c.log_every = 10 if quick else 50
     c.eval_every = 1000000 if quick else 300
     c.eval_batch = 32 if quick else 64

@@ -84,3 +84,25 @@ def test_each_stage_as_its_own_subcommand(workdir, tmp_path):
                      "--set", "optim.warmup_steps=1", "--set", "batch_size=4", "--set", "seq_len=8",
                      *[a for o in overrides for a in ("--set", o)]]) == 0
     assert any((tmp_path / "train" / "checkpoints").iterdir())
+
+
+def test_all_backbones_with_equal_budgets_in_one_table(workdir, capsys):
+    """`run --backbone all` on the same workdir: the shared stages and ConvT3 are reused, the other three backbones
+    are trained for the same steps, and one table compares the four."""
+    assert cli.main(["run", "--quick", "--backbone", "all", "--workdir", str(workdir)]) == 0
+    summary = json.loads((workdir / "report" / "summary.json").read_text())
+    assert list(summary["backbones"]) == ["transformer", "s5", "convs5", "convt3"]
+    steps = pipeline.SIZES["quick"].train_steps
+    for name, result in summary["backbones"].items():
+        assert result["train"]["step"] == steps, name
+        assert result["train"]["num_params"] > 0 and result["train"]["steps_per_second"] > 0
+        assert result["sampling"]["frames_per_second"] > 0
+        assert 5.0 < result["trained"]["psnr"]["mean"] < 100.0 and 0.0 < result["trained"]["ssim"]["mean"] <= 1.0
+    table = (workdir / "report" / "report.md").read_text()
+    for name in summary["backbones"]:
+        assert f"| {name} |" in table
+    header = next(line for line in table.splitlines() if line.startswith("| backbone |"))
+    for column in ("PSNR", "SSIM", "train steps/s", "sampling frames/s", "params"):
+        assert f"| {column} |" in header
+    out = capsys.readouterr().out
+    assert "[train-convt3] already complete" in out and "[train-s5] done" in out

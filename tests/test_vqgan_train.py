@@ -32,6 +32,7 @@ def toy_config(data_path):
     c = get_config('quick')
     c.data.path = str(data_path)
     c.num_steps, c.log_every, c.checkpoint_every, c.eval_every = NUM_STEPS, 1, SAVE_EVERY, 10 ** 6
+    c.keep_checkpoints = 100
     c.data.seq_len, c.data.videos_per_batch, c.data.frames_per_video = 8, 4, 4
     c.data.eval_frames, c.eval_batch = 16, 16
     c.model.update(dict(resolution=16, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
@@ -118,6 +119,11 @@ def test_resume_continues_at_saved_step_with_identical_parameters(runs):
     leaves = jax.tree_util.tree_leaves_with_path(full.variables)
     for (path, a), b in zip(leaves, jax.tree_util.tree_leaves(resumed.variables)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
+
+
+def test_checkpoints_only_at_the_interval_and_the_end(runs):
+    saved = sorted(int(p.name) for p in (runs['full'] / 'checkpoints').iterdir() if p.name.isdigit())
+    assert saved == list(range(SAVE_EVERY, NUM_STEPS + 1, SAVE_EVERY))
 
 
 def test_workdir_loads_as_tokenizer_with_training_metrics(runs):

@@ -294,7 +294,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 scores, recon = evaluate(eval_fn, state['model'], eval_frames, model.n_embed, config.eval_batch)
                 writer.write(step, scores, prefix='eval/')
                 save_grid(os.path.join(workdir, 'recon', f'step_{step}.png'), eval_frames, recon)
-            ckpt.save(mngr, step, split_state(state))
+            if step % config.checkpoint_every == 0:  # orbax's own interval would also save the first step
+                ckpt.save(mngr, step, split_state(state), force=True)
         scores, recon = evaluate(eval_fn, state['model'], eval_frames, model.n_embed, config.eval_batch)
         writer.write(step, scores, prefix='eval/')
         save_grid(os.path.join(workdir, 'recon', f'step_{step}.png'), eval_frames, recon)
