@@ -126,7 +126,9 @@ def test_zero_gradients_show_each_groups_weight_decay_and_rate():
 def test_from_config_and_bad_settings():
     config = mazelab.get_config("convs5")
     s = optim.OptimizerSettings.from_config(config.optim, config.steps)
-    assert (s.lr, s.warmup_steps, s.total_steps, s.peak_ssm_lr) == (1e-3, 100, 2000, 1e-3)
+    assert (s.lr, s.warmup_steps, s.total_steps, s.peak_ssm_lr) == (3e-3, 50, 700, 3e-3)
+    config.optim.ssm_lr = 1e-3
+    assert optim.OptimizerSettings.from_config(config.optim, 100).peak_ssm_lr == 1e-3
     hash(s)  # static argument of the jitted train step
     with pytest.raises(ValueError, match=r"config.optim has unknown field\(s\) momentum"):
         optim.OptimizerSettings.from_config({**config.optim.to_dict(), "momentum": 0.9}, 10)
