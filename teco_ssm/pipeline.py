@@ -175,6 +175,7 @@ def command_run(args: argparse.Namespace) -> dict[str, Any]:
     results = {name: _run_backbone(stages, workdir, name, size, steps, encoded / "mazelab", tokenizer)
                for name in names}
     summary = {"size": "quick" if args.quick else "default", "train_steps": steps,
+               "protocols": {"action_conditioned": size.action_conditioned, "unconditioned": size.unconditioned},
                "stage_seconds": {k: v["seconds"] for k, v in stages.records.items()},
                "tokenizer": tok, "backbones": results}
     path = write_run_report(workdir / "report", summary)
@@ -250,6 +251,15 @@ def summary_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _protocol_text(summary: dict[str, Any], name: str, actions: str) -> str:
+    """' (C context frames, then H generated with/without actions)', or '' for a summary that does not record it."""
+    protocol = summary.get("protocols", {}).get(name)
+    if protocol is None:
+        return ""
+    context, horizon = protocol
+    return f" ({context} context frames, then {horizon} generated {actions} actions)"
+
+
 def write_run_report(report_dir: Path, summary: dict[str, Any]) -> Path:
     """`report_dir/report.md` (the summary table, stage times, links to each evaluation's curves and GIFs) and
     `report_dir/summary.json`."""
@@ -259,8 +269,10 @@ def write_run_report(report_dir: Path, summary: dict[str, Any]) -> Path:
     report_lib.write_json(summary, report_dir / "summary.json")
     sections: dict[str, Any] = {
         "Setup": (f"MazeLab, {summary['size']} size, {summary['train_steps']} training steps per backbone. "
-                  "PSNR and SSIM are means over the generated frames of the action-conditioned protocol; the "
-                  "baselines are the same model untrained and repeating the last context frame."),
+                  "PSNR and SSIM are means over the generated frames of the action-conditioned protocol"
+                  f"{_protocol_text(summary, 'action_conditioned', 'with')}; the baselines are the same model "
+                  "untrained and repeating the last context frame. PSNR unconditioned: the unconditioned protocol"
+                  f"{_protocol_text(summary, 'unconditioned', 'without')}."),
         "Results": report_lib.Table(summary_rows(summary)),
         "Tokenizer": report_lib.Table([{k: v for k, v in (summary["tokenizer"] or {}).items()
                                         if not isinstance(v, (dict, list))}]),

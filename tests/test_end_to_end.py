@@ -42,6 +42,8 @@ def test_every_stage_leaves_its_artifacts(workdir):
         assert (report / "curves" / "psnr.png").exists() and list((report / "videos").glob("*.gif"))
     text = (workdir / "report" / "report.md").read_text()
     assert "| convt3 |" in text and "convt3/trained/report.md" in text
+    context, horizon = pipeline.SIZES["quick"].action_conditioned
+    assert f"({context} context frames, then {horizon} generated with actions)" in text
 
 
 def test_rerun_skips_finished_stages(workdir, capsys):
