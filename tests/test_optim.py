@@ -1,6 +1,5 @@
 """teco_ssm.optim: parameter groups, schedules, and AdamW updates against a float64 NumPy reference."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
