@@ -6,14 +6,16 @@
                                                            # (for a GPU; the default when one is present)
 
 Runs the real train step (AdamW update included) on random codes of the config's shapes on one device, after one
-compiling call. Prints, per backbone: parameters, compile seconds, steps/s (median of the timed steps), and XLA's
-peak memory estimate of the compiled step (arguments + outputs + temporaries - donated aliases).
+compiling call. Prints, per backbone: parameters, seconds to initialise the state and to compile the step, steps/s
+(median of the timed steps), and XLA's peak memory estimate of the compiled step (arguments + outputs + temporaries -
+donated aliases). Progress lines go to stderr. Set JAX_COMPILATION_CACHE_DIR to reuse compiled steps across runs.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import platform
+import sys
 import time
 
 import jax
@@ -33,12 +35,21 @@ def bench_config(name: str, use_dmlab: bool):
     return config
 
 
+def log(message: str) -> None:
+    """A progress line on stderr: compiling the paper-size step takes minutes."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
 def measure(config, steps: int) -> dict[str, float]:
+    start = time.perf_counter()
     model = teco.build(config)
     settings = optim.OptimizerSettings.from_config(config.optim, config.steps)
     mesh = sharding.make_mesh(1, jax.devices()[:1])
     static = dict(model=model, settings=settings, mesh=mesh, shard_params=False)
     state, constants = train.init_state(train.init_key(0), None, **static)
+    jax.block_until_ready(state)
+    init_s = time.perf_counter() - start
+    log(f"{config.backbone}: state initialised in {init_s:.1f} s; compiling the train step")
     rng = np.random.default_rng(0)
     shape = (config.batch_size, config.seq_len)
     batch = sharding.global_batch({
@@ -49,6 +60,7 @@ def measure(config, steps: int) -> dict[str, float]:
     start = time.perf_counter()
     compiled = train.train_step.lower(state, constants, batch, key, **static).compile()
     compile_s = time.perf_counter() - start
+    log(f"{config.backbone}: compiled in {compile_s:.1f} s; running {steps + 1} steps")
     memory = compiled.memory_analysis()
     peak = None
     if memory is not None:
@@ -62,7 +74,8 @@ def measure(config, steps: int) -> dict[str, float]:
         state, metrics = compiled(state, constants, batch, key)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
-    return dict(params=sum(x.size for x in jax.tree_util.tree_leaves(state["params"])), compile_s=compile_s,
+    return dict(params=sum(x.size for x in jax.tree_util.tree_leaves(state["params"])), init_s=init_s,
+                compile_s=compile_s,
                 steps_per_s=1.0 / float(np.median(times)), peak_mib=None if peak is None else peak / 2 ** 20,
                 loss=float(metrics["loss"]))
 
@@ -79,12 +92,12 @@ def main() -> None:
     device = jax.devices()[0]
     print(f"# {'DMLab (16 x 300, remat, bfloat16)' if use_dmlab else 'MazeLab'} train step; {device.device_kind} "
           f"({platform.machine()}, {os.cpu_count()} cores), jax {jax.__version__}; load average before: {load}")
-    print(f"{'backbone':<12} {'params':>10} {'compile s':>10} {'steps/s':>9} {'ms/step':>9} {'peak MiB':>10}")
+    print(f"{'backbone':<12} {'params':>12} {'init s':>7} {'compile s':>10} {'steps/s':>9} {'ms/step':>9} {'peak MiB':>10}")
     for name in args.backbones.split(","):
         config = bench_config(name, use_dmlab)
         row = measure(config, args.steps)
         peak = "-" if row["peak_mib"] is None else f"{row['peak_mib']:.1f}"
-        print(f"{name:<12} {row['params']:>10,} {row['compile_s']:>10.1f} {row['steps_per_s']:>9.2f} "
+        print(f"{name:<12} {row['params']:>12,} {row['init_s']:>7.1f} {row['compile_s']:>10.1f} {row['steps_per_s']:>9.2f} "
               f"{1e3 / row['steps_per_s']:>9.1f} {peak:>10}", flush=True)
     print(f"# load average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
