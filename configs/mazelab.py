@@ -40,7 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             drop_loss_rate=0.0),
         per_backbone=dict(
             convs5=CONVS5, convt3=CONVS5,
-            s5=dict(d_model=256, ssm_size=128, downsample=4, embed_dim=32, n_layers=2, dropout=0.0),
+            s5=dict(d_model=256, ssm_size=128, downsample=8, out_dim=16, n_layers=2, dropout=0.0),
             transformer=dict(d_model=64, downsample=2, embed_dim=64, mlp_dim=128, num_heads=4, n_layers=2,
                              dropout=0.0, max_len=32)),
         optim=common.optimizer(3e-3, warmup_steps=50, weight_decay=1e-5),

@@ -13,19 +13,23 @@ from configs import common
 
 CONVS5 = dict(d_model=512, ssm_size=512, B_kernel_size=3, C_kernel_size=3, n_layers=12, dropout=0.0)
 
+# The latent width (TECO's embedding_dim); S5 and the Transformer project their tokens back to it, as TECO does.
+LATENT_DIM = 128
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     backbone = common.backbone_name(arg, "configs/minecraft.py")
     return common.teco_config(
         dataset="minecraft", backbone=backbone,
-        model_fields=dict(num_actions=6, latent_dim=128, encoder_blocks=4, decoder_blocks=8,
+        model_fields=dict(num_actions=6, latent_dim=LATENT_DIM, encoder_blocks=4, decoder_blocks=8,
                           prior_width=768, prior_mlp_dim=3072, prior_heads=12, prior_layers=6,
                           action_dropout=0.0, mask_future_frames=False),
         per_backbone=dict(
             convs5=CONVS5, convt3=CONVS5,
-            s5=dict(d_model=2048, ssm_size=2048, downsample=8, n_layers=12, dropout=0.0),
-            transformer=dict(downsample=8, embed_dim=1024, mlp_dim=4096, num_heads=16, n_layers=12, dropout=0.0,
-                             max_len=300)),
+            s5=dict(d_model=2048, ssm_size=2048, downsample=8, out_dim=LATENT_DIM, n_layers=12, dropout=0.0),
+            transformer=dict(
+                d_model=LATENT_DIM, downsample=8, embed_dim=1024, mlp_dim=4096, num_heads=16, n_layers=12, dropout=0.0,
+                max_len=300)),
         optim=common.optimizer(5e-4, warmup_steps=5000, weight_decay=1e-5),
         batch_size=16, seq_len=300, steps=1_000_000,
         sampling_config=common.sampling(unconditioned_uses_actions=True))

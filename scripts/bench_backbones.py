@@ -28,7 +28,7 @@ def cpu_config(name: str, layers: int) -> dict:
     if name == "transformer":
         return dict(common, downsample=2, embed_dim=128, mlp_dim=512, num_heads=4, max_len=1024)
     if name == "s5":
-        return dict(common, ssm_size=256, blocks=4, downsample=2, embed_dim=64)
+        return dict(common, ssm_size=256, blocks=4, downsample=8, out_dim=128)
     return dict(common, ssm_size=128, blocks=2)
 
 

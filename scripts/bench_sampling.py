@@ -85,7 +85,7 @@ TOY_MODEL = dict(code_shape=(8, 8), vqgan_codes=12, vqgan_embedding_dim=8, encod
                  num_actions=3, action_embed_dim=4)
 TOY_BACKBONES = {
     "transformer": dict(d_model=16, n_layers=1, embed_dim=16, mlp_dim=32, num_heads=2, downsample=2),
-    "s5": dict(d_model=16, n_layers=1, ssm_size=8, downsample=2, embed_dim=8),
+    "s5": dict(d_model=16, n_layers=1, ssm_size=8, downsample=4, out_dim=8),
     "convs5": dict(d_model=16, n_layers=1, ssm_size=8),
     "convt3": dict(d_model=16, n_layers=1, ssm_size=8),
 }

@@ -10,7 +10,7 @@ from teco_ssm import backbones
 
 TOY = {
     "transformer": dict(d_model=16, n_layers=2, downsample=2, embed_dim=8, mlp_dim=16, num_heads=2, max_len=16),
-    "s5": dict(d_model=16, n_layers=2, ssm_size=8, blocks=2, downsample=2, embed_dim=4, scan_mode="sequential"),
+    "s5": dict(d_model=16, n_layers=2, ssm_size=8, blocks=2, downsample=4, out_dim=6, scan_mode="sequential"),
     "convs5": dict(d_model=8, n_layers=2, ssm_size=8, blocks=2, scan_mode="sequential"),
     "convt3": dict(d_model=8, n_layers=2, ssm_size=8, blocks=2, scan_mode="sequential"),
 }
@@ -56,6 +56,12 @@ def test_registry_names_and_unknown_name():
         backbones.default_config("convs6")
 
 
+def test_s5_needs_one_token_per_frame():
+    message = r"downsample=2 must equal the latent height and width, got \(H, W\) = \(4, 4\)"
+    with pytest.raises(ValueError, match=message):
+        init_and_apply(toy("s5", downsample=2), frames(0), 1)
+
+
 @pytest.mark.parametrize("name", backbones.NAMES)
 def test_unknown_field_is_an_error_listing_valid_ones(name):
     with pytest.raises(ValueError, match="d_model"):
@@ -68,7 +74,7 @@ def test_parallel_step_split_and_causal(name):
     model, x = toy(name), frames(0)
     variables, apply = init_and_apply(model, x, 1)
     y, final = apply(variables, x)
-    assert y.shape == x.shape[:4] + (model.d_model,) and len(final) == model.n_layers
+    assert y.shape == x.shape[:4] + (model.output_width,) and len(final) == model.n_layers
 
     # init_state then one step per frame == the parallel call, outputs and final state
     y_steps, state = run_steps(model, variables, x)

@@ -24,7 +24,7 @@ NUM_VIDEOS, VIDEO_LENGTH, SEQ_LEN, BATCH = 16, 12, 8, 4
 TOY_BACKBONES = {
     "transformer": dict(d_model=16, n_layers=1, embed_dim=16, mlp_dim=32, num_heads=2, downsample=2,
                         max_len=SEQ_LEN),
-    "s5": dict(d_model=16, n_layers=1, ssm_size=8, downsample=2, embed_dim=8),
+    "s5": dict(d_model=16, n_layers=1, ssm_size=8, downsample=4, out_dim=8),
     "convs5": dict(d_model=16, n_layers=1, ssm_size=8),
     "convt3": dict(d_model=16, n_layers=1, ssm_size=8),
 }

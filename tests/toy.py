@@ -1,7 +1,7 @@
 """Toy sizes of the TECO model and its backbones shared by the model and sampler tests."""
 TOY_BACKBONES = {
     "transformer": dict(d_model=16, n_layers=1, embed_dim=16, mlp_dim=32, num_heads=2, downsample=2, max_len=16),
-    "s5": dict(d_model=16, n_layers=1, ssm_size=8, downsample=2, embed_dim=8),
+    "s5": dict(d_model=16, n_layers=1, ssm_size=8, downsample=4, out_dim=8),
     "convs5": dict(d_model=16, n_layers=1, ssm_size=8),
     "convt3": dict(d_model=16, n_layers=1, ssm_size=8),
 }

@@ -3,10 +3,13 @@
 Every backbone is a Flax linen module over latent frames, batch-major:
 
     y, final_state = model.apply(variables, x, state=None, train=False)
-        x: (B, T, H, W, C) float  ->  y: (B, T, H, W, d_model); the whole sequence in parallel.
+        x: (B, T, H, W, C) float  ->  y: (B, T, H, W, D); the whole sequence in parallel.
     state = model.apply(variables, batch_size, (H, W), method=model.init_state)
     y_t, state = model.apply(variables, x_t, state, method=model.step)
-        x_t: (B, H, W, C)  ->  y_t: (B, H, W, d_model); one frame, for generation.
+        x_t: (B, H, W, C)  ->  y_t: (B, H, W, D); one frame, for generation.
+
+D = `model.output_width`: d_model for ConvS5, ConvT3 and the Transformer, `out_dim` for S5 (whose d_model is the
+width of its tokens).
 
 `state` is a list with one pytree per layer. Output at time t depends only on inputs at times <= t, and
 running the parallel call on a sequence equals `init_state` followed by one `step` per frame.

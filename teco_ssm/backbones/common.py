@@ -204,6 +204,11 @@ class SSMStack(nn.Module):
     remat: bool = False
     dtype: Any = "float32"
 
+    @property
+    def output_width(self) -> int:
+        """Channels of the output frames (d_model unless `unembed` changes them)."""
+        return self.d_model
+
     @nn.nowrap
     def embed(self, x: jax.Array) -> jax.Array:
         """(B, T, H, W, C) -> the first layer's input. Called inside `__call__`, so it may create submodules."""
@@ -211,12 +216,12 @@ class SSMStack(nn.Module):
 
     @nn.nowrap
     def unembed(self, y: jax.Array, x: jax.Array) -> jax.Array:
-        """The last layer's output -> (B, T, H, W, d_model); `x` is the backbone input."""
+        """The last layer's output -> (B, T, H, W, output_width); `x` is the backbone input."""
         return y
 
     @nn.compact
     def __call__(self, x: jax.Array, state: Sequence[Any] | None = None, train: bool = False):
-        """x: (B, T, H, W, C) -> (y (B, T, H, W, d_model) float32, final state: list per layer)."""
+        """x: (B, T, H, W, C) -> (y (B, T, H, W, output_width) float32, final state: list per layer)."""
         cls = nn.remat(self.layer, static_argnums=(3,)) if self.remat else self.layer
         h = self.embed(x)
         if state is None:
@@ -233,6 +238,6 @@ class SSMStack(nn.Module):
         return [jnp.zeros(shape, jnp.complex64) for _ in range(self.n_layers)]
 
     def step(self, x_t: jax.Array, state: Sequence[Any]):
-        """x_t: (B, H, W, C) -> (y_t (B, H, W, d_model), new state)."""
+        """x_t: (B, H, W, C) -> (y_t (B, H, W, output_width), new state)."""
         y, new_state = self(x_t[:, None], state, train=False)
         return y[:, 0], new_state

@@ -1,8 +1,9 @@
 """S5 (Smith et al. 2023), the vector SSM baseline of the ConvS5 paper (TECO-S5).
 
-Each latent frame (H, W, C) is cut into (H/downsample, W/downsample) patches by a strided conv to `embed_dim`
-channels, flattened and projected to one d_model token; S5 layers run over time on that token sequence; a dense
-layer and a transposed conv bring the token back to (H, W, d_model). Each layer, for tokens u_k (B, d_model):
+As TECO-S5 (ConvS5 release, Table 19): each latent frame (H, W, C) becomes one d_model token by a convolution with
+kernel and stride `downsample` = H = W and no bias (TECO's z_proj); S5 layers run over time on the tokens; a
+transposed convolution, also without bias, brings each token back to an (H, W, out_dim) frame (TECO's z_unproj,
+out_dim = TECO's embedding_dim, the latent width). Each layer, for tokens u_k (B, d_model):
 
     x_k = lam_bar (.) x_{k-1} + B_bar u_k           state (B, P) complex, P = ssm_size / 2
     y_k = 2 Re(C_tilde x_k) + D (.) u_k
@@ -19,6 +20,8 @@ import ml_collections
 
 from teco_ssm import scan
 from teco_ssm.backbones.common import DiagonalSSM, HalfGLU, SSMStack, config_from_fields, dtype_of
+
+_FILE = "teco_ssm/backbones/s5.py"
 
 
 class S5Layer(nn.Module):
@@ -53,32 +56,38 @@ class S5Layer(nn.Module):
 
 
 class Backbone(SSMStack):
-    """Latent frames (B, T, H, W, C) -> tokens -> S5 layers -> (B, T, H, W, d_model)."""
+    """Latent frames (B, T, H, W, C) -> one token per frame -> S5 layers -> (B, T, H, W, out_dim)."""
 
     layer = S5Layer
     d_model: int = 2048
     ssm_size: int = 2048
     downsample: int = 8
-    embed_dim: int = 256
+    out_dim: int = 64
+
+    @property
+    def output_width(self) -> int:
+        return self.out_dim
+
+    def _check_frame(self, height: int, width: int) -> None:
+        if (height, width) != (self.downsample, self.downsample):
+            raise ValueError(f"{_FILE}: S5 runs on one token per frame, so field downsample={self.downsample} must "
+                             f"equal the latent height and width, got (H, W) = ({height}, {width})")
 
     @nn.nowrap
     def embed(self, x: jax.Array) -> jax.Array:
         b, t, H, W, _ = x.shape
-        if H % self.downsample or W % self.downsample:
-            raise ValueError(f"latent size {(H, W)} is not divisible by downsample={self.downsample}")
-        dtype, k = dtype_of(self.dtype), (self.downsample, self.downsample)
-        patches = nn.Conv(self.embed_dim, k, strides=k, padding="VALID", dtype=dtype, name="downsample")(
-            x.reshape((b * t,) + x.shape[2:]))
-        return nn.Dense(self.d_model, dtype=dtype, name="to_token")(patches.reshape(b, t, -1))
+        self._check_frame(H, W)
+        k = (self.downsample, self.downsample)
+        token = nn.Conv(self.d_model, k, strides=k, padding="VALID", use_bias=False, dtype=dtype_of(self.dtype),
+                        name="downsample")(x.reshape((b * t,) + x.shape[2:]))
+        return token.reshape(b, t, self.d_model)
 
     @nn.nowrap
     def unembed(self, y: jax.Array, x: jax.Array) -> jax.Array:
         b, t = y.shape[:2]
-        h, w = x.shape[2] // self.downsample, x.shape[3] // self.downsample
-        dtype, k = dtype_of(self.dtype), (self.downsample, self.downsample)
-        patches = nn.Dense(h * w * self.embed_dim, dtype=dtype, name="from_token")(y)
-        patches = nn.gelu(patches.reshape(b * t, h, w, self.embed_dim))
-        out = nn.ConvTranspose(self.d_model, k, strides=k, padding="VALID", dtype=dtype, name="upsample")(patches)
+        k = (self.downsample, self.downsample)
+        out = nn.ConvTranspose(self.out_dim, k, strides=k, padding="VALID", use_bias=False,
+                               dtype=dtype_of(self.dtype), name="upsample")(y.reshape(b * t, 1, 1, self.d_model))
         return out.reshape((b, t) + out.shape[1:])
 
 

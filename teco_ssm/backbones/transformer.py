@@ -46,13 +46,14 @@ _LAYER_NORM_EPS = 1e-6
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """Defaults: TECO-Transformer on DMLab (ConvS5 paper Table 20), d_model as TECO-ConvS5's hidden dim (Table 18).
+    """Defaults: TECO-Transformer on DMLab (ConvS5 paper Table 20); d_model, the width of the output frames, is
+    TECO's embedding_dim (the latent width, 64 on DMLab).
 
     max_len is the training sequence length (300 frames); `dtype` names the compute dtype ('float32',
     'bfloat16'); parameters are always float32.
     """
     return ml_collections.ConfigDict(dict(
-        d_model=512,
+        d_model=64,
         n_layers=8,
         dropout=0.0,
         downsample=8,
@@ -185,7 +186,7 @@ class _SpatialPosition(nn.Module):
 
 class Backbone(nn.Module):
     """TECO's temporal transformer; see the module docstring for the window, the cache and the protocol."""
-    d_model: int = 512
+    d_model: int = 64
     n_layers: int = 8
     dropout: float = 0.0
     downsample: int = 8
@@ -221,6 +222,11 @@ class Backbone(nn.Module):
         self.head_dropout = nn.Dropout(rate=self.dropout)
         self.untokenize = nn.ConvTranspose(self.d_model, kernel, strides=kernel, padding="VALID", use_bias=False,
                                            dtype=compute_dtype)
+
+    @property
+    def output_width(self) -> int:
+        """Channels of the output frames: d_model."""
+        return self.d_model
 
     def _compute_dtype(self) -> jnp.dtype:
         try:
