@@ -196,7 +196,7 @@ class Teco(nn.Module):
 
     def _input(self, previous_latent: jax.Array, action_ids: jax.Array, masked: jax.Array) -> jax.Array:
         """previous_latent (..., h, w, E), action_ids (...), masked (...) bool -> backbone input
-        (..., h, w, E + action_embed_dim); every backbone maps its input channels to d_model itself."""
+        (..., h, w, E + action_embed_dim); every backbone maps its input channels to its own width."""
         if self.mask_future_frames:
             previous_latent = jnp.where(masked[..., None, None, None], self.future_mask_latent, previous_latent)
         actions = self.action_embedding(action_ids)[..., None, None, :]
@@ -287,7 +287,7 @@ class Teco(nn.Module):
 
         codes (B, T, H, W), actions (B, T) or None -> dict(
           logits (B, T - condition_frames, H, W, vqgan_codes) float32: decoder logits of frames condition_frames..,
-          hidden (B, T - condition_frames, h, w, d_model): backbone outputs,
+          hidden (B, T - condition_frames, h, w, D): backbone outputs (D = backbone.output_width),
           latent_codes (B, T, h, w) int32: the posterior latent codes of every frame).
         """
         self._check_codes(codes, actions, self.condition_frames + 1)
@@ -320,7 +320,7 @@ class Teco(nn.Module):
                     actions_given=given)
 
     def _advance(self, carry: Carry, action: jax.Array | None) -> tuple[jax.Array, Carry]:
-        """One backbone step: the hidden state (B, h, w, d_model) of frame carry['time'], and the advanced carry."""
+        """One backbone step: the hidden state (B, h, w, D) of frame carry['time'], and the advanced carry."""
         given = carry["actions_given"]
         masked = given & (carry["time"] - 1 >= self.mask_future_after)
         x = self._input(carry["latent"], self._action_ids(action, given, given.shape), masked)
