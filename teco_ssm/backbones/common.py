@@ -6,6 +6,7 @@ Paper symbols (Lambda, B_tilde, Delta) are those of the ConvS5 paper, Appendix B
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, ClassVar, Sequence
 
 import flax.linen as nn
@@ -28,11 +29,13 @@ def hippo_n(n: int) -> np.ndarray:
     return -np.tril(outer, -1) + np.triu(outer, 1) - 0.5 * np.eye(n)
 
 
+@functools.lru_cache(maxsize=16)
 def hippo_n_eigendecomposition(ssm_size: int, blocks: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Block-diagonal HiPPO-N initialisation with conjugate-pair halving, as S5 and ConvS5.
 
     `ssm_size` states are split into `blocks` HiPPO-N blocks; each block's eigenvalues come in conjugate pairs,
-    so one of each pair is kept.
+    so one of each pair is kept. Cached, and the arrays are read-only: every layer of a stack, and every trace of
+    a model, shares one decomposition (a 2048-state one takes seconds).
 
     Returns:
       Lambda: (P,) complex128 eigenvalues, P = ssm_size // 2.
@@ -50,6 +53,8 @@ def hippo_n_eigendecomposition(ssm_size: int, blocks: int) -> tuple[np.ndarray, 
     Lambda = np.tile(lam, blocks)
     V = scipy.linalg.block_diag(*([v] * blocks))
     V_inv = scipy.linalg.block_diag(*([v.conj().T] * blocks))
+    for array in (Lambda, V, V_inv):
+        array.flags.writeable = False
     return Lambda, V, V_inv
 
 
