@@ -75,9 +75,8 @@ def measure(config, steps: int) -> dict[str, float]:
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
     return dict(params=sum(x.size for x in jax.tree_util.tree_leaves(state["params"])), init_s=init_s,
-                compile_s=compile_s,
-                steps_per_s=1.0 / float(np.median(times)), peak_mib=None if peak is None else peak / 2 ** 20,
-                loss=float(metrics["loss"]))
+                compile_s=compile_s, steps_per_s=1.0 / float(np.median(times)),
+                peak_mib=None if peak is None else peak / 2 ** 20, loss=float(metrics["loss"]))
 
 
 def main() -> None:
@@ -92,13 +91,14 @@ def main() -> None:
     device = jax.devices()[0]
     print(f"# {'DMLab (16 x 300, remat, bfloat16)' if use_dmlab else 'MazeLab'} train step; {device.device_kind} "
           f"({platform.machine()}, {os.cpu_count()} cores), jax {jax.__version__}; load average before: {load}")
-    print(f"{'backbone':<12} {'params':>12} {'init s':>7} {'compile s':>10} {'steps/s':>9} {'ms/step':>9} {'peak MiB':>10}")
+    print(f"{'backbone':<12} {'params':>12} {'init s':>7} {'compile s':>10} {'steps/s':>9} {'ms/step':>9} "
+          f"{'peak MiB':>10}")
     for name in args.backbones.split(","):
         config = bench_config(name, use_dmlab)
         row = measure(config, args.steps)
         peak = "-" if row["peak_mib"] is None else f"{row['peak_mib']:.1f}"
-        print(f"{name:<12} {row['params']:>12,} {row['init_s']:>7.1f} {row['compile_s']:>10.1f} {row['steps_per_s']:>9.2f} "
-              f"{1e3 / row['steps_per_s']:>9.1f} {peak:>10}", flush=True)
+        print(f"{name:<12} {row['params']:>12,} {row['init_s']:>7.1f} {row['compile_s']:>10.1f} "
+              f"{row['steps_per_s']:>9.2f} {1e3 / row['steps_per_s']:>9.1f} {peak:>10}", flush=True)
     print(f"# load average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 

@@ -19,19 +19,14 @@ from configs import mazelab
 from teco_ssm import backbones, checkpoint as ckpt, train
 from teco_ssm.data import TfdsWriter, pipeline
 
+import toy
+
 CODES, CODE_GRID, FRAME = 12, (8, 8), 16
 NUM_VIDEOS, VIDEO_LENGTH, SEQ_LEN, BATCH = 16, 12, 8, 4
-TOY_BACKBONES = {
-    "transformer": dict(d_model=16, n_layers=1, embed_dim=16, mlp_dim=32, num_heads=2, downsample=2,
-                        max_len=SEQ_LEN),
-    "s5": dict(d_model=16, n_layers=1, ssm_size=8, downsample=4, out_dim=8),
-    "convs5": dict(d_model=16, n_layers=1, ssm_size=8),
-    "convt3": dict(d_model=16, n_layers=1, ssm_size=8),
-}
-TOY_MODEL = dict(code_shape=CODE_GRID, vqgan_codes=CODES, vqgan_embedding_dim=4, encoder_depths=(16, 16),
-                 encoder_blocks=1, decoder_depths=(16, 16), decoder_blocks=1, latent_codes=16, latent_proj_dim=8,
-                 latent_dim=8, prior_width=16, prior_mlp_dim=32, prior_heads=2, prior_layers=1, prior_token_dim=8,
-                 num_actions=3, action_embed_dim=4, drop_loss_rate=0.5, mask_future_after=SEQ_LEN)
+# the shared toy sizes, with the Transformer's window at the training clip length
+TOY_BACKBONES = dict(toy.TOY_BACKBONES, transformer=dict(toy.TOY_BACKBONES["transformer"], max_len=SEQ_LEN))
+TOY_MODEL = dict(toy.TOY_MODEL, code_shape=CODE_GRID, vqgan_codes=CODES, vqgan_embedding_dim=4, drop_loss_rate=0.5,
+                 mask_future_after=SEQ_LEN)
 VQGAN_FIELDS = dict(ch=4, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), z_channels=4, resolution=FRAME,
                     n_embed=CODES, embed_dim=4, num_groups=2)
 

@@ -1,4 +1,4 @@
-"""Toy sizes of the TECO model and its backbones shared by the model and sampler tests."""
+"""Toy sizes of the TECO model and its backbones shared by the model, sampler and training tests."""
 TOY_BACKBONES = {
     "transformer": dict(d_model=16, n_layers=1, embed_dim=16, mlp_dim=32, num_heads=2, downsample=2, max_len=16),
     "s5": dict(d_model=16, n_layers=1, ssm_size=8, downsample=4, out_dim=8),
