@@ -3,6 +3,8 @@ import itertools
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -102,6 +104,24 @@ def test_resume_yields_the_same_batches_without_replaying(tmp_path):
     # the resumed plan starts at example 6 * batch_size directly (a pure function of seed and position)
     full = list(itertools.islice(pipeline.train_plan(11, 0, 5, 0), 30))
     assert list(itertools.islice(pipeline.train_plan(11, 0, 5, 12), 18)) == full[12:]
+
+
+@pytest.mark.parametrize('ending', ['return', 'raise'])
+def test_a_process_that_stops_reading_part_way_exits(tmp_path, ending):
+    """An endless training iterator still open at exit (a script that stops reading, or an uncaught exception whose
+    traceback holds it) must not hang the interpreter's shutdown."""
+    write_npz_dataset(tmp_path, [12, 14, 13], split='train')
+    script = "\n".join([
+        "from teco_ssm.data import open_dataset",
+        "def main():",
+        f"    batches = iter(open_dataset({str(tmp_path)!r}, 'train', seq_len=5, batch_size=2, process_index=0, "
+        "process_count=1))",
+        "    next(batches)",
+        "    raise RuntimeError('stopped')" if ending == 'raise' else "    return batches",
+        "kept = main()"])
+    done = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == (1 if ending == 'raise' else 0), done.stderr[-2000:]
+    assert ('RuntimeError: stopped' in done.stderr) == (ending == 'raise')
 
 
 def test_two_processes_see_disjoint_files_covering_all(tmp_path):

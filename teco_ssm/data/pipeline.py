@@ -11,8 +11,11 @@ Order arithmetic (pure functions, the basis of exact resume):
 """
 from __future__ import annotations
 
+import atexit
+import functools
 import math
 import re
+import weakref
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -22,6 +25,20 @@ from teco_ssm.data import formats, tfds_folder
 from teco_ssm.data.formats import DataError, DatasetInfo, ExampleSpec
 
 _ERROR_RE = re.compile(r'DataError: (.*)')
+_OPEN_ITERATORS: 'weakref.WeakSet[Iterator]' = weakref.WeakSet()
+
+
+@functools.cache
+def _close_open_iterators_at_exit() -> None:
+    """Registers (once, after TensorFlow's own exit handlers, so it runs before them) the closing of every batch
+    iterator still open at exit. A tf.data iterator fed by a Python generator that is still alive when the
+    interpreter shuts down deadlocks the shutdown: a script that stops reading part-way, or one that ends with an
+    uncaught exception whose traceback holds the iterator, would otherwise never exit."""
+    def close_all() -> None:
+        for iterator in list(_OPEN_ITERATORS):
+            iterator.close()
+
+    atexit.register(close_all)
 
 
 # ------------------------------------------------------------------------------------- arithmetic
@@ -360,8 +377,14 @@ class Dataset:
         return ds.with_options(options)
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        batches = self._batches()
+        _OPEN_ITERATORS.add(batches)
+        return batches
+
+    def _batches(self) -> Iterator[dict[str, np.ndarray]]:
         import tensorflow as tf
 
+        _close_open_iterators_at_exit()
         iterator = self._tf_dataset().as_numpy_iterator()
         while True:
             try:
