@@ -33,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
                        description="Generates MazeLab, trains the VQGAN, encodes the data, trains TECO, samples both "
                                    "protocols (and the baselines), evaluates and writes WORKDIR/report/report.md. "
                                    "Reads nothing; writes everything under --workdir; finished stages are skipped.")
-    p.add_argument("--workdir", default="runs/mazelab", help="where every stage writes (default: runs/mazelab)")
+    p.add_argument("--workdir", default=None, help="where every stage writes (default: runs/mazelab, or "
+                   "runs/mazelab_quick with --quick); a workdir holds one size and step budget")
     p.add_argument("--backbone", default="convt3", help="transformer | s5 | convs5 | convt3 | all (default: convt3)")
     p.add_argument("--quick", action="store_true", help="smoke-test size (a few minutes on 2 CPU cores)")
     p.add_argument("--steps", type=int, default=None, help="TECO training steps (default: the size's budget)")

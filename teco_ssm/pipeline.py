@@ -12,7 +12,9 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
+
+import ml_collections
 
 from teco_ssm import backbones
 
@@ -25,10 +27,10 @@ TOKENIZER_STEPS = 600
 
 @dataclasses.dataclass(frozen=True)
 class RunSize:
-    """What `run` builds. `default` finishes in under 20 minutes on 2 CPU cores, `quick` in under 5.
+    """What `run` builds. `default` finishes in under 20 minutes on 2 CPU cores, `quick` in under 3.
 
-    The world model is `configs/mazelab.py` (its batch, clip length and protocols are repeated here so that the
-    summary can state them); `model_overrides` shrink it further for `quick`.
+    The world model is `configs/mazelab.py:<backbone>` (its batch, clip length, steps and protocols) with
+    `model_overrides` applied, and then the run's own `--steps`.
     """
 
     num_train: int
@@ -36,25 +38,30 @@ class RunSize:
     length: int
     tokenizer_variant: str
     tokenizer_steps: int
-    train_steps: int
-    batch_size: int
-    seq_len: int
-    num_videos: int
-    action_conditioned: tuple[int, int]  # (context, horizon)
-    unconditioned: tuple[int, int]
     model_overrides: tuple[str, ...] = ()
 
 
 SIZES = {
-    "default": RunSize(num_train=200, num_test=32, length=96, tokenizer_variant="", tokenizer_steps=TOKENIZER_STEPS,
-                       train_steps=700, batch_size=4, seq_len=32, num_videos=32, action_conditioned=(32, 16),
-                       unconditioned=(8, 40)),
-    "quick": RunSize(num_train=24, num_test=8, length=48, tokenizer_variant="quick", tokenizer_steps=30,
-                     train_steps=60, batch_size=4, seq_len=16, num_videos=8, action_conditioned=(16, 16),
-                     unconditioned=(8, 24),
-                     model_overrides=("optim.warmup_steps=10", "checkpoint_every=30", "visualise_every=1000000",
-                                      "sampling.draft_steps=2", "sampling.revise_steps=2")),
+    "default": RunSize(num_train=200, num_test=32, length=96, tokenizer_variant="", tokenizer_steps=TOKENIZER_STEPS),
+    "quick": RunSize(num_train=24, num_test=4, length=48, tokenizer_variant="quick", tokenizer_steps=30,
+                     model_overrides=(
+                         "steps=30", "seq_len=16", "optim.warmup_steps=5", "checkpoint_every=30",
+                         "visualise_every=1000000", "sampling.num_videos=4", "sampling.batch_size=4",
+                         "sampling.action_conditioned.context=8", "sampling.action_conditioned.horizon=8",
+                         "sampling.unconditioned.context=4", "sampling.unconditioned.horizon=12",
+                         "sampling.draft_steps=2", "sampling.revise_steps=2")),
 }
+DEFAULT_WORKDIRS = {"default": "runs/mazelab", "quick": "runs/mazelab_quick"}
+
+
+def world_model_config(name: str, size: RunSize, steps: int | None = None, overrides: Sequence[str] = ()
+                       ) -> ml_collections.ConfigDict:
+    """The config `run` trains backbone `name` with: `configs/mazelab.py:<name>`, the size's overrides, `steps`
+    (when given), then `overrides` (paths, the tokenizer's code book)."""
+    from teco_ssm.config_io import load_config
+
+    return load_config(f"configs/mazelab.py:{name}",
+                       [*size.model_overrides, *([f"steps={steps}"] if steps else []), *overrides])
 
 
 # ------------------------------------------------------------------------------------------------ single stages
@@ -153,14 +160,16 @@ class Stages:
 
 
 def command_run(args: argparse.Namespace) -> dict[str, Any]:
-    size = SIZES["quick" if args.quick else "default"]
+    size_name = "quick" if args.quick else "default"
+    size = SIZES[size_name]
     names = list(backbones.NAMES) if args.backbone == "all" else [args.backbone]
     for name in names:
         backbones.default_config(name)  # an unknown name fails here, listing the valid ones
-    workdir = Path(args.workdir)
+    workdir = Path(args.workdir or DEFAULT_WORKDIRS[size_name])
+    reference = world_model_config(names[0], size, args.steps)
+    _claim_workdir(workdir, {"size": size_name, "train_steps": reference.steps})
     stages = Stages(workdir)
     data, tokenizer, encoded = workdir / "data", workdir / "tokenizer", workdir / "encoded"
-    steps = args.steps or size.train_steps
 
     stages("data", lambda: command_data(argparse.Namespace(
         out=str(data), num_train=size.num_train, num_test=size.num_test, length=size.length, seed=0,
@@ -172,10 +181,11 @@ def command_run(args: argparse.Namespace) -> dict[str, Any]:
     stages("encode", lambda: command_encode(argparse.Namespace(
         tokenizer=str(tokenizer), data=str(data), out=str(encoded), name="mazelab", overwrite=False)))
 
-    results = {name: _run_backbone(stages, workdir, name, size, steps, encoded / "mazelab", tokenizer)
+    results = {name: _run_backbone(stages, workdir, name, size, args.steps, encoded / "mazelab", tokenizer)
                for name in names}
-    summary = {"size": "quick" if args.quick else "default", "train_steps": steps,
-               "protocols": {"action_conditioned": size.action_conditioned, "unconditioned": size.unconditioned},
+    protocols = {p: (reference.sampling[p].context, reference.sampling[p].horizon)
+                 for p in ("action_conditioned", "unconditioned")}
+    summary = {"size": size_name, "train_steps": reference.steps, "protocols": protocols,
                "stage_seconds": {k: v["seconds"] for k, v in stages.records.items()},
                "tokenizer": tok, "backbones": results}
     path = write_run_report(workdir / "report", summary)
@@ -184,26 +194,36 @@ def command_run(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
-def _run_backbone(stages: Stages, workdir: Path, name: str, size: RunSize, steps: int, data: Path,
+def _claim_workdir(workdir: Path, settings: dict[str, Any]) -> None:
+    """Records the run's size and training steps in `<workdir>/run.json`, or raises ValueError before any work
+    when the workdir holds a run made with others (its finished stages would be reused as they are)."""
+    record = workdir / "run.json"
+    if record.exists():
+        held = json.loads(record.read_text())
+        if held != settings:
+            differ = ", ".join(f"{k} {held.get(k)!r} there, {v!r} asked" for k, v in settings.items()
+                               if held.get(k) != v)
+            raise ValueError(f"{record}: this workdir holds a run made with other settings ({differ}); its finished "
+                             f"stages would be reused as they are. Pass another --workdir, or delete {workdir} to "
+                             "start over.")
+        return
+    workdir.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(settings, indent=2))
+
+
+def _run_backbone(stages: Stages, workdir: Path, name: str, size: RunSize, steps: int | None, data: Path,
                   tokenizer: Path) -> dict[str, Any]:
     import jax
 
     import vqgan
     from teco_ssm import evaluate, sample, teco, train
-    from teco_ssm.config_io import load_config
 
     model_dir = workdir / "models" / name
     samples, reports = workdir / "samples" / name, workdir / "report" / name
     tok = vqgan.load(tokenizer)
-    overrides = [f"dataset.path={data}", f"tokenizer.path={tokenizer}", f"steps={steps}",
-                 f"model.vqgan_codes={tok.n_codes}", f"model.vqgan_embedding_dim={tok.embedding_dim}",
-                 f"model.code_shape={tuple(tok.latent_shape)}",
-                 f"batch_size={size.batch_size}", f"seq_len={size.seq_len}", f"sampling.num_videos={size.num_videos}",
-                 f"sampling.action_conditioned.context={size.action_conditioned[0]}",
-                 f"sampling.action_conditioned.horizon={size.action_conditioned[1]}",
-                 f"sampling.unconditioned.context={size.unconditioned[0]}",
-                 f"sampling.unconditioned.horizon={size.unconditioned[1]}", *size.model_overrides]
-    config = load_config(f"configs/mazelab.py:{name}", overrides)
+    config = world_model_config(name, size, steps, [
+        f"dataset.path={data}", f"tokenizer.path={tokenizer}", f"model.vqgan_codes={tok.n_codes}",
+        f"model.vqgan_embedding_dim={tok.embedding_dim}", f"model.code_shape={tuple(tok.latent_shape)}"])
     out = {"train": stages(f"train-{name}", lambda: train.train_and_evaluate(config, str(model_dir)))}
     def untrained_variables() -> dict[str, Any]:
         model = teco.build(config)
@@ -212,13 +232,12 @@ def _run_backbone(stages: Stages, workdir: Path, name: str, size: RunSize, steps
     runs = {"trained": ("action_conditioned", None), "unconditioned": ("unconditioned", None),
             "untrained": ("action_conditioned", untrained_variables)}
     for label, (protocol, variables) in runs.items():
-        protocol_config = config.sampling[protocol]
-        generated = size.num_videos * protocol_config.horizon
         sampled = stages(f"sample-{name}-{label}", lambda: sample.sample_dataset(
             config, str(model_dir) if variables is None else variables(), tok, data, samples / label,
             protocol=protocol))
         if label == "trained":
             seconds = stages.records[f"sample-{name}-{label}"]["seconds"]
+            generated = sampled["num_videos"] * config.sampling[protocol].horizon
             out["sampling"] = {"frames_per_second": generated / seconds, "num_files": len(sampled["files"])}
         out[label] = stages(f"eval-{name}-{label}", lambda: evaluate.evaluate_samples(
             str(samples / label), str(reports / label), title=f"TECO-{name}: {label.replace('_', ' ')}"))

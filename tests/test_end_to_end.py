@@ -8,6 +8,9 @@ import pytest
 from teco_ssm import cli, data, pipeline
 
 
+QUICK = pipeline.world_model_config("convt3", pipeline.SIZES["quick"])
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
@@ -24,25 +27,25 @@ def test_every_stage_leaves_its_artifacts(workdir):
     assert (workdir / "data" / "contact_sheet.png").stat().st_size > 0
     assert (workdir / "tokenizer" / "config.json").exists() and any((workdir / "tokenizer" / "checkpoints").iterdir())
     encoded = data.inspect_dataset(workdir / "encoded" / "mazelab", "test")
-    assert encoded.kind == "codes" and encoded.num_videos == 8
+    assert encoded.kind == "codes" and encoded.num_videos == pipeline.SIZES["quick"].num_test
     assert any((workdir / "models" / "convt3" / "checkpoints").iterdir())
 
     with np.load(sorted((workdir / "samples" / "convt3" / "trained").glob("*.npz"))[0]) as sample:
         assert sample["real"].dtype == np.uint8 and sample["real"].shape == sample["fake"].shape
-        context, horizon = pipeline.SIZES["quick"].action_conditioned
+        context, horizon = QUICK.sampling.action_conditioned.context, QUICK.sampling.action_conditioned.horizon
         assert sample["real"].shape[1] == context + horizon and int(sample["context"]) == context
 
     summary = json.loads((workdir / "report" / "summary.json").read_text())
     trained = summary["backbones"]["convt3"]["trained"]
     assert 5.0 < trained["psnr"]["mean"] < 100.0 and 0.0 < trained["ssim"]["mean"] <= 1.0
-    assert summary["backbones"]["convt3"]["train"]["step"] == 60
+    assert summary["backbones"]["convt3"]["train"]["step"] == QUICK.steps
     for label in ("trained", "unconditioned", "untrained", "repeat_last"):
         report = workdir / "report" / "convt3" / label
-        assert json.loads((report / "metrics.json").read_text())["num_videos"] == 8
+        assert json.loads((report / "metrics.json").read_text())["num_videos"] == QUICK.sampling.num_videos
         assert (report / "curves" / "psnr.png").exists() and list((report / "videos").glob("*.gif"))
     text = (workdir / "report" / "report.md").read_text()
     assert "| convt3 |" in text and "convt3/trained/report.md" in text
-    context, horizon = pipeline.SIZES["quick"].action_conditioned
+    context, horizon = QUICK.sampling.action_conditioned.context, QUICK.sampling.action_conditioned.horizon
     assert f"({context} context frames, then {horizon} generated with actions)" in text
 
 
@@ -51,6 +54,16 @@ def test_rerun_skips_finished_stages(workdir, capsys):
     out = capsys.readouterr().out
     assert out.count("already complete") == len(list((workdir / "stages").glob("*.json")))
     assert "] ..." not in out
+
+
+def test_a_workdir_refuses_another_size_or_budget(workdir):
+    """Its finished stages were made for one size and step budget; another is an error before any work."""
+    before = sorted(p.name for p in (workdir / "stages").iterdir())
+    with pytest.raises(ValueError, match=rf"run.json: .*train_steps {QUICK.steps} there, 7 asked"):
+        cli.main(["run", "--quick", "--steps", "7", "--workdir", str(workdir)])
+    with pytest.raises(ValueError, match="size 'quick' there, 'default' asked"):
+        cli.main(["run", "--workdir", str(workdir)])
+    assert sorted(p.name for p in (workdir / "stages").iterdir()) == before
 
 
 def test_unknown_backbone_fails_before_any_work(tmp_path):
@@ -94,7 +107,7 @@ def test_all_backbones_with_equal_budgets_in_one_table(workdir, capsys):
     assert cli.main(["run", "--quick", "--backbone", "all", "--workdir", str(workdir)]) == 0
     summary = json.loads((workdir / "report" / "summary.json").read_text())
     assert list(summary["backbones"]) == ["transformer", "s5", "convs5", "convt3"]
-    steps = pipeline.SIZES["quick"].train_steps
+    steps = QUICK.steps
     for name, result in summary["backbones"].items():
         assert result["train"]["step"] == steps, name
         assert result["train"]["num_params"] > 0 and result["train"]["steps_per_second"] > 0
