@@ -36,7 +36,10 @@ def _close_open_iterators_at_exit() -> None:
     uncaught exception whose traceback holds the iterator, would otherwise never exit."""
     def close_all() -> None:
         for iterator in list(_OPEN_ITERATORS):
-            iterator.close()
+            try:
+                iterator.close()
+            except ValueError:  # running in another thread at exit: nothing to close from here
+                pass
 
     atexit.register(close_all)
 
