@@ -87,7 +87,7 @@ def model(**overrides: Any) -> ml_collections.ConfigDict:
         prior_width=512, prior_mlp_dim=2048, prior_heads=8, prior_layers=8, prior_token_dim=256,
         prior_dropout=0.0, mask_schedule="cosine",
         num_actions=6, action_embed_dim=16, use_actions=True, action_dropout=0.5,
-        condition_frames=1, mask_future_frames=False, mask_future_after=144,
+        condition_frames=1, start_position=False, mask_future_frames=False, mask_future_after=144,
         drop_loss_rate=0.9, label_smoothing=0.01, remat=False, dtype="float32")
     unknown = set(overrides) - set(fields)
     if unknown:

@@ -5,13 +5,17 @@ where action t is the one taken between frames t-1 and t.
 
     e_t  = code_embeddings[codes_t]                                   (B, T, H, W, D_code)
     z_t  = Codebook(PosteriorEncoder([e_{t-1}, e_t]))                 (B, T, h, w, latent_dim), h = H / 2 by default
-    x_t  = [z_{t-1}, embed(a_t)]              z_{-1} a learned start latent; the first `condition_frames` frames
-                                              enter unquantised (TECO's conditioning frames)
+    x_t  = [z_{t-1}, embed(a_t)]  for t = 1 .. T-1 (T - 1 backbone positions); the first `condition_frames`
+                                  frames enter unquantised (TECO's conditioning frames)
     y_t  = backbone(x)_t                      causal: y_t depends on z_{<t} and a_{<=t}
     L_recon  = CE_smoothed(Decoder(y_t, z_t), codes_t)    summed over H x W, mean over batch and scored frames
     L_prior  = MaskGit(y_t) cross-entropy on the masked latent codes of z_t (x h*w, TECO's scale)
     L_VQ     = codebook + commitment losses of the posterior codebook
     loss     = L_VQ + L_recon + L_prior        (ConvS5 paper eq. 32)
+
+Frame 0 is conditioning only and action 0 is never read (TECO release, `teco/models/teco.py`
+`temporal_transformer`; ConvSSM `teco_convS5.py` `condition`). The field `start_position` instead adds a learned
+start latent z_{-1} and a first position [z_{-1}, embed(a_0)] (T positions); every paper config leaves it off.
 
 Frames t >= condition_frames are scored. DropLoss keeps a random (1 - drop_loss_rate) fraction of them (sorted, no
 repeats) and gathers those before the decoder and the prior, so their cost falls by that fraction. Action dropout
@@ -31,7 +35,6 @@ Generation (pure, fixed shapes, for one `lax.scan` over time):
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -59,8 +62,13 @@ def smoothed_cross_entropy(logits: jax.Array, targets: jax.Array, smoothing: flo
 
 
 def drop_loss_count(num_steps: int, drop_loss_rate: float) -> int:
-    """How many of `num_steps` frames DropLoss scores: max(1, floor((1 - rate) * num_steps)), e.g. 29 of 299."""
-    return max(1, int(math.floor((1.0 - drop_loss_rate) * num_steps + 1e-9)))
+    """How many of `num_steps` scored frames (T - condition_frames) DropLoss keeps, e.g. 29 of 299 at rate 0.9.
+
+    max(1, int((1 - rate) * num_steps)) in Python (float64) arithmetic, truncating the float product as the TECO
+    release does (`teco/models/teco.py` `__call__`): rate 0.8 of 10 frames keeps 1, as (1 - 0.8) * 10 is
+    1.9999999999999996.
+    """
+    return max(1, int((1.0 - float(drop_loss_rate)) * int(num_steps)))
 
 
 def drop_loss_steps(rng: jax.Array, num_steps: int, drop_loss_rate: float) -> jax.Array:
@@ -98,6 +106,7 @@ class Teco(nn.Module):
     use_actions: bool = True
     action_dropout: float = 0.5
     condition_frames: int = 1
+    start_position: bool = False
     mask_future_frames: bool = False
     mask_future_after: int = 144
     drop_loss_rate: float = 0.9
@@ -111,6 +120,12 @@ class Teco(nn.Module):
         """(h, w) of the latent grid: code_shape / 2**(len(encoder_depths) - 1)."""
         factor = 2 ** (len(self.encoder_depths) - 1)
         return tuple(int(s) // factor for s in self.code_shape)
+
+    @property
+    def first_input_frame(self) -> int:
+        """The frame of backbone position 0: 1 (TECO), or 0 with `start_position`; frame t is position
+        t - first_input_frame."""
+        return 0 if self.start_position else 1
 
     @property
     def no_action(self) -> int:
@@ -135,7 +150,8 @@ class Teco(nn.Module):
         self.encoder = encoder(tuple(self.encoder_depths), self.encoder_blocks, self.latent_dim, dtype=dtype)
         self.codebook = Codebook(self.latent_codes, self.latent_proj_dim, self.latent_dim, self.commitment_cost)
         self.action_embedding = nn.Embed(self.num_actions + 1, self.action_embed_dim)
-        self.start_latent = self.param("start_latent", nn.initializers.normal(0.02), (h, w, self.latent_dim))
+        if self.start_position:
+            self.start_latent = self.param("start_latent", nn.initializers.normal(0.02), (h, w, self.latent_dim))
         if self.mask_future_frames:
             self.future_mask_latent = self.param("future_mask_latent", nn.initializers.normal(0.02),
                                                  (h, w, self.latent_dim))
@@ -204,13 +220,16 @@ class Teco(nn.Module):
         return jnp.concatenate([previous_latent, actions.astype(previous_latent.dtype)], axis=-1)
 
     def _sequence_inputs(self, latents: jax.Array, action_ids: jax.Array, given: jax.Array) -> jax.Array:
-        """Backbone inputs for a whole sequence: position t sees latent t-1 (the start latent at t = 0), action t.
+        """Backbone inputs of frames first_input_frame .. T-1: frame t sees latent t-1 and action t.
 
-        latents (B, T, h, w, E), action_ids (B, T), given (B,) bool -> (B, T, h, w, E + action_embed_dim)."""
-        batch, num_frames = latents.shape[:2]
-        start = jnp.broadcast_to(self.start_latent, (batch, 1) + self.start_latent.shape)
-        previous = jnp.concatenate([start, latents[:, :-1]], axis=1)
-        previous_index = jnp.arange(num_frames) - 1
+        latents (B, T, h, w, E), action_ids (B, T), given (B,) bool -> (B, T - first_input_frame, h, w,
+        E + action_embed_dim). With `start_position` frame 0 sees the learned start latent and action 0."""
+        if self.start_position:
+            start = jnp.broadcast_to(self.start_latent, (latents.shape[0], 1) + self.start_latent.shape)
+            previous = jnp.concatenate([start, latents[:, :-1]], axis=1)
+        else:
+            previous, action_ids = latents[:, :-1], action_ids[:, 1:]
+        previous_index = jnp.arange(previous.shape[1]) + self.first_input_frame - 1
         masked = given[:, None] & (previous_index >= self.mask_future_after)[None, :]
         return self._input(previous, action_ids, masked)
 
@@ -219,10 +238,12 @@ class Teco(nn.Module):
         return self.decoder(hidden, latent)
 
     def _forward(self, codes, actions, given, train: bool):
+        """-> (hidden (B, T - condition_frames, h, w, D) of the scored frames, quantised latents, latent codes,
+        VQ terms)."""
         inputs, quantised, latent_codes, terms = self._posterior(codes)
         x = self._sequence_inputs(inputs, self._action_ids(actions, given, codes.shape[:2]), given)
         hidden, _ = self.backbone(x, None, train=train)
-        return hidden, quantised, latent_codes, terms
+        return hidden[:, self.condition_frames - self.first_input_frame:], quantised, latent_codes, terms
 
     # ------------------------------------------------------------------------------------------------ training
     def __call__(self, codes: jax.Array, actions: jax.Array | None, *, train: bool,
@@ -251,7 +272,7 @@ class Teco(nn.Module):
 
         hidden, quantised, latent_codes, terms = self._forward(codes, actions, given, train)
         n = self.condition_frames
-        hidden = self.perturb("hidden", hidden[:, n:])
+        hidden = self.perturb("hidden", hidden)
         steps = drop_loss_steps(drop_rng, num_frames - n, self.drop_loss_rate if train else 0.0)
         hidden = jnp.take(hidden, steps, axis=1)
         latent = jnp.take(quantised[:, n:], steps, axis=1)
@@ -294,7 +315,6 @@ class Teco(nn.Module):
         given = jnp.full((codes.shape[0],), use_actions and actions is not None and self.use_actions)
         hidden, quantised, latent_codes, _ = self._forward(codes, actions, given, train=False)
         n = self.condition_frames
-        hidden = hidden[:, n:]
         flat = lambda x: x.reshape((-1,) + x.shape[2:])
         logits = self._decode(flat(hidden), flat(quantised[:, n:]))
         return dict(logits=logits.reshape(hidden.shape[:2] + logits.shape[1:]), hidden=hidden,
@@ -305,9 +325,12 @@ class Teco(nn.Module):
         """Reads a context in one parallel backbone call and returns the generation carry.
 
         codes (B, Tc, H, W) int32, Tc >= condition_frames; actions (B, Tc) int32 or None (action t leads into frame
-        t). use_actions=False (or actions None) conditions without actions, as the unconditioned protocol does.
+        t; action 0 is not read unless `start_position`). use_actions=False (or actions None) conditions without
+        actions, as the unconditioned protocol does.
         Returns the carry, a pytree with fixed shapes:
-          state: the backbone state after Tc frames; latent: (B, h, w, E) input latent of the last context frame;
+          state: the backbone state after the context's positions (frames first_input_frame .. Tc - 1), from
+            `backbone.init_state`; with one context frame and no start position, that initial state itself;
+          latent: (B, h, w, E) input latent of the last context frame;
           time: () int32 = Tc, the index of the next frame; actions_given: (B,) bool.
         """
         self._check_codes(codes, actions, self.condition_frames)
@@ -315,7 +338,9 @@ class Teco(nn.Module):
         given = jnp.full((batch,), use_actions and actions is not None and self.use_actions)
         inputs, _, _, _ = self._posterior(codes)
         x = self._sequence_inputs(inputs, self._action_ids(actions, given, codes.shape[:2]), given)
-        _, state = self.backbone(x, None, train=False)
+        state = self.backbone.init_state(batch, self.latent_shape)
+        if x.shape[1] > 0:
+            _, state = self.backbone(x, state, train=False)
         return dict(state=state, latent=inputs[:, -1], time=jnp.asarray(codes.shape[1], jnp.int32),
                     actions_given=given)
 

@@ -63,9 +63,18 @@ def test_label_smoothing_against_numpy():
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5)
 
 
-def test_drop_loss_count_and_steps():
-    assert drop_loss_count(300, 0.9) == 30 and drop_loss_count(299, 0.9) == 29
+def test_drop_loss_count_is_the_release_count():
+    """TECO's count, `max(1, int((1 - rate) * T))` with T = frames after the conditioning frames, in Python float
+    arithmetic: the truncated float product, 1.9999999999999996 -> 1 (no rounding up)."""
+    for rate in [round(0.05 * k, 2) for k in range(20)]:
+        for num_steps in range(2, 301):
+            assert drop_loss_count(num_steps, rate) == max(1, int((1 - rate) * num_steps)), (num_steps, rate)
+    assert drop_loss_count(299, 0.9) == 29 and drop_loss_count(300, 0.9) == 29  # 29.999999999999996
+    assert drop_loss_count(10, 0.8) == 1 and drop_loss_count(90, 0.3) == 62
     assert drop_loss_count(5, 0.9) == 1 and drop_loss_count(7, 0.0) == 7
+
+
+def test_drop_loss_steps():
     steps = np.asarray(drop_loss_steps(jax.random.key(0), 299, 0.9))
     assert steps.shape == (29,) and np.all(np.diff(steps) > 0) and steps.min() >= 0 and steps.max() < 299
     np.testing.assert_array_equal(drop_loss_steps(jax.random.key(0), 7, 0.0), np.arange(7))
@@ -132,6 +141,36 @@ def test_action_dropout_and_no_actions():
     assert float(metrics["actions_given"]) == 1.0
 
 
+@pytest.mark.parametrize("name, start_position", [("convs5", False), ("transformer", False), ("convs5", True)])
+def test_action_zero_reaches_nothing_without_a_start_position(name, start_position):
+    """TECO feeds frames 0..T-2 with actions 1..T-1: action 0 changes no loss term, no prediction, no carry and no
+    generated frame. With `start_position` it enters the first backbone position and changes them all."""
+    model = toy_model(name, start_position=start_position, action_dropout=0.0)
+    variables = toy_variables(name, start_position=start_position)
+    assert ("start_latent" in variables["params"]) == start_position
+    codes, actions = toy_batch(frames=5)
+    other = actions.at[:, 0].set((actions[:, 0] + 1) % 3)
+
+    @jax.jit
+    def outputs(actions):
+        _, metrics = model.apply(variables, codes, actions, train=True, rng=jax.random.key(3))
+        predicted = model.apply(variables, codes, actions, method=Teco.predict)
+        carry = model.apply(variables, codes[:, :3], actions[:, :3], method=Teco.condition)
+        carry, frame = model.apply(variables, carry, actions[:, 3], jax.random.key(4), method=Teco.generate_step,
+                                   draft_steps=2, revise_steps=2, revise_rounds=1)
+        return dict(metrics=metrics, logits=predicted["logits"], hidden=predicted["hidden"], state=carry["state"],
+                    frame=frame)
+
+    a, b = outputs(actions), outputs(other)
+    differs = jax.tree.map(lambda x, y: bool(np.any(np.asarray(x) != np.asarray(y))), a, b)
+    for key in ("loss", "recon_loss", "prior_loss"):
+        assert differs["metrics"][key] == start_position, key
+    for key in ("logits", "hidden", "state"):
+        assert any(jax.tree.leaves(differs[key])) == start_position, key
+    if not start_position:
+        assert not differs["frame"]
+
+
 def test_future_frame_masking():
     """With actions, predictions past the context ignore the frames after it; without actions they do not."""
     model = toy_model("convs5", mask_future_frames=True, mask_future_after=3)
@@ -147,14 +186,17 @@ def test_future_frame_masking():
         assert np.allclose(a[:, 5:], b[:, 5:], atol=1e-6) == use_actions
 
 
-@pytest.mark.parametrize("name, mask_future", [(name, False) for name in backbones.NAMES] + [("convs5", True)])
-def test_step_path_equals_parallel_predictions(name, mask_future):
-    overrides = dict(mask_future_frames=mask_future, mask_future_after=3)
+@pytest.mark.parametrize("name, mask_future, context, start_position",
+                         [(name, False, 3, False) for name in backbones.NAMES] + [("convs5", True, 3, False)]
+                         + [("transformer", False, 1, False), ("convs5", False, 1, False), ("convs5", False, 3, True)])
+def test_step_path_equals_parallel_predictions(name, mask_future, context, start_position):
+    """`condition` on `context` frames (one frame: no backbone position, the carry holds the initial state) then
+    teacher-forced steps give `predict`'s logits."""
+    overrides = dict(mask_future_frames=mask_future, mask_future_after=3, start_position=start_position)
     model = toy_model(name, **overrides)
     variables = toy_variables(name, **overrides)
     codes, actions = toy_batch(frames=7)
     parallel = jax.jit(functools.partial(model.apply, method=Teco.predict))(variables, codes, actions)
-    context = 3
     carry = jax.jit(functools.partial(model.apply, method=Teco.condition))(variables, codes[:, :context],
                                                                             actions[:, :context])
 
