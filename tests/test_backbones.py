@@ -11,8 +11,8 @@ from teco_ssm import backbones
 TOY = {
     "transformer": dict(d_model=16, n_layers=2, downsample=2, embed_dim=8, mlp_dim=16, num_heads=2, max_len=16),
     "s5": dict(d_model=16, n_layers=2, ssm_size=8, blocks=2, downsample=4, out_dim=6, scan_mode="sequential"),
-    "convs5": dict(d_model=8, n_layers=2, ssm_size=8, blocks=2, scan_mode="sequential"),
-    "convt3": dict(d_model=8, n_layers=2, ssm_size=8, blocks=2, scan_mode="sequential"),
+    "convs5": dict(d_model=8, n_layers=2, ssm_size=8, blocks=2, num_groups=4, scan_mode="sequential"),
+    "convt3": dict(d_model=8, n_layers=2, ssm_size=8, blocks=2, num_groups=4, scan_mode="sequential"),
 }
 
 

@@ -97,21 +97,27 @@ def over_frames(fn: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array
 
 
 # ----------------------------------------------------------------------------------------------- parameters
-def _complex_param(module: nn.Module, name: str, value: np.ndarray) -> jax.Array:
-    """A complex parameter stored as a real (..., 2) array, initialised to `value`."""
-    stacked = np.stack([value.real, value.imag], -1).astype(np.float32)
-    p = module.param(name, lambda _: jnp.asarray(stacked))
-    return jax.lax.complex(p[..., 0], p[..., 1])
+INITS = ("s5", "he_normal", "lecun_real")
 
 
 class DiagonalSSM(nn.Module):
     """The diagonalised S5 system shared by S5, ConvS5 and ConvT3: eigenvalues, timescales, B and C.
 
     B acts on `in_features` input values per state (U for S5, U kB kB for ConvS5), C produces `out_features`
-    values from the P states (U, or U kC kC). Initialisation follows S5: B lecun-normal and C truncated-normal in
-    the original basis, moved to the eigenbasis with V^-1 and V; log timescales uniform in [log dt_min, log dt_max].
+    values from the `ssm_size` states of the original basis (U, or U kC kC). B and C are drawn in the original basis
+    and moved to the eigenbasis: B_tilde = V^-1 B, C_tilde = C V. How they are drawn (`init_scheme`):
+
+      's5'          S5 (lindermanlab/S5 `ssm_init.py`, TECO-S5's `S5/diagonal_ssm.py`): B lecun-normal over the
+                    `ssm_size` rows; C complex, real and imaginary parts each lecun-normal (variance 1 / ssm_size).
+      'he_normal'   ConvS5 (NVlabs/ConvSSM `convS5/diagonal_ssm.py`, `initialize_B_kernel`, `initialize_C_kernel`):
+                    real B and C, he-normal with fan-in the kernel's inputs, variance 2 / (U kB^2) for B and
+                    2 / (ssm_size kC^2) for C (kC^2 = `c_kernel_area`).
+      'lecun_real'  this project's earlier ConvS5 initialisation: S5's B, real C truncated normal / sqrt(ssm_size).
+
+    Log timescales are uniform in [log dt_min, log dt_max].
 
     Returns (lam_bar (P,) complex64, B_bar (P, in_features) complex64, C_tilde (out_features, P) complex64).
+    Raises ValueError for an unknown `init_scheme`.
     """
 
     ssm_size: int
@@ -121,9 +127,13 @@ class DiagonalSSM(nn.Module):
     dt_min: float = 0.001
     dt_max: float = 0.1
     clip_eigs: bool = False
+    init_scheme: str = "s5"
+    c_kernel_area: int = 1
 
     @nn.compact
     def __call__(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        if self.init_scheme not in INITS:
+            raise ValueError(f"unknown SSM initialisation {self.init_scheme!r}; valid: {', '.join(INITS)}")
         Lambda0, V, V_inv = hippo_n_eigendecomposition(self.ssm_size, self.blocks)
         P = Lambda0.shape[0]
         Lambda_re = self.param("Lambda_re", lambda _: jnp.asarray(Lambda0.real, jnp.float32))
@@ -131,42 +141,62 @@ class DiagonalSSM(nn.Module):
         if self.clip_eigs:
             Lambda_re = jnp.minimum(Lambda_re, -1e-4)
         Lambda = jax.lax.complex(Lambda_re, Lambda_im)
-
-        def b_init(key):
-            b = jax.nn.initializers.lecun_normal()(key, (self.ssm_size, self.in_features))
-            b_tilde = jnp.asarray(V_inv, jnp.complex64) @ b
-            return jnp.stack([b_tilde.real, b_tilde.imag], -1)
-
-        def c_init(key):
-            c = jax.random.truncated_normal(key, -2.0, 2.0, (self.out_features, self.ssm_size)) / np.sqrt(
-                self.ssm_size)
-            c_tilde = c @ jnp.asarray(V, jnp.complex64)
-            return jnp.stack([c_tilde.real, c_tilde.imag], -1)
-
-        b = self.param("B", b_init)
-        c = self.param("C", c_init)
+        b = self.param("B", lambda key: _as_real_pair(jnp.asarray(V_inv, jnp.complex64) @ self._draw_b(key)))
+        c = self.param("C", lambda key: _as_real_pair(self._draw_c(key) @ jnp.asarray(V, jnp.complex64)))
         log_step = self.param(
             "log_step", lambda key: jax.random.uniform(key, (P,), minval=np.log(self.dt_min), maxval=np.log(self.dt_max)))
         lam_bar, B_bar = discretize_zoh(Lambda, jax.lax.complex(b[..., 0], b[..., 1]), jnp.exp(log_step))
         return lam_bar, B_bar, jax.lax.complex(c[..., 0], c[..., 1])
 
+    def _draw_b(self, key: jax.Array) -> jax.Array:
+        """B in the original basis: (ssm_size, in_features) float32."""
+        if self.init_scheme == "he_normal":
+            return jax.nn.initializers.he_normal()(key, (self.in_features, self.ssm_size)).T
+        return jax.nn.initializers.lecun_normal()(key, (self.ssm_size, self.in_features))
+
+    def _draw_c(self, key: jax.Array) -> jax.Array:
+        """C in the original basis: (out_features, ssm_size), complex64 for 's5', float32 otherwise."""
+        shape = (self.out_features, self.ssm_size)
+        if self.init_scheme == "s5":
+            parts = jax.nn.initializers.lecun_normal()(key, (self.ssm_size, 2 * self.out_features)).T
+            return jax.lax.complex(parts[:self.out_features], parts[self.out_features:])
+        if self.init_scheme == "he_normal":
+            area = self.c_kernel_area
+            fan_in = self.ssm_size * area
+            return jax.nn.initializers.he_normal()(key, (fan_in, self.out_features // area)).reshape(shape)
+        return jax.random.truncated_normal(key, -2.0, 2.0, shape) / np.sqrt(self.ssm_size)
+
+
+def _as_real_pair(z: jax.Array) -> jax.Array:
+    """A complex array stored as a real (..., 2) parameter."""
+    return jnp.stack([z.real, z.imag], -1)
+
 
 # ----------------------------------------------------------------------------------------------- activations
 class ResNetActivation(nn.Module):
-    """ConvS5's activation between layers: y + conv(gelu(conv(gelu(y)))), both convs k x k, per frame.
+    """ConvS5's activation between layers, the release's `resnet` C_D_config (NVlabs/ConvSSM `conv_ops.ResnetBlock`):
 
-    x: (N, H, W, d) -> (N, H, W, d).
+        h = conv(act(GroupNorm(conv(act(GroupNorm(y))))));  out = act(y + h)
+
+    both convolutions k x k with bias, 'SAME', per frame; act is gelu (tanh approximation, flax's `nn.gelu`).
+    y: (N, H, W, d) -> (N, H, W, d). Raises ValueError when d is not a multiple of `num_groups`.
     """
 
     kernel_size: int
+    num_groups: int = 32
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, y: jax.Array) -> jax.Array:
         d, k = y.shape[-1], (self.kernel_size, self.kernel_size)
-        h = nn.Conv(d, k, padding="SAME", dtype=self.dtype)(nn.gelu(y))
-        h = nn.Conv(d, k, padding="SAME", dtype=self.dtype)(nn.gelu(h))
-        return y + h
+        if d % self.num_groups:
+            raise ValueError(f"ConvS5 activation: d_model={d} must be a multiple of num_groups={self.num_groups} "
+                             f"(GroupNorm groups)")
+        h = nn.gelu(nn.GroupNorm(num_groups=self.num_groups, dtype=self.dtype)(y))
+        h = nn.Conv(d, k, padding="SAME", dtype=self.dtype)(h)
+        h = nn.gelu(nn.GroupNorm(num_groups=self.num_groups, dtype=self.dtype)(h))
+        h = nn.Conv(d, k, padding="SAME", dtype=self.dtype)(h)
+        return nn.gelu(y + h)
 
 
 class HalfGLU(nn.Module):

@@ -3,8 +3,14 @@
 Each layer (paper Section 3.4, Appendix B, Listing 1), for inputs u_k (B, H, W, U):
 
     x_k = lam_bar (.) x_{k-1} + B_bar (*) u_k        state (B, H, W, P) complex, P = ssm_size / 2
-    y_k = 2 Re(C_tilde (*) x_k) + D (.) u_k          (*) a 'SAME' convolution, (.) per channel
+    y_k = 2 Re(C_tilde (*) x_k)                      (*) a 'SAME' convolution
     out_k = LayerNorm(u_k + Dropout(ResNet(y_k)))    post-norm with residual (Appendix D.1)
+
+as the release runs TECO-ConvS5 on the 3D benchmarks (NVlabs/ConvSSM, `C_D_config: resnet`: no D term;
+`conv_ops.ResnetBlock`: ResNet(y) = gelu(y + conv(gelu(GN(conv(gelu(GN(y))))))) with `num_groups` GroupNorm groups;
+`layers.SequenceLayer`: post-norm). B and C start he-normal in the original basis (`ssm_init='he_normal'`).
+Two named variants, off in every config: `D_term` adds a per-channel D (.) u_k to y_k, and `ssm_init='lecun_real'`
+draws B and C as S5 does with a real C (both were this project's earlier layer; docs/model.md).
 
 The recurrence runs on the shared scan kernel (`teco_ssm.scan`) with a (P,) decay.
 """
@@ -39,6 +45,7 @@ class ConvS5SSM(nn.Module):
     dt_min: float = 0.001
     dt_max: float = 0.1
     clip_eigs: bool = False
+    ssm_init: str = "he_normal"
     scan_mode: str = "associative"
 
     def state_basis(self, lam_bar: jax.Array, spatial_shape: tuple[int, int]) -> tuple[jax.Array, Basis, Basis]:
@@ -51,8 +58,8 @@ class ConvS5SSM(nn.Module):
     @nn.compact
     def __call__(self, u: jax.Array, x0: jax.Array | None) -> tuple[jax.Array, jax.Array]:
         U, kB, kC = u.shape[-1], self.B_kernel_size, self.C_kernel_size
-        lam_bar, B_bar, C_tilde = DiagonalSSM(self.ssm_size, self.blocks, U * kB * kB, U * kC * kC,
-                                              self.dt_min, self.dt_max, self.clip_eigs, name="diagonal")()
+        lam_bar, B_bar, C_tilde = DiagonalSSM(self.ssm_size, self.blocks, U * kB * kB, U * kC * kC, self.dt_min,
+                                              self.dt_max, self.clip_eigs, self.ssm_init, kC * kC, name="diagonal")()
         P = lam_bar.shape[0]
         B_kernel = B_bar.reshape(P, kB, kB, U).transpose(1, 2, 3, 0)  # (kB, kB, U, P)
         C_kernel = C_tilde.reshape(kC, kC, U, P).transpose(0, 1, 3, 2)  # (kC, kC, P, U)
@@ -76,6 +83,9 @@ class ConvS5Layer(nn.Module):
     dt_min: float = 0.001
     dt_max: float = 0.1
     clip_eigs: bool = False
+    ssm_init: str = "he_normal"
+    num_groups: int = 32
+    D_term: bool = False
     dropout: float = 0.0
     scan_mode: str = "associative"
     dtype: Any = "float32"
@@ -88,9 +98,9 @@ class ConvS5Layer(nn.Module):
     def __call__(self, u: jax.Array, x0: jax.Array | None, train: bool = False):
         dtype = dtype_of(self.dtype)
         y, xs = self.ssm(**shared_fields(self.ssm, self), name="ssm")(u, x0)
-        D = self.param("D", nn.initializers.normal(1.0), (u.shape[-1],))
-        y = (y + D * u.astype(jnp.float32)).astype(dtype)
-        y = over_frames(ResNetActivation(self.D_kernel_size, dtype, name="activation"), y)
+        if self.D_term:
+            y = y + self.param("D", nn.initializers.normal(1.0), (u.shape[-1],)) * u.astype(jnp.float32)
+        y = over_frames(ResNetActivation(self.D_kernel_size, self.num_groups, dtype, name="activation"), y.astype(dtype))
         y = nn.Dropout(self.dropout, deterministic=not train)(y)
         return nn.LayerNorm(dtype=dtype, name="norm")(u + y), xs[:, -1]
 
@@ -102,8 +112,12 @@ class Backbone(SSMStack):
     B_kernel_size: int = 3
     C_kernel_size: int = 3
     D_kernel_size: int = 3
+    ssm_init: str = "he_normal"
+    num_groups: int = 32
+    D_term: bool = False
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """TECO-ConvS5 on DMLab (ConvS5 paper, Table 18): the `Backbone` field defaults."""
+    """TECO-ConvS5 on DMLab (ConvS5 paper, Table 18; release `dmlab_teco_convS5.yaml`): the `Backbone` field
+    defaults."""
     return config_from_fields(Backbone)
