@@ -1,5 +1,6 @@
 """The temporal transformer: parallel == step-by-step (also past the window), split calls, causality and the exact
-receptive field of the sliding window, a float64 NumPy reference, remat, bfloat16, dropout, config errors."""
+receptive field of the sliding window, a float64 NumPy reference of TECO's temporal transformer, the start token,
+the DMLab parameter count, remat, bfloat16, dropout, config errors."""
 import dataclasses
 import functools
 import math
@@ -9,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import dmlab
 from teco_ssm import backbones
 from teco_ssm.backbones import transformer
 
@@ -85,7 +87,7 @@ def test_parallel_equals_steps(frames):
     assert y.shape == (2, frames, 4, 4, TOY["d_model"])
     np.testing.assert_allclose(y_steps, y, atol=1e-5, rtol=1e-5)
     assert_states_close(step_state, final_state)
-    assert int(final_state[0]["time"]) == frames
+    assert int(final_state[0]["time"]) == frames + 1  # the start frame and the inputs
 
 
 @pytest.mark.parametrize("split", [2, 5])  # the second call starts inside / past the first window
@@ -121,7 +123,7 @@ def test_sliding_window_receptive_field(n_layers):
     y_changed, _ = forward(model, variables, changed)
     effect = np.abs(np.asarray(y_changed - y)).max(axis=(0, 2, 3, 4))
     reach = n_layers * (TOY["max_len"] - 1)
-    assert np.all(effect[:reach + 1] > 1e-3), effect
+    assert np.all(effect[:reach + 1] > 1e-5), effect
     assert np.all(effect[reach + 1:] == 0.0), effect
 
 
@@ -133,11 +135,11 @@ def test_long_rollout_constant_memory():
     y_steps, state = rollout(model, variables, x)
     y, _ = forward(model, variables, x)
     assert jax.tree.map(lambda a: (a.shape, a.dtype), state) == jax.tree.map(lambda a: (a.shape, a.dtype), initial)
-    assert int(state[0]["time"]) == 1030
+    assert int(state[0]["time"]) == 1031
     np.testing.assert_allclose(y_steps, y, atol=2e-5, rtol=1e-4)
 
 
-# --- float64 NumPy reference of one layer ---------------------------------------------------------------------
+# --- float64 NumPy reference of TECO's temporal transformer ----------------------------------------------------
 
 def _layer_norm(x, p):
     mean = x.mean(-1, keepdims=True)
@@ -145,8 +147,23 @@ def _layer_norm(x, p):
     return (x - mean) / np.sqrt(var + 1e-6) * p["scale"] + p["bias"]
 
 
+def _sinusoids(length, dim):
+    """TECO's SinusoidalPositionBiases: row p = [sin(p w_i)..., cos(p w_i)...], w_i = 10000 ** (-2 i / dim)."""
+    table = np.zeros((length, dim))
+    for position in range(length):
+        for i in range(dim // 2):
+            angle = position / 10000.0 ** (2 * i / dim)
+            table[position, i], table[position, dim // 2 + i] = math.sin(angle), math.cos(angle)
+    return table
+
+
 def reference_forward(params, x, cfg):
-    """Dense float64 forward of a one-layer model with a hand-written block-causal sliding-window softmax."""
+    """Dense float64 forward of TECO's `temporal_transformer` (teco/models/teco.py) with its `Transformer`
+    (teco/models/transformer.py, pos_embed_type='sinusoidal'), written from the release's structure:
+    z_proj (bias-free strided conv), the sos frame first, the input Dense, sinusoids over the flattened token index,
+    pre-LayerNorm blocks, the head Dense -> tanh GELU -> LayerNorm, the sos output dropped, z_unproj (bias-free
+    transposed conv). Attention is block-causal over frames (the release's tril mask repeated per token), limited
+    to the last cfg['max_len'] frames; with max_len >= T + 1 it is the release's full mask."""
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
     x = np.asarray(x, np.float64)
     batch, frames, height, width, channels = x.shape
@@ -154,48 +171,90 @@ def reference_forward(params, x, cfg):
     rows, cols, head_dim = height // ds, width // ds, dim // heads
     per_frame = rows * cols
     patches = x.reshape(batch, frames, rows, ds, cols, ds, channels)
-    tokens = np.einsum("ntiajkc,akce->ntije", patches, p["tokenize"]["kernel"]) + p["tokenize"]["bias"]
-    tokens = tokens.reshape(batch, frames, per_frame, dim) + p["spatial_position"]["embedding"]
-    time_embedding = np.zeros((frames, dim))
-    for t in range(frames):
-        for i in range(dim // 2):
-            angle = t / 10000.0 ** (2 * i / dim)
-            time_embedding[t, i], time_embedding[t, dim // 2 + i] = math.sin(angle), math.cos(angle)
-    h = (tokens + time_embedding[None, :, None]).reshape(batch, frames * per_frame, dim)
+    tokens = np.einsum("ntiajkc,akce->ntije", patches, p["tokenize"]["kernel"]).reshape(batch, frames, per_frame, dim)
+    sos = np.broadcast_to(p["sos"]["embedding"].reshape(1, 1, per_frame, dim), (batch, 1, per_frame, dim))
+    tokens = np.concatenate([sos, tokens], axis=1)
+    length = (frames + 1) * per_frame
+    h = tokens @ p["project"]["kernel"] + p["project"]["bias"]
+    h = h.reshape(batch, length, dim) + _sinusoids(length, dim)
 
-    layer = p["layers_0"]
-    normed = _layer_norm(h, layer["attention_norm"])
-    q, k, v = (np.einsum("ble,ehd->blhd", normed, layer[n]["kernel"]) + layer[n]["bias"]
-               for n in ("query", "key", "value"))
-    attended = np.zeros_like(q)
-    for b in range(batch):
-        for head in range(heads):
-            for qi in range(frames * per_frame):
-                query_frame = qi // per_frame
-                keys = [ki for ki in range(frames * per_frame)
-                        if query_frame - window < ki // per_frame <= query_frame]
-                logits = np.array([q[b, qi, head] @ k[b, ki, head] for ki in keys]) / math.sqrt(head_dim)
-                weights = np.exp(logits - logits.max())
-                weights /= weights.sum()
-                attended[b, qi, head] = sum(w * v[b, ki, head] for w, ki in zip(weights, keys))
-    h = h + np.einsum("blhd,hde->ble", attended, layer["attention_out"]["kernel"]) + layer["attention_out"]["bias"]
-    hidden = _layer_norm(h, layer["mlp_norm"]) @ layer["mlp_in"]["kernel"] + layer["mlp_in"]["bias"]
-    hidden = hidden / (1.0 + np.exp(-1.702 * hidden))
-    h = h + hidden @ layer["mlp_out"]["kernel"] + layer["mlp_out"]["bias"]
+    frame = np.arange(length) // per_frame
+    mask = (frame[None, :] <= frame[:, None]) & (frame[None, :] > frame[:, None] - window)
+    for i in range(cfg["n_layers"]):
+        layer = p[f"layers_{i}"]
+        normed = _layer_norm(h, layer["attention_norm"])
+        q, k, v = (np.einsum("ble,ehd->blhd", normed, layer[n]["kernel"]) + layer[n]["bias"]
+                   for n in ("query", "key", "value"))
+        logits = np.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(head_dim)
+        logits = np.where(mask, logits, -np.inf)
+        weights = np.exp(logits - logits.max(-1, keepdims=True))
+        weights /= weights.sum(-1, keepdims=True)
+        attended = np.einsum("bhqk,bkhd->bqhd", weights, v)
+        h = h + np.einsum("blhd,hde->ble", attended, layer["attention_out"]["kernel"]) + layer["attention_out"]["bias"]
+        hidden = _layer_norm(h, layer["mlp_norm"]) @ layer["mlp_in"]["kernel"] + layer["mlp_in"]["bias"]
+        hidden = hidden / (1.0 + np.exp(-1.702 * hidden))
+        h = h + hidden @ layer["mlp_out"]["kernel"] + layer["mlp_out"]["bias"]
 
     g = h @ p["head_dense"]["kernel"] + p["head_dense"]["bias"]
     g = 0.5 * g * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (g + 0.044715 * g ** 3)))
-    g = _layer_norm(g, p["head_norm"]).reshape(batch, frames, rows, cols, dim)
+    g = _layer_norm(g, p["head_norm"]).reshape(batch, frames + 1, rows, cols, dim)[:, 1:]
     kernel = p["untokenize"]["kernel"][::-1, ::-1]  # flax's ConvTranspose applies the spatially flipped kernel
     y = np.einsum("ntije,akeo->ntiajko", g, kernel)
     return y.reshape(batch, frames, height, width, -1)
 
 
-def test_matches_float64_numpy_reference():
-    model, variables, x = make(frames=7, n_layers=1)
+@pytest.mark.parametrize("max_len", [8, 3])  # the release's full causal mask (sos + 7 frames), a sliding window
+def test_matches_float64_numpy_reference(max_len):
+    model, variables, x = make(frames=7, max_len=max_len)
     y, _ = forward(model, variables, x)
-    expected = reference_forward(variables["params"], x, {**TOY, "n_layers": 1})
-    np.testing.assert_allclose(np.asarray(y, np.float64), expected, atol=2e-5, rtol=1e-4)
+    expected = reference_forward(variables["params"], x, {**TOY, "max_len": max_len})
+    np.testing.assert_allclose(np.asarray(y, np.float64), expected, atol=1e-5, rtol=1e-5)
+    y_steps, _ = rollout(model, variables, x)
+    np.testing.assert_allclose(np.asarray(y_steps, np.float64), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_start_token():
+    """init_state holds the processed sos frame (time 1); the sos reaches every output in the window; without
+    start_token the state starts empty at time 0 and the parallel call equals steps from it."""
+    model, variables, x = make(frames=4)
+    state = model.apply(variables, 2, (4, 4), method=model.init_state)
+    assert all(int(entry["time"]) == 1 for entry in state)
+    assert all(float(jnp.abs(entry["key"][:, 0]).min()) > 0 for entry in state)
+    assert all(float(jnp.abs(entry["key"][:, 1:]).max()) == 0 for entry in state)
+    y, _ = forward(model, variables, x)
+    moved = jax.tree.map(lambda a: a, variables)
+    moved["params"]["sos"]["embedding"] = variables["params"]["sos"]["embedding"] + 0.5
+    y_moved, _ = forward(model, moved, x)
+    assert np.all(np.abs(np.asarray(y_moved - y)).max(axis=(0, 2, 3, 4)) > 1e-3)
+
+    plain = backbones.build("transformer", {**TOY, "start_token": False})
+    plain_variables = {"params": {k: v for k, v in variables["params"].items() if k != "sos"}}
+    assert jax.tree.structure(jax.eval_shape(plain.init, jax.random.PRNGKey(0), x)) == jax.tree.structure(
+        plain_variables)
+    empty = plain.apply(plain_variables, 2, (4, 4), method=plain.init_state)
+    assert int(empty[0]["time"]) == 0 and float(jnp.abs(empty[0]["key"]).max()) == 0
+    y_plain, final = forward(plain, plain_variables, x)
+    assert int(final[0]["time"]) == 4 and float(jnp.abs(y_plain - y).max()) > 1e-3
+    y_steps, _ = rollout(plain, plain_variables, x)
+    np.testing.assert_allclose(y_steps, y_plain, atol=1e-5, rtol=1e-5)
+
+
+def test_dmlab_temporal_parameter_count_matches_the_release():
+    """112,309,248 parameters: TECO's DMLab temporal model (configs/dmlab.yaml: z_ds 8, embed 1024, mlp 4096,
+    8 layers) counted by hand from its modules, on 8x8 latents of 64 channels plus a 16-wide action embedding."""
+    config = dmlab.get_config("transformer")
+    model = backbones.build("transformer", config.transformer)
+    channels = config.model.latent_dim + config.model.action_embed_dim
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 2, 8, 8, channels)))
+    count = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(shapes["params"]))
+
+    embed, mlp, kernel, layers = 1024, 4096, 8, 8
+    dense = embed * embed + embed
+    z_proj, sos, fc_in = kernel * kernel * channels * embed, embed, dense
+    layer = 2 * 2 * embed + 4 * dense + (embed * mlp + mlp) + (mlp * embed + embed)
+    head = dense + 2 * embed
+    z_unproj = kernel * kernel * embed * config.model.latent_dim
+    assert count == z_proj + sos + fc_in + layers * layer + head + z_unproj == 112_309_248
 
 
 def test_remat_same_outputs_and_gradients():
@@ -235,8 +294,9 @@ def test_bfloat16_runs_and_stays_close():
     assert relative_steps < 3e-2, relative_steps
 
 
-def test_dropout_only_in_training():
-    model, variables, x = make(frames=4, dropout=0.3, n_layers=1)
+@pytest.mark.parametrize("rates", [dict(dropout=0.3), dict(attention_dropout=0.3)])
+def test_dropout_only_in_training(rates):
+    model, variables, x = make(frames=4, n_layers=1, **rates)
     plain = backbones.build("transformer", {**TOY, "dropout": 0.0, "n_layers": 1})
     y_eval, _ = forward(model, variables, x)
     np.testing.assert_array_equal(y_eval, forward(plain, variables, x)[0])
@@ -260,9 +320,11 @@ def test_bad_config_and_inputs_raise_clear_errors():
         init_shapes({"num_heads": 5}, x[:, :, :4])
     with pytest.raises(ValueError, match="transformer.py: field dtype='int32'"):
         init_shapes({"dtype": "int32"}, x[:, :, :4])
+    with pytest.raises(ValueError, match="transformer.py: field attention_dropout must lie in"):
+        init_shapes({"attention_dropout": 1.0}, x[:, :, :4])
     with pytest.raises(ValueError, match="valid fields"):
         backbones.build("transformer", {"hidden": 3})
     model, variables, frames = make(frames=2)
-    state = model.apply(variables, 2, (8, 8), method=model.init_state)
+    state = model.apply(variables, 3, (4, 4), method=model.init_state)
     with pytest.raises(ValueError, match=r"state\[0\]\['key'\] has shape"):
         model.apply(variables, frames[:, 0], state, method=model.step)

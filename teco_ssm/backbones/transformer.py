@@ -1,34 +1,44 @@
 """TECO's temporal transformer as a backbone (Yan et al. 2022; ConvS5 paper Appendix D.5, Table 20).
 
-Each latent frame (H, W, C) is cut into (H/downsample) x (W/downsample) tokens by a strided convolution to
-`embed_dim` channels. Every token gets a learned spatial position embedding (one per token of a frame) and the
-sinusoidal embedding of its frame's absolute time index. `n_layers` pre-LayerNorm blocks (attention then MLP, each
-with a residual, as TECO) mix the tokens; a head (Dense, GELU, LayerNorm, as TECO) and a transposed convolution
-bring each frame back to (H, W, d_model).
+What it computes follows the TECO release (teco/models/teco.py `temporal_transformer`, teco/models/transformer.py
+`Transformer` with pos_embed_type='sinusoidal'; the ConvS5 release's teco_transformer.py uses the same modules):
 
-Attention is block-causal over frames with a sliding window of `max_len` frames: every token of frame t attends
-to every token of frames t - max_len + 1 .. t, in both modes. Keys and values of earlier frames are kept in a
-ring buffer of `max_len` frames per layer, so
+1. `tokenize`: a bias-free strided convolution cuts each latent frame (H, W, C) into N = (H/downsample) x
+   (W/downsample) tokens of `embed_dim` channels (TECO's z_proj).
+2. With `start_token` (TECO's sos), a learned frame of N tokens is put before the first frame of a sequence, at
+   time 0; the frames of the sequence then sit at times 1, 2, ...
+3. `project`: a Dense layer with bias on every token (the Transformer's input projection, `use_fc_in`).
+4. The tokens of all frames are flattened frame-major and token p = N * time + n (n the token's place in its
+   frame) gets the sinusoidal embedding of p: positions run over all tokens, not over frames only.
+5. `n_layers` pre-LayerNorm blocks: x + Dropout(Attn(LN(x))), then x + Dropout(MLP(LN(x))); attention with
+   biased query, key, value and output maps, logits scaled by head_dim ** -0.5, dropout (`attention_dropout`) on
+   the attention weights; MLP Dense(mlp_dim), x * sigmoid(1.702 x), dropout shared over the tokens of a sequence,
+   Dense(embed_dim). LayerNorm epsilon 1e-6 everywhere.
+6. A head: Dense(embed_dim), GELU (tanh form), LayerNorm, dropout; the start frame's outputs are dropped.
+7. `untokenize`: a bias-free transposed convolution back to (H, W, d_model) (TECO's z_unproj).
 
-* the parallel call over T frames, with or without a cache from earlier frames, equals `init_state` followed by
-  T calls of `step` (the window and the absolute time positions are the same in both), for any T, also
-  T > max_len;
+TECO attends block-causally over its whole training sequence (the start frame and 299 inputs). Here attention is
+block-causal over frames with a sliding window of `max_len` frames, the start frame counting as one: every token of
+frame t attends to every token of frames t - max_len + 1 .. t, in both modes. With max_len = 300 a 299-frame
+training sequence is TECO's computation exactly. Keys and values of earlier frames are kept in a ring buffer of
+`max_len` frames per layer, so
+
+* the parallel call over T frames without a state equals `init_state` (which already holds the start frame)
+  followed by T calls of `step`, for any T, also T > max_len; the parallel call with a state adds no start frame;
 * splitting a sequence into two parallel calls, the second given the first one's final state, equals one call;
 * `step` attends to one frame's queries against `max_len + 1` frames of keys: the cost of a generated frame and
   the memory of the state do not grow with the rollout length (1,000+ frame rollouts run at constant memory).
 
-With `n_layers` layers, an output depends on the last `n_layers * (max_len - 1) + 1` input frames. Time positions
-are absolute, so frames beyond the training length use sinusoid phases the model has not seen in training.
+With `n_layers` layers, an output depends on the last `n_layers * (max_len - 1) + 1` frames. Positions are
+absolute, so frames beyond the training length use sinusoid phases the model has not seen in training.
 
-Deviations from the TECO release, all of them simplifications: the tokenising convolution carries a bias and is
-not followed by a second linear map (two linear maps in a row span the same functions); dropout is applied to the
-embedding, the residual branches, the MLP hidden units and the head, not to the attention weights (TECO's DMLab
-setting uses rate 0 everywhere).
+Differences from the release: logits and softmax are computed in float32 for any compute dtype, and keys outside
+the window get a logit of -1e30 instead of a bias of -1e10 (both give exactly zero weight in float32).
 
 The state is a list with one dict per layer:
     key, value: (B, max_len, N, num_heads, embed_dim // num_heads) in the compute dtype; ring slot j holds the
-        most recent frame s < time with s = j (mod max_len), N = (H / downsample) * (W / downsample);
-    time: () int32, the absolute index of the next frame (the number of frames seen so far).
+        most recent frame s < time with s = j (mod max_len);
+    time: () int32, the absolute index of the next frame (the frames seen so far, the start frame included).
 """
 from __future__ import annotations
 
@@ -46,8 +56,8 @@ _LAYER_NORM_EPS = 1e-6
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """Defaults: TECO-Transformer on DMLab (ConvS5 paper Table 20); d_model, the width of the output frames, is
-    TECO's embedding_dim (the latent width, 64 on DMLab).
+    """Defaults: TECO-Transformer on DMLab (ConvS5 paper Table 20, TECO release `configs/dmlab.yaml`); d_model,
+    the width of the output frames, is TECO's embedding_dim (the latent width, 64 on DMLab).
 
     max_len is the training sequence length (300 frames); `dtype` names the compute dtype ('float32',
     'bfloat16'); parameters are always float32.
@@ -56,24 +66,26 @@ def default_config() -> ml_collections.ConfigDict:
         d_model=64,
         n_layers=8,
         dropout=0.0,
+        attention_dropout=0.0,
         downsample=8,
         embed_dim=1024,
         mlp_dim=4096,
         num_heads=16,
         max_len=300,
+        start_token=True,
         remat=False,
         dtype="float32",
     ))
 
 
-def sinusoidal_time_embedding(times: jax.Array, dim: int) -> jax.Array:
-    """Sinusoidal embedding of absolute frame indices, TECO's `SinusoidalPositionBiases` layout.
+def sinusoidal_embedding(positions: jax.Array, dim: int) -> jax.Array:
+    """Sinusoidal embedding of token positions, TECO's `SinusoidalPositionBiases` layout.
 
-    times: (T,) integer  ->  (T, dim) float32, [sin(t w_0..w_{dim/2-1}), cos(t w_0..w_{dim/2-1})] with
-    w_i = 10000 ** (-2 i / dim). Valid for any t >= 0.
+    positions: (...) integer  ->  (..., dim) float32, [sin(p w_0..w_{dim/2-1}), cos(p w_0..w_{dim/2-1})] with
+    w_i = 10000 ** (-2 i / dim). Valid for any p >= 0.
     """
     inv_freq = 1.0 / (10000.0 ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
-    angles = times.astype(jnp.float32)[:, None] * inv_freq[None, :]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
     return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
 
 
@@ -105,16 +117,15 @@ def window_mask(first_time: jax.Array, num_frames: int, max_len: int, tokens_per
     return jnp.repeat(jnp.repeat(frame_mask, tokens_per_frame, axis=0), tokens_per_frame, axis=1)
 
 
-def masked_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array) -> jax.Array:
-    """Softmax attention with a boolean mask; logits and softmax in float32.
+def attention_weights(query: jax.Array, key: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax attention weights with a boolean mask; logits and softmax in float32.
 
-    query: (B, Lq, heads, D); key, value: (B, Lk, heads, D); mask: (Lq, Lk) bool, at least one True per row.
-    Returns (B, Lq, heads, D) in value's dtype.
+    query: (B, Lq, heads, D); key: (B, Lk, heads, D); mask: (Lq, Lk) bool, at least one True per row.
+    Returns (B, heads, Lq, Lk) float32, softmax over Lk of q.k / sqrt(D) where the mask holds, exactly 0 elsewhere.
     """
     logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
     logits = jnp.where(mask, logits * query.shape[-1] ** -0.5, _MASKED)
-    weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
+    return jax.nn.softmax(logits, axis=-1)
 
 
 def write_cache(cache: jax.Array, new: jax.Array, first_time: jax.Array) -> jax.Array:
@@ -131,16 +142,18 @@ def write_cache(cache: jax.Array, new: jax.Array, first_time: jax.Array) -> jax.
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:
-    """x * sigmoid(1.702 x), the GELU approximation of TECO's MLP blocks."""
+    """x * sigmoid(1.702 x), the GELU approximation of TECO's MLP blocks (`gelu2`)."""
     return x * nn.sigmoid(1.702 * x)
 
 
 class TransformerLayer(nn.Module):
-    """One pre-LayerNorm block: x + Attn(LN(x)), then x + MLP(LN(x)) (TECO's TransformerLayer)."""
+    """One pre-LayerNorm block: x + Attn(LN(x)), then x + MLP(LN(x)) (TECO's TransformerLayer, MultiHeadAttention
+    and MlpBlock in teco/models/transformer.py)."""
     embed_dim: int
     num_heads: int
     mlp_dim: int
     dropout: float
+    attention_dropout: float
     dtype: Any
 
     @nn.compact
@@ -149,8 +162,9 @@ class TransformerLayer(nn.Module):
         """x: (B, L, E) tokens; past_key, past_value: (B, P, heads, D) cached keys/values or None;
         mask: (L, P + L) bool over [past, new] keys. Returns (y (B, L, E), key, value (B, L, heads, D))."""
         head_dim = self.embed_dim // self.num_heads
+        attention_init = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
         projection = partial(nn.DenseGeneral, features=(self.num_heads, head_dim), dtype=self.dtype,
-                             kernel_init=nn.initializers.variance_scaling(1.0, "fan_in", "normal"))
+                             kernel_init=attention_init)
         dropout = partial(nn.Dropout, rate=self.dropout, deterministic=not train)
 
         h = nn.LayerNorm(epsilon=_LAYER_NORM_EPS, dtype=self.dtype, name="attention_norm")(x)
@@ -161,39 +175,48 @@ class TransformerLayer(nn.Module):
         if past_key is not None:
             keys = jnp.concatenate([past_key.astype(key.dtype), key], axis=1)
             values = jnp.concatenate([past_value.astype(value.dtype), value], axis=1)
-        h = masked_attention(query, keys, values, mask)
+        weights = attention_weights(query, keys, mask)
+        # One dropout mask for all examples and heads, as flax's dot_product_attention draws it in TECO.
+        weights = nn.Dropout(rate=self.attention_dropout, broadcast_dims=(0, 1),
+                             deterministic=not train)(weights)
+        h = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(values.dtype), values)
         h = nn.DenseGeneral(self.embed_dim, axis=(-2, -1), dtype=self.dtype, name="attention_out",
-                            kernel_init=nn.initializers.variance_scaling(1.0, "fan_in", "normal"))(h)
+                            kernel_init=attention_init)(h)
         x = x + dropout()(h)
 
         h = nn.LayerNorm(epsilon=_LAYER_NORM_EPS, dtype=self.dtype, name="mlp_norm")(x)
         mlp_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
         h = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=mlp_init, name="mlp_in")(h)
-        h = dropout()(quick_gelu(h))
+        # The hidden units dropped are the same for every token of a sequence (TECO's broadcast_dims=(-2,)).
+        h = dropout(broadcast_dims=(-2,))(quick_gelu(h))
         h = nn.Dense(self.embed_dim, dtype=self.dtype, kernel_init=mlp_init, name="mlp_out")(h)
         return x + dropout()(h), key, value
 
 
-class _SpatialPosition(nn.Module):
-    """Learned embedding of a token's place within its frame: (N, E) float32 parameter, N from the input."""
+class _StartToken(nn.Module):
+    """TECO's learned start frame (sos): a (rows, cols, E) float32 parameter, N(0, 0.02^2) at initialisation.
+    As in the release, it fixes the token grid: another grid raises flax's ScopeParamShapeError."""
 
     @nn.compact
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        """tokens: (B, T, N, E) -> (B, T, N, E), the embedding added."""
-        table = self.param("embedding", nn.initializers.normal(stddev=0.02), tokens.shape[2:], jnp.float32)
-        return tokens + table.astype(tokens.dtype)
+    def __call__(self, batch: int, rows: int, cols: int, width: int, dtype: Any) -> jax.Array:
+        """-> (batch, 1, rows * cols, width) in `dtype`: the start frame's tokens, before the input projection."""
+        table = self.param("embedding", nn.initializers.normal(stddev=0.02), (rows, cols, width), jnp.float32)
+        return jnp.broadcast_to(table.reshape(1, 1, rows * cols, width), (batch, 1, rows * cols, width)).astype(dtype)
 
 
 class Backbone(nn.Module):
-    """TECO's temporal transformer; see the module docstring for the window, the cache and the protocol."""
+    """TECO's temporal transformer; see the module docstring for what it computes, the window, the cache and the
+    protocol. `start_token` adds TECO's learned start frame (on in every config, as the release)."""
     d_model: int = 64
     n_layers: int = 8
     dropout: float = 0.0
+    attention_dropout: float = 0.0
     downsample: int = 8
     embed_dim: int = 1024
     mlp_dim: int = 4096
     num_heads: int = 16
     max_len: int = 300
+    start_token: bool = True
     remat: bool = False
     dtype: Any = "float32"
 
@@ -206,17 +229,23 @@ class Backbone(nn.Module):
             raise ValueError(f"{_FILE}: field embed_dim={self.embed_dim} must be divisible by "
                              f"num_heads={self.num_heads}")
         if self.embed_dim % 2:
-            raise ValueError(f"{_FILE}: field embed_dim={self.embed_dim} must be even (sinusoidal time positions)")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"{_FILE}: field dropout must lie in [0, 1), got {self.dropout!r}")
+            raise ValueError(f"{_FILE}: field embed_dim={self.embed_dim} must be even (sinusoidal positions)")
+        for field in ("dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, field) < 1.0:
+                raise ValueError(f"{_FILE}: field {field} must lie in [0, 1), got {getattr(self, field)!r}")
+        if not isinstance(self.start_token, bool):
+            raise ValueError(f"{_FILE}: field start_token must be a bool, got {self.start_token!r}")
         compute_dtype = self._compute_dtype()
         kernel = (self.downsample, self.downsample)
-        self.tokenize = nn.Conv(self.embed_dim, kernel, strides=kernel, padding="VALID", dtype=compute_dtype)
-        self.spatial_position = _SpatialPosition()
+        self.tokenize = nn.Conv(self.embed_dim, kernel, strides=kernel, padding="VALID", use_bias=False,
+                                dtype=compute_dtype)
+        self.sos = _StartToken()
+        self.project = nn.Dense(self.embed_dim, dtype=compute_dtype)
         self.embed_dropout = nn.Dropout(rate=self.dropout)
         layer = nn.remat(TransformerLayer, static_argnums=(5,)) if self.remat else TransformerLayer
         self.layers = [layer(embed_dim=self.embed_dim, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
-                             dropout=self.dropout, dtype=compute_dtype) for _ in range(self.n_layers)]
+                             dropout=self.dropout, attention_dropout=self.attention_dropout, dtype=compute_dtype)
+                       for _ in range(self.n_layers)]
         self.head_dense = nn.Dense(self.embed_dim, dtype=compute_dtype)
         self.head_norm = nn.LayerNorm(epsilon=_LAYER_NORM_EPS, dtype=compute_dtype)
         self.head_dropout = nn.Dropout(rate=self.dropout)
@@ -244,13 +273,23 @@ class Backbone(nn.Module):
                              f"width, got (H, W) = ({height}, {width})")
         return height // self.downsample, width // self.downsample
 
-    def init_state(self, batch_size: int, spatial_shape: Sequence[int]) -> list[dict[str, jax.Array]]:
-        """Empty caches for frames of spatial shape (H, W): a list of n_layers dicts, see the module docstring."""
-        rows, cols = self._token_grid(spatial_shape)
-        shape = (batch_size, self.max_len, rows * cols, self.num_heads, self.embed_dim // self.num_heads)
+    def _empty_state(self, batch_size: int, tokens_per_frame: int) -> list[dict[str, jax.Array]]:
+        shape = (batch_size, self.max_len, tokens_per_frame, self.num_heads, self.embed_dim // self.num_heads)
         dtype = self._compute_dtype()
         return [dict(key=jnp.zeros(shape, dtype), value=jnp.zeros(shape, dtype), time=jnp.zeros((), jnp.int32))
                 for _ in range(self.n_layers)]
+
+    def init_state(self, batch_size: int, spatial_shape: Sequence[int]) -> list[dict[str, jax.Array]]:
+        """The state before the first frame of a sequence, for frames of spatial shape (H, W): a list of n_layers
+        dicts, see the module docstring. With `start_token` the start frame has been processed (time 1, its keys
+        and values in slot 0), which needs the parameters; otherwise the caches are empty (time 0)."""
+        rows, cols = self._token_grid(spatial_shape)
+        state = self._empty_state(batch_size, rows * cols)
+        if not self.start_token:
+            return state
+        start = self.sos(batch_size, rows, cols, self.embed_dim, self._compute_dtype())
+        _, state = self._transform(start, state, with_cache=False, train=False)
+        return state
 
     def _check_state(self, state: list[dict[str, jax.Array]], batch: int, tokens_per_frame: int) -> None:
         if len(state) != self.n_layers:
@@ -262,39 +301,27 @@ class Backbone(nn.Module):
                     raise ValueError(f"{_FILE}: state[{i}][{name!r}] has shape {tuple(entry[name].shape)}, expected "
                                      f"{expected} (batch, max_len, tokens per frame, num_heads, head dim)")
 
-    def __call__(self, x: jax.Array, state: list[dict[str, jax.Array]] | None = None,
-                 train: bool = False) -> tuple[jax.Array, list[dict[str, jax.Array]]]:
-        """x: (B, T, H, W, C) float, frames state['time'] .. + T - 1 (0 .. T - 1 without a state).
+    def _transform(self, tokens: jax.Array, state: list[dict[str, jax.Array]], with_cache: bool,
+                   train: bool) -> tuple[jax.Array, list[dict[str, jax.Array]]]:
+        """The transformer proper (steps 3-5 of the module docstring) on frames state['time'] .. + T - 1.
 
-        Returns y: (B, T, H, W, d_model) in the compute dtype, and the final state (caches holding the last
-        max_len frames, time advanced by T). Dropout, when train and dropout > 0, draws from the 'dropout' rng.
+        tokens: (B, T, N, E) in the compute dtype, before the input projection; state: the caches (read only when
+        `with_cache`; always written). Returns the last block's output (B, T, N, E) and the state advanced by T.
         """
-        if x.ndim != 5:
-            raise ValueError(f"{_FILE}: expected frames (B, T, H, W, C), got shape {x.shape}")
-        batch, num_frames, height, width, _ = x.shape
-        rows, cols = self._token_grid((height, width))
-        tokens_per_frame = rows * cols
-        compute_dtype = self._compute_dtype()
-        if state is None:
-            first_time = jnp.zeros((), jnp.int32)
-            caches = self.init_state(batch, (height, width))
-        else:
-            self._check_state(state, batch, tokens_per_frame)
-            first_time = jnp.asarray(state[0]["time"], jnp.int32)
-            caches = state
-
-        tokens = self.tokenize(x.astype(compute_dtype).reshape(batch * num_frames, height, width, -1))
-        tokens = self.spatial_position(tokens.reshape(batch, num_frames, tokens_per_frame, self.embed_dim))
+        batch, num_frames, tokens_per_frame, _ = tokens.shape
+        first_time = jnp.asarray(state[0]["time"], jnp.int32)
+        h = self.project(tokens)
         times = first_time + jnp.arange(num_frames, dtype=jnp.int32)
-        tokens = tokens + sinusoidal_time_embedding(times, self.embed_dim)[None, :, None].astype(compute_dtype)
-        h = self.embed_dropout(tokens, deterministic=not train)
+        positions = times[:, None] * tokens_per_frame + jnp.arange(tokens_per_frame, dtype=jnp.int32)
+        h = h + sinusoidal_embedding(positions, self.embed_dim)[None].astype(h.dtype)
+        h = self.embed_dropout(h, deterministic=not train)
         h = h.reshape(batch, num_frames * tokens_per_frame, self.embed_dim)
 
-        mask = window_mask(first_time, num_frames, self.max_len, tokens_per_frame, with_cache=state is not None)
+        mask = window_mask(first_time, num_frames, self.max_len, tokens_per_frame, with_cache=with_cache)
         final_state = []
-        for layer, cache in zip(self.layers, caches):
+        for layer, cache in zip(self.layers, state):
             past_key = past_value = None
-            if state is not None:
+            if with_cache:
                 head_shape = (batch, self.max_len * tokens_per_frame) + cache["key"].shape[3:]
                 past_key, past_value = cache["key"].reshape(head_shape), cache["value"].reshape(head_shape)
             h, key, value = layer(h, past_key, past_value, mask, train)
@@ -302,6 +329,37 @@ class Backbone(nn.Module):
             final_state.append(dict(key=write_cache(cache["key"], key.reshape(frame_shape), first_time),
                                     value=write_cache(cache["value"], value.reshape(frame_shape), first_time),
                                     time=first_time + num_frames))
+        return h.reshape(batch, num_frames, tokens_per_frame, self.embed_dim), final_state
+
+    def __call__(self, x: jax.Array, state: list[dict[str, jax.Array]] | None = None,
+                 train: bool = False) -> tuple[jax.Array, list[dict[str, jax.Array]]]:
+        """x: (B, T, H, W, C) float, the frames after those the state has seen (the first frames of a sequence
+        without a state: then the start frame goes first when `start_token`).
+
+        Returns y: (B, T, H, W, d_model) float32, and the final state (caches holding the last max_len frames,
+        time advanced by T, and by 1 more for the start frame). Dropout, when train and dropout or
+        attention_dropout > 0, draws from the 'dropout' rng. Raises ValueError for a non-5D x, a downsample that
+        does not divide H and W, or a state of the wrong shape.
+        """
+        if x.ndim != 5:
+            raise ValueError(f"{_FILE}: expected frames (B, T, H, W, C), got shape {x.shape}")
+        batch, num_frames, height, width, _ = x.shape
+        rows, cols = self._token_grid((height, width))
+        tokens_per_frame = rows * cols
+        compute_dtype = self._compute_dtype()
+
+        tokens = self.tokenize(x.astype(compute_dtype).reshape(batch * num_frames, height, width, -1))
+        tokens = tokens.reshape(batch, num_frames, tokens_per_frame, self.embed_dim)
+        given_state = state is not None
+        if given_state:
+            self._check_state(state, batch, tokens_per_frame)
+        else:
+            state = self._empty_state(batch, tokens_per_frame)
+            if self.start_token:
+                start = self.sos(batch, rows, cols, self.embed_dim, compute_dtype)
+                tokens = jnp.concatenate([start, tokens], axis=1)
+        h, final_state = self._transform(tokens, state, with_cache=given_state, train=train)
+        h = h[:, h.shape[1] - num_frames:]  # the start frame's outputs are not returned
 
         h = self.head_norm(nn.gelu(self.head_dense(h)))
         h = self.head_dropout(h, deterministic=not train)
