@@ -66,12 +66,15 @@ class PosteriorEncoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Maps the backbone output and a latent frame to logits over the VQGAN codes.
+    """Maps the backbone output and a latent frame to logits over the VQGAN codes (TECO's ResNetDecoder,
+    `teco/models/base.py`).
 
     hidden: (N, h, w, D_hidden), latent: (N, h, w, latent_dim)
     -> (N, h * 2**(len(depths)-1), w * 2**(len(depths)-1), out_dim) float32 logits.
-    Mirror of the encoder: `blocks` blocks per depth from the deepest, nearest-neighbour upsampling by 2 between
-    depths, LayerNorm and a linear map to `out_dim`.
+    [hidden, latent] on channels, a 3x3 convolution to depths[0] (the encoder's order, as the release: on DMLab 256
+    channels, which the first block of the deepest depth, 512, widens through its 1x1 skip); then the encoder's
+    mirror: `blocks` blocks per depth from the deepest, nearest-neighbour upsampling by 2 between depths,
+    LayerNorm and a linear map to `out_dim`.
     """
     depths: Sequence[int]
     blocks: int
@@ -82,7 +85,7 @@ class Decoder(nn.Module):
     def __call__(self, hidden: jax.Array, latent: jax.Array) -> jax.Array:
         depths = list(reversed(self.depths))
         x = jnp.concatenate([hidden.astype(self.dtype), latent.astype(self.dtype)], axis=-1)
-        x = nn.Conv(depths[0], (3, 3), dtype=self.dtype)(x)
+        x = nn.Conv(self.depths[0], (3, 3), dtype=self.dtype)(x)
         for i, depth in enumerate(depths):
             for _ in range(self.blocks):
                 x = ResNetBlock(depth, dtype=self.dtype)(x)

@@ -9,6 +9,7 @@ import optax
 import pytest
 
 from teco_ssm import backbones
+from teco_ssm.modules import Decoder
 from teco_ssm.teco import (Teco, drop_loss_count, drop_loss_steps, init_variables, set_code_embeddings,
                            smoothed_cross_entropy)
 
@@ -104,6 +105,58 @@ def test_drop_loss_scores_exactly_the_sampled_steps():
         params, codes, actions, rng=rng)[1]["intermediates"]["decoder"]["__call__"][0].shape
     assert decoded_shape(True) == (2 * 3, 8, 8, 12)  # 3 of 10 frames per sequence were decoded
     assert decoded_shape(False) == (2 * 10, 8, 8, 12)  # evaluation scores every frame
+
+
+def _conv_same(x, kernel, bias=None):
+    """float64 'SAME' convolution, stride 1: x (N, H, W, C), kernel (k, k, C, O)."""
+    k = kernel.shape[0]
+    padded = np.pad(x, ((0, 0), (k // 2, k // 2), (k // 2, k // 2), (0, 0)))
+    out = sum(np.einsum("nhwc,co->nhwo", padded[:, i:i + x.shape[1], j:j + x.shape[2]], kernel[i, j])
+              for i in range(k) for j in range(k))
+    return out if bias is None else out + bias
+
+
+def _group_norm(x, p, groups=32, eps=1e-6):
+    n, h, w, c = x.shape
+    g = x.reshape(n, h, w, groups, c // groups)
+    g = (g - g.mean(axis=(1, 2, 4), keepdims=True)) / np.sqrt(g.var(axis=(1, 2, 4), keepdims=True) + eps)
+    return g.reshape(x.shape) * p["scale"] + p["bias"]
+
+
+def _resnet_block(x, p):
+    """TECO's ResNetBlock (`teco/models/base.py`): 1x1 bias-free skip when widths differ, 32-group GroupNorms."""
+    elu = lambda v: np.where(v > 0, v, np.expm1(np.minimum(v, 0)))
+    skip = _conv_same(x, p["skip"]["kernel"]) if "skip" in p else x
+    h = _conv_same(elu(_group_norm(x, p["GroupNorm_0"])), p["Conv_0"]["kernel"], p["Conv_0"]["bias"])
+    h = _conv_same(elu(_group_norm(h, p["GroupNorm_1"])), p["Conv_1"]["kernel"], p["Conv_1"]["bias"])
+    return skip + 0.1 * h
+
+
+def test_decoder_against_float64_release_structure():
+    """TECO's ResNetDecoder with depths (32, 64): a 3x3 conv to depths[0] = 32 (the config order), the 64-wide
+    block widening through its 1x1 skip, nearest upsampling, the 32-wide block, LayerNorm, Dense; fed the
+    module's own (perturbed) parameters."""
+    decoder = Decoder((32, 64), 1, 12)
+    hidden = jax.random.normal(jax.random.key(0), (2, 4, 4, 6))
+    latent = jax.random.normal(jax.random.key(1), (2, 4, 4, 4))
+    params = decoder.init(jax.random.key(2), hidden, latent)["params"]
+    leaves, tree = jax.tree.flatten(params)
+    noise = jax.random.split(jax.random.key(3), len(leaves))
+    params = jax.tree.unflatten(tree, [leaf + 0.1 * jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, noise)])
+    got = np.asarray(decoder.apply({"params": params}, hidden, latent))
+
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    x = np.concatenate([np.asarray(hidden, np.float64), np.asarray(latent, np.float64)], axis=-1)
+    x = _conv_same(x, p["Conv_0"]["kernel"], p["Conv_0"]["bias"])
+    assert x.shape[-1] == 32
+    x = _resnet_block(x, p["ResNetBlock_0"])
+    x = x.repeat(2, axis=1).repeat(2, axis=2)
+    x = _resnet_block(x, p["ResNetBlock_1"])
+    x = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6)
+    x = x * p["LayerNorm_0"]["scale"] + p["LayerNorm_0"]["bias"]
+    expected = x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"]
+    assert got.shape == (2, 8, 8, 12)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_frozen_code_embeddings_and_tokenizer_codebook():
