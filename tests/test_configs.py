@@ -45,37 +45,130 @@ def test_model_block_has_exactly_the_teco_fields():
         assert tuple(value) == tuple(defaults[key]) if isinstance(value, tuple) else value == defaults[key], key
 
 
-def test_paper_settings():
-    dmlab = {name: get_config("dmlab", name) for name in backbones.NAMES}
-    assert [dmlab[n].optim.lr for n in ("convs5", "s5", "transformer", "convt3")] == [5e-4, 1e-3, 1e-4, 5e-4]
-    c = dmlab["convs5"]
-    assert (c.batch_size, c.seq_len, c.steps, c.optim.warmup_steps, c.optim.weight_decay) == (16, 300, 500_000,
-                                                                                             5000, 1e-5)
-    assert c.model.drop_loss_rate == 0.9 and c.model.mask_future_frames and c.model.action_dropout == 0.5
-    assert (c.convs5.d_model, c.convs5.ssm_size, c.convs5.n_layers) == (512, 1024, 8)
-    assert tuple(c.model.encoder_depths) == (256, 512) and c.model.encoder_blocks == 2 and c.model.decoder_blocks == 4
-    assert (c.model.latent_codes, c.model.latent_proj_dim) == (1024, 32)
-    assert (c.model.prior_width, c.model.prior_mlp_dim, c.model.prior_heads, c.model.prior_layers) == (512, 2048, 8, 8)
-    assert (dmlab["s5"].s5.d_model, dmlab["s5"].s5.ssm_size, dmlab["s5"].s5.downsample) == (2048, 2048, 8)
-    t = dmlab["transformer"].transformer
-    assert (t.embed_dim, t.mlp_dim, t.num_heads, t.n_layers, t.downsample) == (1024, 4096, 16, 8, 8)
-    # ConvT3 is ConvS5's settings plus the structured state kernel's.
-    ct3 = dmlab["convt3"].convt3
-    for key, value in c.convs5.items():
-        if key in ct3:
-            assert ct3[key] == value, key
-    assert set(ct3.keys()) - set(c.convs5.keys())
-    mc, hab = get_config("minecraft"), get_config("habitat")
-    assert (mc.optim.lr, mc.steps, mc.convs5.n_layers, mc.convs5.ssm_size, mc.model.prior_layers) == (
-        5e-4, 1_000_000, 12, 512, 6)
-    assert mc.sampling.unconditioned.use_actions and mc.model.action_dropout == 0.0
-    assert (hab.optim.lr, hab.model.prior_width, hab.model.prior_layers, hab.model.decoder_blocks) == (
-        1e-4, 1024, 16, 8)
-    for config in (c, mc, hab):
-        p = config.sampling
-        assert (p.action_conditioned.context, p.action_conditioned.horizon) == (144, 156)
-        assert (p.unconditioned.context, p.unconditioned.horizon) == (36, 264)
-        assert (p.draft_steps, p.revise_steps, p.revise_rounds) == (8, 8, 2)
+# The release's values, by config path. Every 3D-benchmark config of both releases shares these (NVlabs/ConvSSM
+# configs/3D_ENV_BENCHMARK/*/*_teco_*.yaml, wilson1yan/teco configs/{dmlab,minecraft,habitat}.yaml; the optimiser
+# is train_utils.get_optimizer in both: optax.adamw(b1=0.9, b2=0.95), no clipping, weight decay on everything).
+RELEASE_SHARED = {
+    "seq_len": 300, "seed": 1, "optim.warmup_steps": 5000, "optim.weight_decay": 1e-5, "optim.schedule": "cosine",
+    "optim.end_lr_factor": 0.0, "optim.b1": 0.9, "optim.b2": 0.95, "optim.grad_clip": float("inf"),
+    "optim.ssm_weight_decay": 1e-5,
+    "model.code_shape": (16, 16), "model.vqgan_embedding_dim": 256,  # TECO's VQGANs: 16x16 codes of 256 channels
+    "model.encoder_depths": (256, 512), "model.decoder_depths": (256, 512), "model.latent_proj_dim": 32,
+    "model.prior_token_dim": 256, "model.mask_schedule": "cosine", "model.prior_dropout": 0.0,
+    "model.num_actions": 6, "model.action_embed_dim": 16, "model.use_actions": True, "model.condition_frames": 1,
+    "model.drop_loss_rate": 0.9, "model.label_smoothing": 0.01, "model.commitment_cost": 0.25,
+    "sampling.draft_steps": 8, "sampling.revise_steps": 8, "sampling.revise_rounds": 2,
+    "sampling.action_conditioned.context": 144, "sampling.action_conditioned.horizon": 156,
+    "sampling.action_conditioned.use_actions": True,
+    "sampling.unconditioned.context": 36, "sampling.unconditioned.horizon": 264,
+}
+DMLAB_MODEL = {  # the dmlab_teco_*.yaml model, shared by the three backbones
+    "steps": 500_000, "batch_size": 16, "model.vqgan_codes": 1024, "model.latent_dim": 64,
+    "model.latent_codes": 1024, "model.encoder_blocks": 2, "model.decoder_blocks": 4, "model.prior_width": 512,
+    "model.prior_mlp_dim": 2048, "model.prior_heads": 8, "model.prior_layers": 8, "model.action_dropout": 0.5,
+    "model.mask_future_frames": True, "model.mask_future_after": 144, "sampling.unconditioned.use_actions": False}
+MINECRAFT_MODEL = {  # minecraft_teco_convS5.yaml and TECO's configs/minecraft.yaml (Table 21: 8 decoder blocks)
+    "steps": 1_000_000, "model.vqgan_codes": 1024, "model.latent_dim": 128, "model.latent_codes": 1024,
+    "model.encoder_blocks": 4, "model.decoder_blocks": 6, "model.prior_width": 768, "model.prior_mlp_dim": 3072,
+    "model.prior_heads": 12, "model.prior_layers": 6, "model.action_dropout": 0.0, "model.mask_future_frames": False,
+    "sampling.unconditioned.use_actions": True}
+HABITAT_MODEL = {  # habitat_teco_convS5.yaml and TECO's configs/habitat.yaml (Table 21: 1024 latent codes)
+    "steps": 1_000_000, "model.vqgan_codes": 8192, "model.latent_dim": 256, "model.latent_codes": 2048,
+    "model.encoder_blocks": 4, "model.decoder_blocks": 8, "model.prior_width": 1024, "model.prior_mlp_dim": 4096,
+    "model.prior_heads": 16, "model.prior_layers": 16, "model.action_dropout": 0.5, "model.mask_future_frames": False,
+    "sampling.unconditioned.use_actions": False, "optim.lr": 1e-4}
+CONVS5_SHARED = {"d_model": 512, "B_kernel_size": 3, "C_kernel_size": 3, "D_kernel_size": 3, "dt_min": 0.001,
+                 "dt_max": 0.1, "clip_eigs": False, "dropout": 0.0, "num_groups": 32, "D_term": False}
+TRANSFORMER_SHARED = {"embed_dim": 1024, "mlp_dim": 4096, "num_heads": 16, "dropout": 0.0, "attention_dropout": 0.0,
+                      "max_len": 300}
+
+
+def convs5(**values):
+    return {f"{{backbone}}.{k}": v for k, v in {**CONVS5_SHARED, **values}.items()}
+
+
+def transformer(**values):
+    return {f"transformer.{k}": v for k, v in {**TRANSFORMER_SHARED, **values}.items()}
+
+
+RELEASE_VALUES = {
+    # NVlabs/ConvSSM configs/3D_ENV_BENCHMARK/dmlab/dmlab_teco_convS5.yaml (ssm.blocks 32 is not in Table 18)
+    ("dmlab", "convs5"): {**DMLAB_MODEL, "optim.lr": 5e-4, **convs5(ssm_size=1024, blocks=32, n_layers=8)},
+    # dmlab_teco_S5.yaml
+    ("dmlab", "s5"): {**DMLAB_MODEL, "optim.lr": 1e-3, "s5.d_model": 2048, "s5.ssm_size": 2048, "s5.blocks": 1,
+                      "s5.downsample": 8, "s5.n_layers": 8, "s5.out_dim": 64, "s5.dt_min": 0.001, "s5.dt_max": 0.1,
+                      "s5.clip_eigs": False, "s5.dropout": 0.0},
+    # dmlab_teco_transformer.yaml
+    ("dmlab", "transformer"): {**DMLAB_MODEL, "optim.lr": 1e-4,
+                               **transformer(d_model=64, downsample=8, n_layers=8)},
+    # NVlabs/ConvSSM configs/3D_ENV_BENCHMARK/minecraft/minecraft_teco_convS5.yaml
+    ("minecraft", "convs5"): {**MINECRAFT_MODEL, "optim.lr": 5e-4, "batch_size": 16,
+                              **convs5(ssm_size=512, blocks=1, n_layers=12)},
+    # wilson1yan/teco configs/minecraft.yaml
+    ("minecraft", "transformer"): {**MINECRAFT_MODEL, "optim.lr": 1e-4, "batch_size": 8,
+                                   **transformer(d_model=128, downsample=8, n_layers=12)},
+    # NVlabs/ConvSSM configs/3D_ENV_BENCHMARK/habitat/habitat_teco_convS5.yaml
+    ("habitat", "convs5"): {**HABITAT_MODEL, "batch_size": 16, **convs5(ssm_size=512, blocks=1, n_layers=8)},
+    # wilson1yan/teco configs/habitat.yaml
+    ("habitat", "transformer"): {**HABITAT_MODEL, "batch_size": 32,
+                                 **transformer(d_model=256, downsample=4, n_layers=8)},
+}
+# ConvT3 is TECO-ConvS5 with the structured state kernel; S5 has no release on Minecraft and Habitat and takes the
+# ConvS5 YAML's model and training values.
+RELEASE_VALUES.update({(d, "convt3"): RELEASE_VALUES[d, "convs5"] for d in ("dmlab", "minecraft", "habitat")})
+NO_RELEASE = {("minecraft", "s5"): ("minecraft", "convs5"), ("habitat", "s5"): ("habitat", "convs5")}
+
+
+def lookup(config, path):
+    value = config
+    for key in path.split("."):
+        value = value[key]
+    return tuple(value) if isinstance(value, list) else value
+
+
+@pytest.mark.parametrize("dataset, backbone", sorted(RELEASE_VALUES))
+def test_release_values(dataset, backbone):
+    config = get_config(dataset, backbone)
+    wanted = {**RELEASE_SHARED, **RELEASE_VALUES[dataset, backbone]}
+    wrong = {}
+    for path, value in wanted.items():
+        path = path.format(backbone=backbone)
+        if lookup(config, path) != value:
+            wrong[path] = (lookup(config, path), value)
+    assert not wrong, f"config value, release value: {wrong}"
+
+
+@pytest.mark.parametrize("dataset, reference", [(d, r) for (d, _), (_, r) in NO_RELEASE.items()])
+def test_s5_without_a_release_takes_the_convs5_training_and_model_values(dataset, reference):
+    s5, convs5_config = get_config(dataset, "s5"), get_config(dataset, reference)
+    assert s5.model == convs5_config.model and s5.optim == convs5_config.optim
+    assert (s5.batch_size, s5.steps, s5.seq_len) == (convs5_config.batch_size, convs5_config.steps, 300)
+    assert s5.s5.out_dim == s5.model.latent_dim and (s5.s5.d_model, s5.s5.ssm_size) == (2048, 2048)
+
+
+def test_release_optimizer_is_adamw_without_clipping():
+    """The paper configs' optimiser gives optax.adamw's updates (b2 0.95, weight decay) on a 2-D weight over steps
+    whose gradient norms change (1e3 then 1e-1): a global-norm clip would change their ratio, hence Adam's steps."""
+    import dataclasses
+
+    import jax.numpy as jnp
+    import optax
+
+    from teco_ssm import optim
+
+    config = get_config("dmlab", "convs5")
+    settings = dataclasses.replace(optim.OptimizerSettings.from_config(config.optim, config.steps), warmup_steps=0)
+    reference = optax.adamw(optim.learning_rate_schedule(settings.lr, settings), b1=0.9, b2=0.95,
+                            weight_decay=1e-5)
+    ours = optim.build(settings)
+    params = {"w": jnp.ones((3, 4))}
+    state, reference_state = ours.init(params), reference.init(params)
+    for scale in (1e2, 1e-2, 1.0):
+        grads = {"w": (jnp.arange(12.0).reshape(3, 4) - 5) * scale}
+        update, state = ours.update(grads, state, params)
+        expected, reference_state = reference.update(grads, reference_state, params)
+        np.testing.assert_allclose(update["w"], expected["w"], rtol=1e-5)
+        params = optax.apply_updates(params, update)
 
 
 # Parameter counts of the DMLab models in the ConvS5 paper's Tables 18 (TECO-ConvS5), 19 (TECO-S5) and 20
