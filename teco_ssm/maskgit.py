@@ -147,8 +147,15 @@ def masked_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array)
     return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0) * targets.shape[-1]
 
 
+def sigmoid_gelu(x: jax.Array) -> jax.Array:
+    """x * sigmoid(1.702 x), the sigmoid approximation of GELU (Hendrycks and Gimpel 2016) that TECO's transformer
+    MLP uses (`gelu2` in `teco/models/transformer.py`). Any shape and float dtype."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
 class _Block(nn.Module):
-    """Pre-LayerNorm transformer block: x + SelfAttention(LN(x)), then x + MLP(LN(x)). x: (N, L, width)."""
+    """Pre-LayerNorm transformer block (TECO's TransformerLayer): x + SelfAttention(LN(x)), then
+    x + MLP(LN(x)) with the MLP Dense -> sigmoid_gelu -> dropout -> Dense. x: (N, L, width)."""
     width: int
     mlp_dim: int
     num_heads: int
@@ -158,21 +165,26 @@ class _Block(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         h = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)(x)
-        h = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype, dropout_rate=0.0,
-                                            deterministic=True)(h, h)
+        h = nn.MultiHeadDotProductAttention(
+            num_heads=self.num_heads, dtype=self.dtype, dropout_rate=0.0, deterministic=True,
+            kernel_init=nn.initializers.variance_scaling(1.0, "fan_in", "normal"))(h, h)
         x = x + nn.Dropout(self.dropout, deterministic=not train)(h)
         h = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)(x)
-        h = nn.Dense(self.mlp_dim, dtype=self.dtype)(h)
-        h = nn.Dense(self.width, dtype=self.dtype)(nn.gelu(h))
+        h = sigmoid_gelu(nn.Dense(self.mlp_dim, dtype=self.dtype)(h))
+        h = nn.Dropout(self.dropout, broadcast_dims=(-2,), deterministic=not train)(h)
+        h = nn.Dense(self.width, dtype=self.dtype)(h)
         return x + nn.Dropout(self.dropout, deterministic=not train)(h)
 
 
 class MaskGitPrior(nn.Module):
-    """Bidirectional transformer over the codes of one latent frame, conditioned on the backbone output.
+    """Bidirectional transformer over the codes of one latent frame, conditioned on the backbone output (TECO's
+    MaskGit, `teco/models/maskgit.py`, and its Transformer, `teco/models/transformer.py`).
 
-    Code embeddings (K + 1 rows, the last for "masked") are concatenated with the conditioning per position,
-    mapped to `width`, given a learned position embedding per row and per column, mixed by `layers` blocks, and
-    read out against the code embeddings (TECO's MLM head) as logits over the K codes.
+    Per position: [code embedding (K + 1 rows, the last for "masked"), conditioning] -> Dense to `width`, plus a
+    learned position embedding made of a row part (ceil(width / 2) channels) and a column part (floor(width / 2))
+    concatenated; `layers` blocks; Dense(width) -> gelu -> LayerNorm; the MLM head Dense(token_dim) -> gelu ->
+    LayerNorm, read out against the code embeddings plus a bias as logits over the K codes. gelu is the tanh
+    approximation there, sigmoid_gelu inside the blocks' MLPs, as in the release; LayerNorm epsilons are 1e-6.
     """
     num_codes: int
     width: int = 512
@@ -196,15 +208,21 @@ class MaskGitPrior(nn.Module):
                            (self.num_codes + 1, self.token_dim), jnp.float32)
         x = jnp.concatenate([embed[tokens].astype(self.dtype), cond.astype(self.dtype)], axis=-1)
         x = nn.Dense(self.width, dtype=self.dtype, name="input")(x)
-        rows = self.param("row_embedding", nn.initializers.normal(stddev=0.02), (height, 1, self.width))
-        cols = self.param("column_embedding", nn.initializers.normal(stddev=0.02), (1, width, self.width))
-        x = (x + (rows + cols).astype(self.dtype)).reshape(n, height * width, self.width)
+        row_width = self.width - self.width // 2
+        rows = self.param("row_embedding", nn.initializers.normal(stddev=0.02), (height, row_width))
+        cols = self.param("column_embedding", nn.initializers.normal(stddev=0.02), (width, self.width // 2))
+        positions = jnp.concatenate([jnp.broadcast_to(rows[:, None], (height, width, row_width)),
+                                     jnp.broadcast_to(cols[None], (height, width, self.width // 2))], axis=-1)
+        x = (x + positions.astype(self.dtype)).reshape(n, height * width, self.width)
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
         for i in range(self.layers):
             x = _Block(self.width, self.mlp_dim, self.num_heads, self.dropout, self.dtype, name=f"block_{i}")(x, train)
+        x = nn.gelu(nn.Dense(self.width, dtype=self.dtype, name="final_dense")(x), approximate=True)
         x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="final_norm")(x)
-        x = nn.Dense(self.token_dim, dtype=self.dtype, name="head")(x)
-        x = nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32, name="head_norm")(nn.gelu(x))
+        x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        x = nn.Dense(self.token_dim, dtype=self.dtype, kernel_init=nn.initializers.normal(stddev=0.02),
+                     name="head")(x)
+        x = nn.LayerNorm(epsilon=1e-6, dtype=jnp.float32, name="head_norm")(nn.gelu(x, approximate=True))
         bias = self.param("output_bias", nn.initializers.zeros, (self.num_codes,), jnp.float32)
         logits = x.astype(jnp.float32) @ embed[: self.num_codes].T + bias
         return logits.reshape(n, height, width, self.num_codes)

@@ -135,3 +135,66 @@ def test_prior_is_bidirectional_and_conditioned():
     changed = apply(params, tokens, cond.at[0, 1, 1].add(1.0))
     assert float(jnp.abs(changed[0, 0, 0] - base[0, 0, 0]).max()) > 1e-4
     assert math.isfinite(float(base.sum()))
+
+
+def _layer_norm(x, p, eps=1e-6):
+    return (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + eps) * p["scale"] + p["bias"]
+
+
+def _tanh_gelu(x):
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
+def _prior_reference(p, tokens, cond):
+    """TECO's MaskGit network (`teco/models/maskgit.py`, `transformer.py`) in float64 NumPy: input Dense, row and
+    column position embeddings of half width each concatenated, pre-LN blocks with x * sigmoid(1.702 x) in the
+    MLP, Dense -> gelu -> LayerNorm, then the MLM head Dense -> gelu -> LayerNorm -> logits against the token
+    embeddings plus a bias. LayerNorm epsilon 1e-6; gelu outside the MLPs is the tanh form."""
+    n, h, w = tokens.shape
+    embed = p["token_embedding"]
+    x = np.concatenate([embed[tokens], cond], axis=-1) @ p["input"]["kernel"] + p["input"]["bias"]
+    rows, cols = p["row_embedding"], p["column_embedding"]
+    positions = np.concatenate([np.broadcast_to(rows[:, None], (h, w, rows.shape[-1])),
+                                np.broadcast_to(cols[None], (h, w, cols.shape[-1]))], axis=-1)
+    x = (x + positions).reshape(n, h * w, -1)
+    for name in sorted(k for k in p if k.startswith("block_")):
+        b = p[name]
+        attention = b["MultiHeadDotProductAttention_0"]
+        y = _layer_norm(x, b["LayerNorm_0"])
+        q, k, v = (np.einsum("nld,dhk->nlhk", y, attention[c]["kernel"]) + attention[c]["bias"]
+                   for c in ("query", "key", "value"))
+        scores = np.einsum("nqhd,nkhd->nhqk", q, k) / np.sqrt(q.shape[-1])
+        weights = np.exp(scores - scores.max(-1, keepdims=True))
+        weights /= weights.sum(-1, keepdims=True)
+        out = np.einsum("nhqk,nkhd->nqhd", weights, v)
+        x = x + np.einsum("nqhd,hdo->nqo", out, attention["out"]["kernel"]) + attention["out"]["bias"]
+        y = _layer_norm(x, b["LayerNorm_1"]) @ b["Dense_0"]["kernel"] + b["Dense_0"]["bias"]
+        y = y / (1 + np.exp(-1.702 * y))
+        x = x + y @ b["Dense_1"]["kernel"] + b["Dense_1"]["bias"]
+    x = _layer_norm(_tanh_gelu(x @ p["final_dense"]["kernel"] + p["final_dense"]["bias"]), p["final_norm"])
+    x = _layer_norm(_tanh_gelu(x @ p["head"]["kernel"] + p["head"]["bias"]), p["head_norm"])
+    logits = x @ embed[:-1].T + p["output_bias"]
+    return logits.reshape(n, h, w, -1)
+
+
+def test_prior_against_float64_release_structure():
+    """Fed the module's own (perturbed) parameters; width 9 splits into a 5-channel row and a 4-channel column
+    embedding, on a 3 x 4 grid so rows and columns cannot be confused."""
+    prior = maskgit.MaskGitPrior(num_codes=10, width=9, mlp_dim=12, num_heads=3, layers=2, token_dim=6)
+    tokens = jax.random.randint(jax.random.key(0), (2, 3, 4), 0, 11)
+    cond = jax.random.normal(jax.random.key(1), (2, 3, 4, 5))
+    params = prior.init(jax.random.key(2), tokens, cond)["params"]
+    assert params["row_embedding"].shape == (3, 5) and params["column_embedding"].shape == (4, 4)
+    leaves, tree = jax.tree.flatten(params)
+    noise = jax.random.split(jax.random.key(3), len(leaves))
+    params = jax.tree.unflatten(tree, [leaf + 0.3 * jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, noise)])
+    got = np.asarray(prior.apply({"params": params}, tokens, cond))
+    expected = _prior_reference(jax.tree.map(lambda a: np.asarray(a, np.float64), params), np.asarray(tokens),
+                                np.asarray(cond, np.float64))
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_sigmoid_gelu():
+    x = np.linspace(-6, 6, 101)
+    np.testing.assert_allclose(np.asarray(maskgit.sigmoid_gelu(jnp.asarray(x, jnp.float32))),
+                               x / (1 + np.exp(-1.702 * x)), atol=1e-6)
