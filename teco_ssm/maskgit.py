@@ -63,11 +63,18 @@ def step_boundaries(num_tokens: int, steps: int, schedule: str) -> np.ndarray:
     """How many codes are revealed after each of `steps` rounds: (steps + 1,) int, 0 first, num_tokens last,
     non-decreasing; round i reveals positions ranked in [b[i], b[i+1]).
 
-    The count revealed after round i is num_tokens - floor(mask_ratio((i + 1) / steps) * num_tokens); with the
-    linear schedule the rounds have (nearly) equal sizes, TECO's choice for both draft and revision.
+    linear (TECO's draft and revision, `sample_mask` in `teco/models/maskgit.py`): equal rounds as
+    `jnp.array_split` makes them, the first num_tokens % steps rounds one code larger (10 codes in 4 rounds:
+    3, 3, 2, 2). Other schedules: num_tokens - floor(mask_ratio((i + 1) / steps) * num_tokens) codes revealed after
+    round i. Raises ValueError for steps < 1 or an unknown schedule.
     """
     if steps < 1:
         raise ValueError(f"{_FILE}: the number of sampling steps must be >= 1, got {steps}")
+    if schedule == "linear":
+        size, larger = divmod(num_tokens, steps)
+        sizes = np.full(steps, size, np.int64)
+        sizes[:larger] += 1
+        return np.concatenate([[0], np.cumsum(sizes)])
     progress = np.arange(steps + 1, dtype=np.float64) / steps
     remaining = np.floor(np.asarray(mask_ratio(progress, schedule), np.float64) * num_tokens + 1e-9)
     remaining[0], remaining[-1] = num_tokens, 0
@@ -80,7 +87,7 @@ def sampling_masks(rng: jax.Array, batch: int, num_tokens: int, draft_steps: int
     batch, num_tokens) bool.
 
     The draft rounds partition the positions (a fresh random order per row, round sizes from `draft_schedule`);
-    each revision pass partitions them again in `revise_steps` near-equal random groups.
+    each revision pass partitions them again in `revise_steps` near-equal random groups, the larger ones first.
     """
     keys = jax.random.split(rng, revise_rounds + 1)
     masks = []

@@ -45,6 +45,18 @@ def test_step_boundaries(schedule):
     assert bounds[0] == 0 and bounds[-1] == 64 and np.all(np.diff(bounds) >= 0)
 
 
+def test_linear_rounds_split_as_the_release():
+    """TECO's sampler splits a random order of the codes with `jnp.array_split`: equal rounds, the larger first."""
+    for num_tokens in range(1, 70):
+        for steps in range(1, 13):
+            sizes = [len(chunk) for chunk in np.array_split(np.arange(num_tokens), steps)]
+            np.testing.assert_array_equal(np.diff(maskgit.step_boundaries(num_tokens, steps, "linear")), sizes)
+    np.testing.assert_array_equal(np.diff(maskgit.step_boundaries(10, 4, "linear")), [3, 3, 2, 2])
+    masks = np.asarray(maskgit.sampling_masks(jax.random.key(0), 2, 10, draft_steps=4, revise_steps=3,
+                                              revise_rounds=1))
+    np.testing.assert_array_equal(masks.sum(axis=2), [[3, 3]] * 2 + [[2, 2]] * 2 + [[4, 4]] + [[3, 3]] * 2)
+
+
 def test_sampling_masks_partition_every_pass():
     masks = np.asarray(maskgit.sampling_masks(jax.random.key(0), 3, 20, draft_steps=4, revise_steps=5,
                                               revise_rounds=2))
