@@ -9,6 +9,9 @@ interrupted write is never listed or restored.
   state = restore_or_none(mngr, {'model': abstract_vars, 'train': abstract_train}) or fresh
   save(mngr, step, {'model': vars, 'train': train})      # skipped unless step % save_every == 0 (force=True saves)
   close(mngr)
+
+A checkpoint whose item has other leaves or shapes than the target (one written by another model structure) is
+refused before anything is read: CheckpointMismatchError names the missing, unexpected and reshaped leaf paths.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from typing import Any, Mapping
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 CONFIG_FILE = 'config.json'
 CHECKPOINT_DIR = 'checkpoints'
@@ -107,18 +111,78 @@ def _restore_target(leaf: Any) -> jax.ShapeDtypeStruct:
     return target
 
 
+class CheckpointMismatchError(ValueError):
+    """A saved item's tree differs from the one asked for: leaves missing from the checkpoint, leaves the target
+    does not have, or leaves of another shape (a checkpoint written by another model or an older version)."""
+
+
+def _key_name(key: Any) -> str:
+    for attr in ('key', 'name', 'idx'):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _leaf_shapes(tree: Any, prefix: str) -> dict[str, tuple[int, ...]]:
+    """'prefix/a/b/c' (the leaf's key path joined by '/') -> the leaf's shape, for every leaf of `tree`."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {'/'.join([prefix, *map(_key_name, path)]): tuple(getattr(leaf, 'shape', ()))
+            for path, leaf in leaves}
+
+
+def _some(items: list[str], limit: int = 5) -> str:
+    shown = ', '.join(items[:limit])
+    return shown if len(items) <= limit else f'{shown} and {len(items) - limit} more'
+
+
+def check_item(step_dir: str, name: str, abstract_item: Any) -> None:
+    """Raises CheckpointMismatchError when item `name` saved in `step_dir` has other leaves or shapes than
+    `abstract_item` (a pytree of arrays or jax.ShapeDtypeStruct), naming a few of each kind and their count.
+
+    Leaves are compared by their '/'-joined key paths ('model/params/decoder/Conv_0/kernel'). Does nothing when the
+    item's metadata cannot be read (orbax then reports the problem itself).
+    """
+    try:
+        saved_tree = ocp.StandardCheckpointHandler().metadata(epath.Path(step_dir) / name)
+    except Exception:  # no readable metadata (e.g. no such item): orbax's restore reports it
+        return
+    saved, wanted = _leaf_shapes(saved_tree, name), _leaf_shapes(abstract_item, name)
+    missing = sorted(set(wanted) - set(saved))
+    unexpected = sorted(set(saved) - set(wanted))
+    reshaped = sorted(f'{path} (saved {saved[path]}, expected {wanted[path]})'
+                      for path in set(saved) & set(wanted) if saved[path] != wanted[path])
+    if not (missing or unexpected or reshaped):
+        return
+    problems = []
+    if missing:
+        problems.append(f'{len(missing)} missing from the checkpoint: {_some(missing)}')
+    if unexpected:
+        problems.append(f'{len(unexpected)} in the checkpoint but not expected: {_some(unexpected)}')
+    if reshaped:
+        problems.append(f'{len(reshaped)} of another shape: {_some(reshaped)}')
+    raise CheckpointMismatchError(
+        f'{step_dir}: item {name!r} does not match the tree it is restored into (it was written for a model of '
+        f'another structure: another config or an earlier version of this code); nothing was restored. '
+        + '; '.join(problems))
+
+
 def restore(mngr: ocp.CheckpointManager, abstract_state: Mapping[str, Any], step: int | None = None
             ) -> dict[str, Any]:
     """Restores the items named in `abstract_state` (pytrees of arrays or jax.ShapeDtypeStruct) at `step`.
 
-    step None means the latest. Items of the checkpoint not named are not read.
-    Raises FileNotFoundError when there is no checkpoint.
+    step None means the latest. Items of the checkpoint not named are not read; a named item is restored whole or
+    not at all.
+    Raises FileNotFoundError when there is no checkpoint, CheckpointMismatchError (a ValueError) when a saved item's
+    leaves or shapes differ from `abstract_state`'s (`check_item`).
     """
     mngr.wait_until_finished()
     if step is None:
         step = mngr.latest_step()
     if step is None:
         raise FileNotFoundError(f'{mngr.directory}: no finished checkpoint to restore')
+    step_dir = os.path.join(os.fspath(mngr.directory), str(step))
+    for name, item in abstract_state.items():
+        check_item(step_dir, name, item)
     abstract = {name: jax.tree_util.tree_map(_restore_target, item) for name, item in abstract_state.items()}
     args = ocp.args.Composite(**{name: ocp.args.StandardRestore(item) for name, item in abstract.items()})
     restored = mngr.restore(step, args=args)

@@ -6,6 +6,7 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from teco_ssm import checkpoint as ckpt
 
@@ -63,3 +64,69 @@ def test_abstract_leaves_without_sharding_restore_on_this_machine(tmp_path):
     ckpt.close(mngr)
     assert back.sharding == jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     np.testing.assert_array_equal(np.asarray(back), np.arange(8.0 * len(devices)))
+
+
+# ------------------------------------------------------------------------ checkpoints of another model structure
+def _teco_variables(backbone_fields, **model_fields):
+    """Abstract variables of a toy TECO-ConvS5 with these backbone and model fields."""
+    from teco_ssm import backbones, teco
+    from tests.toy import TOY_BACKBONES, TOY_MODEL
+
+    model = teco.Teco(backbone=backbones.build('convs5', {**TOY_BACKBONES['convs5'], **backbone_fields}),
+                      **{**TOY_MODEL, **model_fields})
+    return jax.eval_shape(lambda key: teco.init_variables(model, key), jax.random.key(0))
+
+
+def _paths(tree):
+    from flax import traverse_util
+
+    return {'model/' + '/'.join(path) for path in traverse_util.flatten_dict(tree)}
+
+
+def _save_model(workdir, variables):
+    concrete = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), variables)
+    mngr = ckpt.manager(workdir)
+    ckpt.save(mngr, 3, {'model': concrete, 'train': {'step': jnp.int32(3)}}, force=True)
+    ckpt.close(mngr)
+
+
+def test_a_checkpoint_of_another_model_structure_is_refused_naming_the_parameters(tmp_path):
+    """An old model (a per-channel D in each ConvS5 layer, a learned start latent, one layer) saved, then restored
+    into the current one (neither, two layers): one error naming a few paths of each kind and their counts, not
+    orbax's tree dump, and nothing restored."""
+    workdir = str(tmp_path / 'run')
+    old = _teco_variables(dict(D_term=True, n_layers=1), start_position=True)
+    new = _teco_variables(dict(D_term=False, n_layers=2), start_position=False)
+    _save_model(workdir, old)
+    missing = sorted(_paths(new) - _paths(old))
+    unexpected = sorted(_paths(old) - _paths(new))
+    assert len(missing) > 5 and all('/backbone/layer_1/' in p for p in missing)
+    assert unexpected == ['model/params/backbone/layer_0/D', 'model/params/start_latent']
+
+    mngr = ckpt.manager(workdir, read_only=True)
+    with pytest.raises(ckpt.CheckpointMismatchError) as error:
+        ckpt.restore(mngr, {'model': new})
+    ckpt.close(mngr)
+    message = str(error.value)
+    assert message.startswith(os.path.join(workdir, 'checkpoints', '3') + ": item 'model' does not match")
+    assert f'{len(missing)} missing from the checkpoint: {", ".join(missing[:5])} and {len(missing) - 5} more' \
+        in message
+    assert f'2 in the checkpoint but not expected: {", ".join(unexpected)}' in message
+    assert 'of another shape' not in message and 'Source' not in message and len(message) < 1200
+
+
+def test_a_checkpoint_with_other_shapes_is_refused_naming_them(tmp_path):
+    workdir = str(tmp_path / 'run')
+    _save_model(workdir, _teco_variables(dict(ssm_size=8)))
+    mngr = ckpt.manager(workdir, read_only=True)
+    with pytest.raises(ckpt.CheckpointMismatchError) as error:
+        ckpt.restore(mngr, {'model': _teco_variables(dict(ssm_size=16))})
+    message = str(error.value)
+    # P = ssm_size / 2 complex states, stored as (..., 2) reals: B (P, U kB kB, 2), Lambda (P,)
+    assert ('5 of another shape: model/params/backbone/layer_0/ssm/diagonal/B (saved (4, 144, 2), expected '
+            '(8, 144, 2))') in message and 'diagonal/Lambda_re (saved (4,), expected (8,))' in message
+    assert 'missing' not in message and 'not expected' not in message
+    # the same structure restores, item by item
+    back = ckpt.restore(mngr, {'model': _teco_variables(dict(ssm_size=8))})['model']
+    ckpt.close(mngr)
+    assert _paths(back) == _paths(_teco_variables(dict(ssm_size=8)))
