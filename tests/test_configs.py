@@ -78,9 +78,10 @@ HABITAT_MODEL = {  # habitat_teco_convS5.yaml and TECO's configs/habitat.yaml (T
     "model.prior_heads": 16, "model.prior_layers": 16, "model.action_dropout": 0.5, "model.mask_future_frames": False,
     "sampling.unconditioned.use_actions": False, "optim.lr": 1e-4}
 CONVS5_SHARED = {"d_model": 512, "B_kernel_size": 3, "C_kernel_size": 3, "D_kernel_size": 3, "dt_min": 0.001,
-                 "dt_max": 0.1, "clip_eigs": False, "dropout": 0.0, "num_groups": 32, "D_term": False}
+                 "dt_max": 0.1, "clip_eigs": False, "dropout": 0.0, "num_groups": 32, "D_term": False,
+                 "ssm_init": "he_normal"}
 TRANSFORMER_SHARED = {"embed_dim": 1024, "mlp_dim": 4096, "num_heads": 16, "dropout": 0.0, "attention_dropout": 0.0,
-                      "max_len": 300}
+                      "max_len": 300, "start_token": True}
 
 
 def convs5(**values):
