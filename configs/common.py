@@ -58,20 +58,22 @@ def optimizer(lr: float, *, warmup_steps: int = 5000, weight_decay: float = 1e-5
     return ml_collections.ConfigDict(dict(
         lr=lr, warmup_steps=warmup_steps, schedule="cosine", end_lr_factor=0.0, b1=0.9, b2=b2,
         weight_decay=weight_decay, grad_clip=grad_clip, ssm_lr=lr, ssm_weight_decay=ssm_weight_decay,
-        ssm_params=SSM_PARAMS))
+        ssm_params=SSM_PARAMS, decay_all=False, schedule_ends_early=False))
 
 
 def release_optimizer(lr: float) -> ml_collections.ConfigDict:
     """The optimiser of the TECO and ConvS5 releases (`train_utils.get_optimizer` in both, with the 3D-benchmark
     YAMLs' warmup_steps 5000 and weight_decay 1e-5): `optax.adamw(b1=0.9, b2=0.95)`, weight decay on every
-    parameter the optimiser's groups allow (the SSM group included), no gradient clipping.
+    parameter (biases, norms and the SSM group included: `decay_all`), no gradient clipping, and the cosine ending
+    at total_steps - warmup_steps (`schedule_ends_early`: the releases pass that as optax's decay_steps, which
+    counts the warm-up).
 
-    The papers' tables give neither b2 nor clipping. Two release details have no field here: the release's cosine
-    reaches 0 at total_steps - warmup_steps (it passes that as optax's decay_steps, which counts the warm-up) where
-    ours reaches 0 at config.steps, and it also decays biases and norm parameters (our 'no_decay' group).
+    The papers' tables give neither b2 nor clipping.
     """
-    return optimizer(lr, warmup_steps=5000, weight_decay=1e-5, b2=0.95, grad_clip=float("inf"),
-                     ssm_weight_decay=1e-5)
+    config = optimizer(lr, warmup_steps=5000, weight_decay=1e-5, b2=0.95, grad_clip=float("inf"),
+                       ssm_weight_decay=1e-5)
+    config.decay_all, config.schedule_ends_early = True, True
+    return config
 
 
 def sampling(*, unconditioned_uses_actions: bool = False, num_videos: int = 1024,

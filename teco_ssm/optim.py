@@ -9,10 +9,12 @@ Three groups, chosen per parameter by its path (names joined by '/', e.g. 'backb
               ConvT3's stencils) train as S5 trains them, with their own peak rate `ssm_lr` and `ssm_weight_decay`
               (0 in every config);
   'no_decay'  other parameters with fewer than two dimensions (biases, norm scales and offsets): rate `lr`, no
-              weight decay;
+              weight decay, unless `decay_all` (the releases' `optax.adamw` decays every parameter);
   'decay'     everything else: rate `lr`, decoupled weight decay `weight_decay` (scaled by the rate, as AdamW).
 Both rates follow the same schedule shape: 0 -> peak linearly over `warmup_steps`, then cosine down to
-`end_lr_factor * peak` at `total_steps`. Gradients are clipped to global norm `grad_clip` (over all groups)
+`end_lr_factor * peak` at `total_steps`, or at `total_steps - warmup_steps` with `schedule_ends_early` (both
+releases' `get_learning_rate_fn` pass decay_steps = total_steps - warmup_steps to optax's
+`warmup_cosine_decay_schedule`, whose decay_steps already counts the warm-up), then constant. Gradients are clipped to global norm `grad_clip` (over all groups)
 before the groups' updates.
 """
 from __future__ import annotations
@@ -44,6 +46,8 @@ class OptimizerSettings:
     ssm_lr: float | None = None
     ssm_weight_decay: float = 0.0
     ssm_params: str = r"(^|/)(Lambda_re|Lambda_im|log_step)$|(^|/)raw_b_[HW]$"
+    decay_all: bool = False
+    schedule_ends_early: bool = False
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -52,6 +56,10 @@ class OptimizerSettings:
         if not 0 <= self.warmup_steps < self.total_steps:
             raise ValueError(f"{_FILE}: need 0 <= warmup_steps ({self.warmup_steps}) < total_steps "
                              f"({self.total_steps}) (config.optim.warmup_steps, config.steps)")
+        if self.schedule_ends_early and 2 * self.warmup_steps >= self.total_steps:
+            raise ValueError(f"{_FILE}: with schedule_ends_early the cosine ends at total_steps - warmup_steps, so "
+                             f"need 2 * warmup_steps ({self.warmup_steps}) < total_steps ({self.total_steps}) "
+                             f"(config.optim.warmup_steps, config.steps)")
         try:
             re.compile(self.ssm_params)
         except re.error as error:
@@ -80,8 +88,9 @@ def learning_rate_schedule(peak: float, settings: OptimizerSettings) -> optax.Sc
         return optax.join_schedules(
             [optax.linear_schedule(0.0, peak, max(settings.warmup_steps, 1)), optax.constant_schedule(peak)],
             [settings.warmup_steps])
+    length = settings.total_steps - (settings.warmup_steps if settings.schedule_ends_early else 0)
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=peak, warmup_steps=settings.warmup_steps, decay_steps=settings.total_steps,
+        init_value=0.0, peak_value=peak, warmup_steps=settings.warmup_steps, decay_steps=length,
         end_value=settings.end_lr_factor * peak)
 
 
@@ -128,12 +137,13 @@ def build(settings: OptimizerSettings) -> optax.GradientTransformation:
     moment state and a smaller compiled step.
     """
     labels = lambda params: param_labels(params, settings.ssm_params)
-    in_group = lambda group: (lambda params: jax.tree_util.tree_map(lambda label: label == group, labels(params)))
+    decayed = ("decay", "no_decay") if settings.decay_all else ("decay",)
+    in_group = lambda *groups: (lambda params: jax.tree_util.tree_map(lambda label: label in groups, labels(params)))
     rate = lambda peak: optax.scale_by_learning_rate(learning_rate_schedule(peak, settings))
     return optax.chain(
         optax.clip_by_global_norm(settings.grad_clip),
         optax.scale_by_adam(b1=settings.b1, b2=settings.b2),
-        optax.add_decayed_weights(settings.weight_decay, mask=in_group("decay")),
+        optax.add_decayed_weights(settings.weight_decay, mask=in_group(*decayed)),
         optax.add_decayed_weights(settings.ssm_weight_decay, mask=in_group("ssm")),
         optax.multi_transform({"decay": rate(settings.lr), "no_decay": rate(settings.lr),
                                "ssm": rate(settings.peak_ssm_lr)}, labels))

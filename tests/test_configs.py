@@ -148,27 +148,32 @@ def test_s5_without_a_release_takes_the_convs5_training_and_model_values(dataset
 
 
 def test_release_optimizer_is_adamw_without_clipping():
-    """The paper configs' optimiser gives optax.adamw's updates (b2 0.95, weight decay) on a 2-D weight over steps
-    whose gradient norms change (1e3 then 1e-1): a global-norm clip would change their ratio, hence Adam's steps."""
-    import dataclasses
-
+    """The paper configs' optimiser gives the releases' updates (`train_utils.get_optimizer`: one optax.adamw, b2 0.95,
+    weight decay on every parameter, cosine with decay_steps = total_steps - warmup_steps) on a weight, a bias and
+    an SSM parameter, over steps whose gradient norms change (1e2, 1e-2): a global-norm clip would change their
+    ratio, hence Adam's steps. A short schedule (10 steps, 3 of warm-up) reaches its end inside the test."""
     import jax.numpy as jnp
     import optax
 
     from teco_ssm import optim
 
     config = get_config("dmlab", "convs5")
-    settings = dataclasses.replace(optim.OptimizerSettings.from_config(config.optim, config.steps), warmup_steps=0)
-    reference = optax.adamw(optim.learning_rate_schedule(settings.lr, settings), b1=0.9, b2=0.95,
-                            weight_decay=1e-5)
+    config.unlock()
+    config.steps, config.optim.warmup_steps = 10, 3
+    settings = optim.OptimizerSettings.from_config(config.optim, config.steps)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, config.optim.lr, 3, decay_steps=10 - 3)
+    reference = optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=1e-5)
     ours = optim.build(settings)
-    params = {"w": jnp.ones((3, 4))}
+    params = {"w": jnp.ones((3, 4)), "b": jnp.full((4,), 2.0), "diagonal": {"Lambda_re": jnp.full((4,), -0.5)}}
     state, reference_state = ours.init(params), reference.init(params)
-    for scale in (1e2, 1e-2, 1.0):
-        grads = {"w": (jnp.arange(12.0).reshape(3, 4) - 5) * scale}
+    for step in range(10):
+        scale = (1e2, 1e-2)[step % 2]
+        grads = jax.tree_util.tree_map(lambda p: (jnp.arange(p.size, dtype=jnp.float32).reshape(p.shape) - 2) * scale,
+                                       params)
         update, state = ours.update(grads, state, params)
         expected, reference_state = reference.update(grads, reference_state, params)
-        np.testing.assert_allclose(update["w"], expected["w"], rtol=1e-5)
+        for got, want in zip(jax.tree_util.tree_leaves(update), jax.tree_util.tree_leaves(expected)):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-12)
         params = optax.apply_updates(params, update)
 
 

@@ -139,7 +139,8 @@ def test_from_config_and_bad_settings():
 
 TOY = {"transformer": dict(d_model=16, n_layers=1, embed_dim=16, mlp_dim=32, num_heads=2, downsample=2, max_len=8),
        "s5": dict(d_model=16, n_layers=1, ssm_size=8, downsample=2, out_dim=8),
-       "convs5": dict(d_model=16, n_layers=1, ssm_size=8), "convt3": dict(d_model=16, n_layers=1, ssm_size=8)}
+       "convs5": dict(d_model=16, n_layers=1, ssm_size=8, num_groups=4),
+       "convt3": dict(d_model=16, n_layers=1, ssm_size=8, num_groups=4)}
 
 
 @pytest.mark.parametrize("name", backbones.NAMES)
