@@ -25,6 +25,7 @@ Targets: ratio <= 1.2 for the SSMs, cached/rerun >= 5, compiled/loop >= 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import time
@@ -42,13 +43,20 @@ from teco_ssm.backbones import transformer
 class RerunTransformer(transformer.Backbone):
     """The Transformer stepped as TECO samples it: every step re-runs the parallel call over all inputs so far.
 
-    Same parameters as `transformer.Backbone`. State: inputs (B, max_frames, H, W, C), the inputs so far (zeros
-    after them; causal attention never reads them), and time () int32.
+    Same parameters as `transformer.Backbone`. State: inputs (B, max_frames, H, W, input_channels), the inputs so
+    far (zeros after them; causal attention never reads them), and time () int32. Every parallel call starts from
+    TECO's start frame, so the state needs none of it.
     """
     max_frames: int = 316
+    input_channels: int = 0
+
+    def init_state(self, batch_size: int, spatial_shape: tuple[int, int]) -> dict[str, Any]:
+        inputs = jnp.zeros((batch_size, self.max_frames, *spatial_shape, self.input_channels), jnp.float32)
+        return dict(inputs=inputs, time=jnp.asarray(0, jnp.int32))
 
     def __call__(self, x: jax.Array, state: Any = None, train: bool = False) -> tuple[jax.Array, dict[str, Any]]:
-        """x: (B, T, H, W, C) from frame 0 -> (y (B, T, H, W, d_model), the buffer holding x)."""
+        """x: (B, T, H, W, C) from the first input frame (`state` is the initial one) -> (y (B, T, H, W, d_model),
+        the buffer holding x)."""
         y, _ = super().__call__(x, None, train)
         buffer = jnp.zeros((x.shape[0], self.max_frames) + x.shape[2:], x.dtype).at[:, :x.shape[1]].set(x)
         return y, dict(inputs=buffer, time=jnp.asarray(x.shape[1], jnp.int32))
@@ -86,8 +94,8 @@ TOY_MODEL = dict(code_shape=(8, 8), vqgan_codes=12, vqgan_embedding_dim=8, encod
 TOY_BACKBONES = {
     "transformer": dict(d_model=16, n_layers=1, embed_dim=16, mlp_dim=32, num_heads=2, downsample=2),
     "s5": dict(d_model=16, n_layers=1, ssm_size=8, downsample=4, out_dim=8),
-    "convs5": dict(d_model=16, n_layers=1, ssm_size=8),
-    "convt3": dict(d_model=16, n_layers=1, ssm_size=8),
+    "convs5": dict(d_model=16, n_layers=1, ssm_size=8, num_groups=4),
+    "convt3": dict(d_model=16, n_layers=1, ssm_size=8, num_groups=4),
 }
 
 
@@ -155,10 +163,10 @@ def bench_backbone(name: str, args: argparse.Namespace) -> dict[str, float]:
     row["compiled/loop"] = row["fps@300"] / row["loop fps"]
 
     if name == "transformer":
+        fields = {f.name: getattr(model.backbone, f.name) for f in dataclasses.fields(model.backbone)
+                  if f.name not in ("parent", "name")}
         rerun_model = model.clone(backbone=RerunTransformer(
-            **{f: getattr(model.backbone, f) for f in ("d_model", "n_layers", "dropout", "downsample", "embed_dim",
-                                                       "mlp_dim", "num_heads", "max_len", "remat", "dtype")},
-            max_frames=args.context + 300))
+            **fields, max_frames=args.context + 300, input_channels=model.latent_dim + model.action_embed_dim))
         rerun_carry = jax.jit(lambda v, c, a: rerun_model.apply(v, c, a, method=teco.Teco.condition))(
             variables, codes, actions[:, :args.context])
         rerun = jax.jit(lambda v, c, a: sample.generate(rerun_model, v, c, a, rng, horizon=args.rerun_frames,
