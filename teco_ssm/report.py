@@ -5,6 +5,7 @@ Layout written by `write_report(report_dir, ...)`:
     report_dir/
       metrics.json          every number (non-finite values, e.g. PSNR of identical frames, written as null)
       curves/<metric>.png   per-frame mean over videos, against the frame index in the full video
+      curves/all.png        the same curves side by side (embedded in report.md)
       videos/video_<i>.gif  real (left) and generated (right) side by side
       report.md             embeds the above with relative paths, so it renders on GitHub
 """
@@ -94,6 +95,35 @@ def plot_curve(values: np.ndarray, path: Union[str, os.PathLike], *, name: str, 
     ax.set_ylabel(name.upper())
     ax.set_title(f"{name.upper()} per generated frame, mean" + (" ± std over videos" if spread is not None else ""))
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_curves(curves: Mapping[str, np.ndarray], path: Union[str, os.PathLike], *, first_frame: int = 0,
+                spread: Mapping[str, np.ndarray] | None = None) -> Path:
+    """Plots several per-frame metric curves side by side, one panel each, to one PNG.
+
+    Args:
+      curves: metric name -> `(T,)` per-frame mean over videos (e.g. PSNR, SSIM, LPIPS), panels in this order.
+      first_frame: index of the first generated frame in the full video.
+      spread: optional metric name -> `(T,)` standard deviation over videos, drawn as a band.
+    """
+    fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3.2), dpi=100, squeeze=False)
+    for ax, (name, values) in zip(axes[0], curves.items()):
+        values = np.asarray(values, np.float64)
+        frames = first_frame + np.arange(values.shape[0])
+        ax.plot(frames, values, lw=1.5)
+        if spread is not None and name in spread:
+            band = np.asarray(spread[name], np.float64)
+            ax.fill_between(frames, values - band, values + band, alpha=0.2, lw=0)
+        ax.set_xlabel("frame")
+        ax.set_title(name.upper())
+        ax.grid(alpha=0.3)
+    fig.suptitle("Per generated frame, mean" + (" ± std over videos" if spread is not None else ""))
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -192,7 +222,8 @@ def write_report(report_dir: Union[str, os.PathLike], *, numbers: Mapping[str, A
       curve_spread: optional metric name -> `(T,)` std over videos, drawn as a band.
 
     Returns:
-      `{"json": Path, "markdown": Path, "curves": {name: Path}, "gifs": [Path]}`.
+      `{"json": Path, "markdown": Path, "curves": {name: Path}, "panel": Path or None, "gifs": [Path]}`; the
+      panel (`curves/all.png`, every curve side by side) is what `report.md` embeds.
     """
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
@@ -202,15 +233,19 @@ def write_report(report_dir: Union[str, os.PathLike], *, numbers: Mapping[str, A
                          spread=None if curve_spread is None else curve_spread.get(name))
         for name, values in curves.items()
     }
+    panel = (plot_curves(curves, report_dir / "curves" / "all.png", first_frame=first_frame, spread=curve_spread)
+             if curves else None)
     gif_paths = [write_gif(side_by_side(real, fake), report_dir / "videos" / f"video_{i}.gif", fps=fps)
                  for i, (real, fake) in enumerate(videos)]
     all_sections = dict(sections)
-    if curve_paths:
-        all_sections["Curves"] = [Figure(p, f"{name} per frame") for name, p in curve_paths.items()]
+    if panel is not None:
+        links = ", ".join(f"[{name.upper()}](curves/{p.name})" for name, p in curve_paths.items())
+        all_sections["Curves"] = [Figure(panel, " | ".join(n.upper() for n in curve_paths) + " per frame"),
+                                  f"One curve per file: {links}."]
     if gif_paths:
         all_sections["Samples"] = ["Left: ground truth. Right: generated."] + [
             Figure(p, f"video {i}") for i, p in enumerate(gif_paths)]
     all_sections["Numbers"] = f"Every number is in [metrics.json]({json_path.name})."
     markdown_path = report_dir / "report.md"
     markdown_path.write_text(build_markdown(title, all_sections, report_dir))
-    return {"json": json_path, "markdown": markdown_path, "curves": curve_paths, "gifs": gif_paths}
+    return {"json": json_path, "markdown": markdown_path, "curves": curve_paths, "panel": panel, "gifs": gif_paths}

