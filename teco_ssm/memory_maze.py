@@ -71,6 +71,12 @@ def _problem() -> Optional[str]:
     no_gl = (f'Memory Maze renders with MuJoCo, and its MUJOCO_GL={backend} backend does not work here. Install EGL '
              '(Debian: apt-get install libegl1 libegl-mesa0 libgl1-mesa-dri) and set MUJOCO_GL=egl, or OSMesa '
              '(apt-get install libosmesa6) and set MUJOCO_GL=osmesa')
+    try:
+        version = importlib.metadata.version('mujoco')
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    if version is not None and int(version.split('.')[0]) >= 4:
+        return f'mujoco {version} breaks dm-control 1.0.50: {missing}'
     for module in ('mujoco', 'dm_control', 'gym', 'memory_maze.tasks'):
         try:
             _import(module)
@@ -78,9 +84,6 @@ def _problem() -> Optional[str]:
             return f'{missing} ({error})'
         except Exception as error:  # MuJoCo and dm_control load the GL backend when imported
             return f'{no_gl} (importing {module}: {type(error).__name__}: {error})'
-    version = importlib.metadata.version('mujoco')
-    if int(version.split('.')[0]) >= 4:
-        return f'mujoco {version} breaks dm-control 1.0.50: {missing}'
     try:
         import mujoco
 
@@ -153,8 +156,8 @@ class Explorer:
       pause_prob, glance_prob: chance per step of 1-3 NOOPs, or of turning away 1-3 steps and back.
     """
 
-    STUCK_STEPS = 6        # forward-moving steps with less than STUCK_DISTANCE of progress: turn away and retry
-    STUCK_DISTANCE = 0.05
+    STUCK_STEPS = 6        # moving forward this many steps with less than STUCK_DISTANCE cells of progress:
+    STUCK_DISTANCE = 0.05  # stuck on a wall corner; turn away and retry
 
     def __init__(self, layout: np.ndarray, rng: np.random.Generator, *, return_prob: float = 0.5,
                  pause_prob: float = 0.03, glance_prob: float = 0.03):
@@ -166,7 +169,8 @@ class Explorer:
         self.visited: list[tuple[int, int]] = []
         self.goal: Optional[tuple[int, int]] = None
         self.queue: deque[int] = deque()
-        self.history: deque[np.ndarray] = deque(maxlen=self.STUCK_STEPS + 1)
+        self.positions: deque[np.ndarray] = deque(maxlen=self.STUCK_STEPS + 1)
+        self.actions: deque[int] = deque(maxlen=self.STUCK_STEPS)
 
     def _cell(self, position: np.ndarray) -> tuple[int, int]:
         cell = (int(np.floor(position[0])), int(np.floor(position[1])))
@@ -179,26 +183,27 @@ class Explorer:
     def act(self, position: np.ndarray, angle: float) -> int:
         """The next action from position (2,) (row, col) float and angle (radians)."""
         position = np.asarray(position, np.float64)
-        self.history.append(position)
+        self.positions.append(position)
         cell = self._cell(position)
         if cell not in self.visited:
             self.visited.append(cell)
-        if self.queue:
-            return self.queue.popleft()
-        if len(self.history) == self.history.maxlen and np.abs(self.history[-1] - self.history[0]).max() \
-                < self.STUCK_DISTANCE:
+        action = self.queue.popleft() if self.queue else self._choose(cell, position, angle)
+        self.actions.append(action)
+        return action
+
+    def _choose(self, cell: tuple[int, int], position: np.ndarray, angle: float) -> int:
+        stuck = (len(self.actions) == self.STUCK_STEPS
+                 and all(a in (FORWARD, FORWARD_LEFT, FORWARD_RIGHT) for a in self.actions)
+                 and np.abs(self.positions[-1] - self.positions[0]).max() < self.STUCK_DISTANCE)
+        if stuck:
             turn = int(self.rng.choice([LEFT, RIGHT]))
             self.queue.extend([turn] * int(self.rng.integers(2, 5)) + [FORWARD] * 2)
-            self.history.clear()
-            return self.queue.popleft()
-        if self.rng.random() < self.pause_prob:
+        elif self.rng.random() < self.pause_prob:
             self.queue.extend([NOOP] * int(self.rng.integers(1, 4)))
-            self.history.clear()
-            return self.queue.popleft()
-        if self.rng.random() < self.glance_prob:
+        elif self.rng.random() < self.glance_prob:
             turn, turns = int(self.rng.choice([LEFT, RIGHT])), int(self.rng.integers(1, 4))
             self.queue.extend([turn] * turns + [LEFT + RIGHT - turn] * turns)
-            self.history.clear()
+        if self.queue:
             return self.queue.popleft()
 
         while self.goal is None or self.goal == cell:
@@ -249,8 +254,19 @@ def trajectory_seeds(seed: Sequence[int]) -> tuple[int, np.random.Generator]:
     return int(env_seed.generate_state(1)[0] % 2 ** 31), np.random.default_rng(agent)
 
 
+def _check_request(maze_size: int, length: int) -> None:
+    if maze_size not in MAZE_SIZES:
+        raise ValueError(f'maze size {maze_size} not one of {sorted(MAZE_SIZES)}')
+    if not 1 <= length <= EPISODE_STEPS[maze_size]:
+        raise ValueError(f'length {length} outside [1, {EPISODE_STEPS[maze_size]}] (a {maze_size}x{maze_size} '
+                         'Memory Maze episode)')
+
+
 def make_trajectory(seed: Sequence[int] | int, length: int, maze_size: int = 9) -> dict[str, np.ndarray]:
     """One trajectory of the explorer in a fresh Memory Maze, fully determined by `seed`.
+
+    Imports MuJoCo with its GL backend, after which this process cannot use TensorFlow (see `check_available`);
+    `write_dataset` calls it in child processes.
 
     Returns:
       video (T, 64, 64, 3) uint8; actions (T,) int32 in [0, 6), actions[0] NOOP; poses (T, 3) int32 (row, col,
@@ -260,11 +276,7 @@ def make_trajectory(seed: Sequence[int] | int, length: int, maze_size: int = 9) 
     Raises:
       ValueError: an unknown maze size, or a length beyond the package's episode (EPISODE_STEPS).
     """
-    if maze_size not in MAZE_SIZES:
-        raise ValueError(f'maze size {maze_size} not one of {sorted(MAZE_SIZES)}')
-    if not 1 <= length <= EPISODE_STEPS[maze_size]:
-        raise ValueError(f'length {length} outside [1, {EPISODE_STEPS[maze_size]}] (a {maze_size}x{maze_size} '
-                         'Memory Maze episode)')
+    _check_request(maze_size, length)
     seed_array = np.atleast_1d(np.asarray(seed, np.int64))
     env_seed, rng = trajectory_seeds(seed_array)
     env = _environment(maze_size, env_seed)
@@ -331,11 +343,7 @@ def write_dataset(root: str | os.PathLike, num_train: int, num_test: int, length
       ValueError: an unknown maze size, a length beyond the episode, or a dataset at `root` made with another
         seed, length, maze size or sharding.
     """
-    if maze_size not in MAZE_SIZES:
-        raise ValueError(f'maze size {maze_size} not one of {sorted(MAZE_SIZES)}')
-    if not 1 <= length <= EPISODE_STEPS[maze_size]:
-        raise ValueError(f'length {length} outside [1, {EPISODE_STEPS[maze_size]}] (a {maze_size}x{maze_size} '
-                         'Memory Maze episode)')
+    _check_request(maze_size, length)
     root = Path(root)
     meta = {'generator': 'teco_ssm.memory_maze', 'action_dim': ACTION_DIM, 'action_names': list(ACTION_NAMES),
             'image_size': IMAGE_SIZE, 'video_length': length, 'seed': seed, 'num_train': num_train,
