@@ -33,7 +33,7 @@ import time
 import zipfile
 from collections import deque
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -322,8 +322,11 @@ def render(maze: Maze, pose: Sequence[int]) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------- agent
 
-def _shortest_path(maze: Maze, start: tuple[int, int], goal: tuple[int, int]) -> list[tuple[int, int]]:
-    """Open blocks from start to goal (both included) by breadth-first search."""
+def grid_shortest_path(is_open: Callable[[int, int], bool], start: tuple[int, int],
+                       goal: tuple[int, int]) -> list[tuple[int, int]]:
+    """Cells (row, col) from start to goal, both included, by breadth-first search over the 4-neighbour grid whose
+    open cells `is_open(row, col)` names (it must be False outside the grid). Raises ValueError when goal cannot be
+    reached."""
     previous = {start: start}
     queue = deque([start])
     while queue:
@@ -332,9 +335,11 @@ def _shortest_path(maze: Maze, start: tuple[int, int], goal: tuple[int, int]) ->
             break
         for d_row, d_col in _AXIS_STEPS:
             nxt = (here[0] + d_row, here[1] + d_col)
-            if nxt not in previous and maze.is_open(*nxt):
+            if nxt not in previous and is_open(*nxt):
                 previous[nxt] = here
                 queue.append(nxt)
+    if goal not in previous:
+        raise ValueError(f"cell {goal} cannot be reached from {start}")
     path = [goal]
     while path[-1] != start:
         path.append(previous[path[-1]])
@@ -358,7 +363,7 @@ def agent_actions(maze: Maze, rng: np.random.Generator, start_pose: np.ndarray, 
         goal = pool[int(rng.integers(len(pool)))]
         if goal == block:
             continue
-        for nxt in _shortest_path(maze, block, goal)[1:]:
+        for nxt in grid_shortest_path(maze.is_open, block, goal)[1:]:
             if rng.random() < pause_prob:
                 actions += [NOOP] * int(rng.integers(1, 4))
             if rng.random() < glance_prob:

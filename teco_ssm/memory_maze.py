@@ -116,30 +116,12 @@ def _pool(workers: int):
 
 # ------------------------------------------------------------------------------------------- explorer
 
-_NEIGHBOURS = ((0, 1), (1, 0), (0, -1), (-1, 0))
-
-
 def shortest_path(layout: np.ndarray, start: tuple[int, int], goal: tuple[int, int]) -> list[tuple[int, int]]:
     """Open cells (row, col) from start to goal, both included, by breadth-first search over `layout` (n, n)
     uint8 (1 open). Raises ValueError when goal cannot be reached."""
-    previous = {start: start}
-    queue = deque([start])
-    while queue:
-        here = queue.popleft()
-        if here == goal:
-            break
-        for d_row, d_col in _NEIGHBOURS:
-            nxt = (here[0] + d_row, here[1] + d_col)
-            if (nxt not in previous and 0 <= nxt[0] < layout.shape[0] and 0 <= nxt[1] < layout.shape[1]
-                    and layout[nxt]):
-                previous[nxt] = here
-                queue.append(nxt)
-    if goal not in previous:
-        raise ValueError(f'cell {goal} cannot be reached from {start}')
-    path = [goal]
-    while path[-1] != start:
-        path.append(previous[path[-1]])
-    return path[::-1]
+    rows, cols = layout.shape
+    is_open = lambda r, c: 0 <= r < rows and 0 <= c < cols and bool(layout[r, c])
+    return mazelab.grid_shortest_path(is_open, start, goal)
 
 
 def _wrap(angle: float) -> float:

@@ -47,6 +47,16 @@ class Figure:
 Block = Union[str, Table, Figure]
 
 
+def _save(fig: Any, path: str | os.PathLike) -> Path:
+    """Writes `fig` (tight layout) to `path`, creating its folder, and closes it."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def json_safe(value: Any) -> Any:
     """Converts NumPy scalars/arrays and tuples to JSON types; NaN and infinities become None (null)."""
     if isinstance(value, Mapping):
@@ -95,12 +105,7 @@ def plot_curve(values: np.ndarray, path: Union[str, os.PathLike], *, name: str, 
     ax.set_ylabel(name.upper())
     ax.set_title(f"{name.upper()} per generated frame, mean" + (" ± std over videos" if spread is not None else ""))
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_curves(curves: Mapping[str, np.ndarray], path: Union[str, os.PathLike], *, first_frame: int = 0,
@@ -124,12 +129,7 @@ def plot_curves(curves: Mapping[str, np.ndarray], path: Union[str, os.PathLike],
         ax.set_title(name.upper())
         ax.grid(alpha=0.3)
     fig.suptitle("Per generated frame, mean" + (" ± std over videos" if spread is not None else ""))
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def side_by_side(real: np.ndarray, fake: np.ndarray) -> np.ndarray:

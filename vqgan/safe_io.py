@@ -51,6 +51,15 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise UnsafeFileError(f'{self._source}: refused persistent id {pid!r}; {self._what}')
 
 
+def _read_bytes(path: str, max_bytes: int | None) -> bytes:
+    """The whole file; UnsafeFileError when it is larger than `max_bytes` (None: no limit)."""
+    size = os.path.getsize(path)
+    if max_bytes is not None and size > max_bytes:
+        raise UnsafeFileError(f'{path}: file is {size} bytes, more than the {max_bytes} allowed')
+    with open(path, 'rb') as f:
+        return f.read()
+
+
 def load_args(path: str | os.PathLike) -> argparse.Namespace:
     """Reads a pickled `argparse.Namespace` (TECO's `args` file) without executing anything it names.
 
@@ -133,11 +142,7 @@ def load_array_pickle(path: str | os.PathLike, max_bytes: int | None = None) -> 
     when absent.
     """
     path = os.fspath(path)
-    size = os.path.getsize(path)
-    if max_bytes is not None and size > max_bytes:
-        raise UnsafeFileError(f'{path}: file is {size} bytes, more than the {max_bytes} allowed')
-    with open(path, 'rb') as f:
-        data = f.read()
+    data = _read_bytes(path, max_bytes)
     try:
         tree = _RestrictedUnpickler(io.BytesIO(data), path, _ARRAY_GLOBALS,
                                     'only NumPy arrays of plain numeric dtypes are allowed in a weight file').load()
@@ -220,11 +225,7 @@ def read_msgpack(path: str | os.PathLike, max_bytes: int | None = None) -> Any:
     UnsafeFileError for impossible declarations or a file larger than `max_bytes`.
     """
     path = os.fspath(path)
-    size = os.path.getsize(path)
-    if max_bytes is not None and size > max_bytes:
-        raise UnsafeFileError(f'{path}: file is {size} bytes, more than the {max_bytes} allowed')
-    with open(path, 'rb') as f:
-        data = f.read()
+    data = _read_bytes(path, max_bytes)
 
     def ext_hook(code: int, payload: bytes) -> Any:
         if code == _EXT_NDARRAY:
