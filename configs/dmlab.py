@@ -1,14 +1,14 @@
 """TECO on the DMLab long-range benchmark (64x64 frames, 16x16 VQGAN codes, 300-frame videos, 6 actions).
 
-  python scripts/train.py --config configs/dmlab.py:convs5 --workdir /tmp/teco_dmlab \
-      --config.dataset.path=/data/dmlab --config.tokenizer.path=/ckpt/dmlab_vqgan
+  teco-ssm train --config configs/dmlab.py:convs5 --workdir /tmp/teco_dmlab \
+      --data /data/dmlab --tokenizer /ckpt/dmlab_vqgan
 
 Variants: transformer, s5, convs5 (default), convt3. Values are those of the ConvS5 release, which produced the
 paper's numbers: NVlabs/ConvSSM `configs/3D_ENV_BENCHMARK/dmlab/dmlab_teco_{convS5,S5,transformer}.yaml` (the
 paper's Tables 18, 19, 20); ConvT3 is TECO-ConvS5 with the structured 3x3 state kernel. Only values that differ
 from the defaults of `configs/common.py` and of each backbone's `default_config()` (which are DMLab's) are set
 here. Learning rates are the release's per backbone (5e-4, 1e-3, 1e-4); pick the variant rather than
---config.backbone to get them. DMLab masks future frame inputs when actions are given (the YAMLs'
+`--set backbone=...` to get them. DMLab masks future frame inputs when actions are given (the YAMLs'
 causal_masking, open_loop_ctx_1 144).
 """
 import ml_collections

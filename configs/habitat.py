@@ -1,7 +1,7 @@
 """TECO on the Habitat long-range benchmark (128x128 frames, 16x16 VQGAN codes, 300-frame videos, 6 actions).
 
-  python scripts/train.py --config configs/habitat.py:convs5 --workdir /tmp/teco_habitat \
-      --config.dataset.path=/data/habitat --config.tokenizer.path=/ckpt/habitat_vqgan
+  teco-ssm train --config configs/habitat.py:convs5 --workdir /tmp/teco_habitat \
+      --data /data/habitat --tokenizer /ckpt/habitat_vqgan
 
 Variants: transformer, s5, convs5 (default), convt3. TECO-ConvS5 (and ConvT3) follow the ConvS5 release,
 NVlabs/ConvSSM `configs/3D_ENV_BENCHMARK/habitat/habitat_teco_convS5.yaml` (the paper's Table 21); the

@@ -1,9 +1,9 @@
 """TECO on MazeLab, the built-in benchmark, sized to train on 2 CPU cores in minutes (any backbone).
 
-  python scripts/train_vqgan.py --config=configs/vqgan_mazelab.py --config.data.path=/data/mazelab \
-      --workdir=/tmp/vqgan_mazelab
-  python scripts/train.py --config configs/mazelab.py:convt3 --workdir /tmp/teco_mazelab \
-      --config.dataset.path=/data/mazelab --config.tokenizer.path=/tmp/vqgan_mazelab
+  teco-ssm data --out /data/mazelab --num_train 200 --num_test 32 --length 96
+  teco-ssm tokenizer --config configs/vqgan_mazelab.py --data /data/mazelab --workdir /tmp/vqgan_mazelab
+  teco-ssm train --config configs/mazelab.py:convt3 --workdir /tmp/teco_mazelab \
+      --data /data/mazelab --tokenizer /tmp/vqgan_mazelab
 
 Variants: transformer, s5, convs5 (default), convt3. 64x64 frames, 16x16 codes from the MazeLab VQGAN
 (512 codes of 32 channels, `configs/vqgan_mazelab.py`), an 8x8 latent, tiny widths, batches of 4 clips of 32

@@ -1,7 +1,7 @@
 """TECO on the Minecraft long-range benchmark (128x128 frames, 16x16 VQGAN codes, 300-frame videos, 6 actions).
 
-  python scripts/train.py --config configs/minecraft.py:convs5 --workdir /tmp/teco_minecraft \
-      --config.dataset.path=/data/minecraft --config.tokenizer.path=/ckpt/minecraft_vqgan
+  teco-ssm train --config configs/minecraft.py:convs5 --workdir /tmp/teco_minecraft \
+      --data /data/minecraft --tokenizer /ckpt/minecraft_vqgan
 
 Variants: transformer, s5, convs5 (default), convt3. TECO-ConvS5 (and ConvT3) follow the ConvS5 release,
 NVlabs/ConvSSM `configs/3D_ENV_BENCHMARK/minecraft/minecraft_teco_convS5.yaml` (the paper's Table 21); the

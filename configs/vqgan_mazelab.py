@@ -1,13 +1,12 @@
 """VQGAN for 64x64 MazeLab frames with 16x16 codes, small enough to train on a laptop CPU.
 
-  python scripts/make_mazelab.py ...   # or teco_ssm.mazelab.write_dataset(root, num_train, num_test, length, seed)
-  python scripts/train_vqgan.py --config=configs/vqgan_mazelab.py --config.data.path=/data/mazelab \
-      --workdir=/tmp/vqgan_mazelab
-  python scripts/train_vqgan.py --config=configs/vqgan_mazelab.py:quick --config.data.path=... --workdir=...
+  teco-ssm data --out /data/mazelab --num_train 200 --num_test 32 --length 96
+  teco-ssm tokenizer --config configs/vqgan_mazelab.py --data /data/mazelab --workdir /tmp/vqgan_mazelab
+  teco-ssm tokenizer --config configs/vqgan_mazelab.py:quick --data /data/mazelab --workdir /tmp/vqgan_quick
 
 Variants: '' (default: mean held-out PSNR 24.2 dB after 1300 steps in 10 minutes on 2 idle CPU cores, about
 0.9 CPU-s per step; see docs/tokenizer.md for what was measured) and 'quick' (a smoke test: 41 CPU-seconds in all). The LPIPS term is off by default here (its VGG16 would dominate CPU time); set
---config.loss.perceptual_weight=1.0 and --config.loss.lpips_dir=DIR to use it.
+--set loss.perceptual_weight=1.0 --set loss.lpips_dir=DIR to use it.
 """
 import ml_collections
 

@@ -1,7 +1,7 @@
 """VQGAN for 64x64 Memory Maze frames with 16x16 codes: `configs/vqgan_mazelab.py`'s model, losses and budget.
 
   teco-ssm tokenizer --config configs/vqgan_memory_maze.py --data /data/memory_maze --workdir /tmp/vqgan_mm
-  teco-ssm tokenizer --config configs/vqgan_memory_maze.py:quick --data ... --workdir ...
+  teco-ssm tokenizer --config configs/vqgan_memory_maze.py:quick --data /data/memory_maze --workdir /tmp/vqgan_mm_quick
 
 Variants: '' (the MazeLab default) and 'quick' (a smoke test), as in `configs/vqgan_mazelab.py`.
 """

@@ -1,13 +1,16 @@
-"""`teco-ssm`: one command for every stage, and `run` for the whole chain on the built-in MazeLab benchmark.
+"""`teco-ssm`: the one command line of teco_ssm, one subcommand per stage, and `run` for the whole chain on a
+generated benchmark.
 
     teco-ssm run                          # MazeLab -> VQGAN -> codes -> TECO-ConvT3 -> rollouts -> report
     teco-ssm run --quick                  # the same chain at smoke-test size
     teco-ssm run --backbone all           # the four backbones with equal budgets, one comparison table
     teco-ssm run --dataset memory-maze    # the same chain on Memory Maze (pip install -e '.[memory-maze]')
-    teco-ssm data | tokenizer | encode | train | sample | eval --help
+    teco-ssm data | tokenizer | encode | train | sample | eval | convert-taming --help
 
-`run` keeps everything under one workdir, skips stages whose outputs are complete (an interrupted run continues
-where it stopped) and prints one line per stage with its time.
+Each subcommand parses its options into the keyword arguments of one function of `teco_ssm.stages` (or
+`teco_ssm.run.run`) and prints what it returns; nothing else parses a command line. `run` keeps everything under one
+workdir, skips stages whose outputs are complete (an interrupted run continues where it stopped) and prints one line
+per stage with its time.
 """
 from __future__ import annotations
 
@@ -15,26 +18,34 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
-from teco_ssm import pipeline
+from teco_ssm import metrics, stages
 
 
-def _add_overrides(parser: argparse.ArgumentParser) -> None:
+def _add_overrides(parser: argparse.ArgumentParser, example: str) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                        help="override a config field, e.g. --set batch_size=8 --set convt3.n_layers=4 (repeatable)")
+                        help=f"override a config field, e.g. {example} (repeatable)")
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="teco-ssm", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+def _run(**kwargs):
+    from teco_ssm import run
 
-    p = sub.add_parser("run", help="the whole chain on MazeLab or Memory Maze under one workdir",
+    return run.run(**kwargs)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The `teco-ssm` argument parser; each subparser's destinations are its function's parameter names."""
+    top = argparse.ArgumentParser(prog="teco-ssm", description=__doc__, allow_abbrev=False,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = top.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser(allow_abbrev=False, name="run", help="the whole chain on MazeLab or Memory Maze under one workdir",
                        description="Generates the dataset (MazeLab, or Memory Maze), trains the VQGAN, encodes the "
                                    "data, trains TECO, samples both protocols (and the baselines), evaluates and "
                                    "writes WORKDIR/report/report.md. "
                                    "Reads nothing; writes everything under --workdir; finished stages are skipped.")
+    p.set_defaults(stage=_run)
     p.add_argument("--workdir", default=None, help="where every stage writes (default: runs/mazelab, or "
                    "runs/mazelab_quick with --quick; runs/memory_maze[_quick] for Memory Maze); a workdir holds "
                    "one dataset, size and step budget")
@@ -45,79 +56,128 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smoke-test size (a few minutes on 2 CPU cores)")
     p.add_argument("--steps", type=int, default=None, help="TECO training steps (default: the size's budget)")
 
-    p = sub.add_parser("data", help="generate MazeLab or Memory Maze trajectories",
-                       description="Writes OUT/{train,test}/<shard>/*.npz (video, actions, poses) and a contact "
-                                   "sheet OUT/contact_sheet.png. Existing files are kept (resumable).")
-    p.add_argument("--source", default="mazelab", choices=["mazelab", "memory-maze"],
+    p = sub.add_parser(allow_abbrev=False, name="data", help="generate MazeLab or Memory Maze trajectories",
+                       description="Writes OUT/{train,test}/<shard>/*.npz (video, actions, poses), metadata.json and "
+                                   "a contact sheet OUT/contact_sheet.png. Existing files are kept (resumable).")
+    p.set_defaults(stage=stages.make_dataset)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--source", default="mazelab", choices=list(stages.SOURCES),
                    help="mazelab (default) or memory-maze (needs pip install -e '.[memory-maze]' and EGL or OSMesa)")
     p.add_argument("--maze_size", type=int, default=None, choices=[9, 11, 13, 15],
                    help="Memory Maze cells per side (default 9)")
-    p.add_argument("--out", required=True)
     p.add_argument("--num_train", type=int, default=1000)
     p.add_argument("--num_test", type=int, default=100)
-    p.add_argument("--length", type=int, default=300)
+    p.add_argument("--length", type=int, default=300, help="frames per trajectory")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: every core)")
+    p.add_argument("--files_per_shard", type=int, default=100)
+    p.add_argument("--no_compress", dest="compress", action="store_false",
+                   help="MazeLab: np.savez instead of np.savez_compressed")
+    p.add_argument("--sheet_rows", type=int, default=4, help="training videos on the contact sheet")
 
-    p = sub.add_parser("tokenizer", help="train a VQGAN",
+    p = sub.add_parser(allow_abbrev=False, name="tokenizer", help="train a VQGAN",
                        description="Reads a video dataset (MazeLab or TECO npz/mp4 folders); writes orbax "
                                    "checkpoints, config.json, reconstruction grids and scalars to --workdir. Resumes.")
+    p.set_defaults(stage=stages.train_tokenizer)
     p.add_argument("--config", default="configs/vqgan_mazelab.py", help="config file[:variant]")
     p.add_argument("--data", required=True, help="video dataset folder")
     p.add_argument("--workdir", required=True)
-    _add_overrides(p)
+    _add_overrides(p, "--set num_steps=2000 --set batch_size=8")
 
-    p = sub.add_parser("encode", help="turn a video dataset into VQGAN codes",
+    p = sub.add_parser(allow_abbrev=False, name="encode", help="turn a video dataset into VQGAN codes",
                        description="Reads a video dataset and a tokenizer (TECO VQGAN folder or a project "
-                                   "workdir); writes an encoded TFDS folder OUT/NAME/1.0.0 that `train` reads.")
+                                   "workdir); writes an encoded TFDS folder OUT/NAME/1.0.0 that `train` reads. "
+                                   "Resumes; a complete output is kept unless --overwrite.")
+    p.set_defaults(stage=stages.encode)
     p.add_argument("--tokenizer", required=True)
     p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--name", default="encoded")
+    p.add_argument("--out", required=True, help="folder that receives NAME/1.0.0/")
+    p.add_argument("--name", default="encoded", help="dataset name (lowercase letters, digits, underscores)")
+    p.add_argument("--splits", type=lambda text: tuple(text.split(",")), default=("train", "test"),
+                   help="comma-separated splits (default train,test)")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--chunk_size", type=int, default=64, help="frames per tokenizer call")
+    p.add_argument("--examples_per_shard", type=int, default=64, help="videos per tfrecord shard")
 
-    p = sub.add_parser("train", help="train a TECO world model",
+    p = sub.add_parser(allow_abbrev=False, name="train", help="train a TECO world model",
                        description="Reads a dataset (codes, or frames with the tokenizer in the loop) and the "
                                    "tokenizer; writes checkpoints, config.json, TensorBoard scalars and rollout GIFs "
-                                   "to --workdir. Resumes from the last complete checkpoint.")
+                                   "to --workdir. Resumes from the last complete checkpoint. On several hosts, start "
+                                   "the same command on each (jax.distributed reads the launcher's variables).")
+    p.set_defaults(stage=stages.train)
     p.add_argument("--config", default="configs/mazelab.py:convt3", help="config file[:backbone]")
     p.add_argument("--data", help="dataset folder (sets dataset.path)")
     p.add_argument("--tokenizer", help="tokenizer folder (sets tokenizer.path)")
     p.add_argument("--workdir", required=True)
-    _add_overrides(p)
+    _add_overrides(p, "--set batch_size=8 --set convt3.n_layers=4")
 
-    p = sub.add_parser("sample", help="roll out a trained model under a benchmark protocol",
+    p = sub.add_parser(allow_abbrev=False, name="sample", help="roll out a trained model under a benchmark protocol",
                        description="Reads a training workdir (config.json + checkpoints), the test split and the "
-                                   "tokenizer; writes OUT/batch_*.npz with real and generated uint8 videos.")
+                                   "tokenizer; writes OUT/batch_*.npz with real and generated uint8 videos. "
+                                   "Finished batch files are kept (resumable).")
+    p.set_defaults(stage=stages.sample)
     p.add_argument("--workdir", required=True, help="the training workdir")
     p.add_argument("--out", required=True)
     p.add_argument("--protocol", default="action_conditioned",
-                   help="action_conditioned | unconditioned | CONTEXT,HORIZON[,actions]")
+                   help="action_conditioned | unconditioned | CONTEXT,HORIZON[,actions] (e.g. 32,16,actions)")
     p.add_argument("--data", help="dataset folder (default: the one the model trained on)")
     p.add_argument("--tokenizer", help="tokenizer folder (default: the one the model trained with)")
-    p.add_argument("--num_videos", type=int, default=None)
-    p.add_argument("--batch_size", type=int, default=None)
+    p.add_argument("--num_videos", type=int, default=None, help="default: the config's sampling.num_videos")
+    p.add_argument("--batch_size", type=int, default=None, help="videos per file (default: sampling.batch_size)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
 
-    p = sub.add_parser("eval", help="metrics and report for a folder of samples",
+    p = sub.add_parser(allow_abbrev=False, name="eval", help="metrics and report for a folder of samples",
                        description="Reads SAMPLES/*.npz; writes REPORT/{metrics.json, curves, GIFs, report.md}: PSNR, "
                                    "SSIM, LPIPS and FVD with the networks the packages ship (nothing is downloaded).")
+    p.set_defaults(stage=stages.evaluate)
     p.add_argument("samples")
-    p.add_argument("--report", required=True)
+    p.add_argument("--report", default=None, help="report folder (default: SAMPLES/report)")
     p.add_argument("--lpips_network", default="alexnet", choices=["alexnet", "vgg16"],
                    help="LPIPS network (default alexnet, the one TECO and the ConvS5 paper report)")
     p.add_argument("--i3d", default=None, help="an I3D SavedModel directory (the TF Hub module "
                    "deepmind/i3d-kinetics-400) instead of the built-in I3D")
-    return parser
+    p.add_argument("--context", type=int, default=None, help="context frames, for files that do not store it")
+    p.add_argument("--group_size", type=int, default=metrics.TECO_GROUP_SIZE,
+                   help=f"videos per group for mean and std (default TECO's {metrics.TECO_GROUP_SIZE})")
+    p.add_argument("--num_gifs", type=int, default=4, help="side-by-side GIFs written (default 4)")
+    p.add_argument("--fvd_generated_only", action="store_true", help="FVD over the generated frames only")
+
+    p = sub.add_parser(allow_abbrev=False, name="convert-taming", help="convert a taming-transformers VQGAN checkpoint",
+                       description="Reads a taming-transformers .ckpt (needs pip install -e '.[torch]'); writes a "
+                                   "TECO-layout folder OUT that `encode`, `train` and `sample` take as --tokenizer.")
+    p.set_defaults(stage=stages.convert_taming)
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--resolution", type=int, required=True, help="frame size the VQGAN was trained at")
+    p.add_argument("--overwrite", action="store_true")
+    return top
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    command: Callable[[argparse.Namespace], Any] = getattr(pipeline, f"command_{args.command}")
-    result = command(args)
-    if isinstance(result, dict) and args.command != "run":
+    kwargs = vars(parser().parse_args(argv))
+    command, stage = kwargs.pop("command"), kwargs.pop("stage")
+    try:
+        result = stage(**kwargs)
+    except stages.StageError as error:
+        raise SystemExit(f"teco-ssm {command}: {error}") from None
+    if command == "eval":
+        _print_evaluation(result, kwargs["report"] or os.path.join(kwargs["samples"], "report"))
+    elif command != "run":  # run prints its own stage lines and table
         print(json.dumps(result, indent=2, default=str))
     return 0
+
+
+def _print_evaluation(numbers: dict, report: str) -> None:
+    """The headline numbers of an evaluation (its metrics.json holds every value)."""
+    for name in ("psnr", "ssim", "lpips"):
+        if numbers.get(name):
+            print(f"{name.upper()} {numbers[name]['mean']:.4f} +/- {numbers[name]['std']:.4f} "
+                  f"over {numbers[name]['num_videos']} videos")
+    # evaluate_samples has printed the FVD line with its number of videos.
+    for name, why in numbers["absent"].items():
+        print(f"{name.upper()} absent: {why}")
+    print(f"report: {os.path.join(report, 'report.md')}")
 
 
 if __name__ == "__main__":

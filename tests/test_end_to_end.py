@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from teco_ssm import cli, data, pipeline
+from teco_ssm import cli, data, run
 
 
-QUICK = pipeline.world_model_config("convt3", pipeline.SIZES["quick"])
+QUICK = run.world_model_config("convt3", run.SIZES["quick"])
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def test_every_stage_leaves_its_artifacts(workdir):
     assert (workdir / "data" / "contact_sheet.png").stat().st_size > 0
     assert (workdir / "tokenizer" / "config.json").exists() and any((workdir / "tokenizer" / "checkpoints").iterdir())
     encoded = data.inspect_dataset(workdir / "encoded" / "mazelab", "test")
-    assert encoded.kind == "codes" and encoded.num_videos == pipeline.SIZES["quick"].num_test
+    assert encoded.kind == "codes" and encoded.num_videos == run.SIZES["quick"].num_test
     assert any((workdir / "models" / "convt3" / "checkpoints").iterdir())
 
     with np.load(sorted((workdir / "samples" / "convt3" / "trained").glob("*.npz"))[0]) as sample:
@@ -76,29 +76,53 @@ def test_each_stage_as_its_own_subcommand(workdir, tmp_path):
     """The commands the README gives for TECO's data, here on the run's MazeLab artifacts."""
     tokenizer, encoded = workdir / "tokenizer", workdir / "encoded" / "mazelab"
     assert cli.main(["data", "--out", str(tmp_path / "maze"), "--num_train", "2", "--num_test", "2",
-                     "--length", "20", "--workers", "1"]) == 0
+                     "--length", "20", "--workers", "1", "--files_per_shard", "1", "--no_compress",
+                     "--sheet_rows", "1"]) == 0
+    assert len(list((tmp_path / "maze" / "train").iterdir())) == 2  # one file per shard folder
+    with np.load(next((tmp_path / "maze" / "train").rglob("*.npz"))) as trajectory:
+        assert trajectory.zip.getinfo("video.npy").compress_type == 0  # stored, not deflated
     assert cli.main(["tokenizer", "--config", "configs/vqgan_mazelab.py:quick", "--data", str(tmp_path / "maze"),
                      "--workdir", str(tmp_path / "tok"), "--set", "num_steps=2", "--set", "checkpoint_every=2",
                      "--set", "data.eval_frames=8", "--set", "optim.warmup_steps=1"]) == 0
     assert cli.main(["encode", "--tokenizer", str(tokenizer), "--data", str(tmp_path / "maze"),
-                     "--out", str(tmp_path / "codes"), "--name", "maze"]) == 0
-    assert data.inspect_dataset(tmp_path / "codes" / "maze", "train").kind == "codes"
+                     "--out", str(tmp_path / "codes"), "--name", "maze", "--splits", "test", "--chunk_size", "7",
+                     "--examples_per_shard", "1"]) == 0
+    assert data.inspect_dataset(tmp_path / "codes" / "maze", "test").kind == "codes"
+    assert len(list((tmp_path / "codes" / "maze").rglob("*-test.tfrecord-*"))) == 2  # a shard per video
+    with pytest.raises(ValueError, match="train"):
+        data.inspect_dataset(tmp_path / "codes" / "maze", "train")  # only the asked split was encoded
 
     model = workdir / "models" / "convt3"
     assert cli.main(["sample", "--workdir", str(model), "--out", str(tmp_path / "samples"),
                      "--protocol", "16,8,actions", "--num_videos", "4", "--batch_size", "4"]) == 0
     with np.load(sorted((tmp_path / "samples").glob("*.npz"))[0]) as sample:
         assert sample["fake"].shape[:2] == (4, 24) and int(sample["context"]) == 16
+    with pytest.raises(SystemExit, match="16,8,action"):
+        cli.main(["sample", "--workdir", str(model), "--out", str(tmp_path / "x"), "--protocol", "16,8,action"])
     assert cli.main(["eval", str(tmp_path / "samples"), "--report", str(tmp_path / "report")]) == 0
     assert json.loads((tmp_path / "report" / "metrics.json").read_text())["generated_frames"] == 8
+    assert cli.main(["eval", str(tmp_path / "samples"), "--num_gifs", "1", "--group_size", "2",
+                     "--fvd_generated_only", "--context", "3"]) == 0  # report under samples/report
+    numbers = json.loads((tmp_path / "samples" / "report" / "metrics.json").read_text())
+    assert numbers["psnr"]["group_sizes"] == [2, 2] and numbers["generated_frames"] == 8  # files record context
+    assert len(list((tmp_path / "samples" / "report" / "videos").glob("*.gif"))) == 1
 
     config = json.loads((model / "config.json").read_text())
     overrides = [f"model.{k}={config['model'][k]!r}" for k in ("vqgan_codes", "vqgan_embedding_dim")]
     assert cli.main(["train", "--config", "configs/mazelab.py:convt3", "--data", str(encoded),
                      "--tokenizer", str(tokenizer), "--workdir", str(tmp_path / "train"), "--set", "steps=2",
                      "--set", "optim.warmup_steps=1", "--set", "batch_size=4", "--set", "seq_len=8",
-                     *[a for o in overrides for a in ("--set", o)]]) == 0
-    assert any((tmp_path / "train" / "checkpoints").iterdir())
+                     "--set", "checkpoint_every=1", *[a for o in overrides for a in ("--set", o)]]) == 0
+    assert sorted(p.name for p in (tmp_path / "train" / "checkpoints").iterdir()) == ["1", "2"]
+    # --step restores an older checkpoint: other weights, so other rollouts from the same seed.
+    fakes = {}
+    for step in (1, 2, None):
+        out = tmp_path / f"samples_step_{step}"
+        assert cli.main(["sample", "--workdir", str(tmp_path / "train"), "--out", str(out), "--protocol", "4,4",
+                         "--num_videos", "4", "--batch_size", "4", *(["--step", str(step)] if step else [])]) == 0
+        with np.load(next(out.glob("batch_*.npz"))) as sample:
+            fakes[step] = sample["fake"][:, 4:]
+    assert (fakes[2] == fakes[None]).all() and (fakes[1] != fakes[2]).any()
 
 
 def test_all_backbones_with_equal_budgets_in_one_table(workdir, capsys):

