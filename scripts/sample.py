@@ -13,7 +13,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import vqgan
-from teco_ssm.sample import sample_dataset
+from teco_ssm.sample_files import sample_dataset
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/<dataset>.py file[:backbone].",
                                           lock_config=True)

@@ -150,15 +150,15 @@ def command_train(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def command_sample(args: argparse.Namespace) -> dict[str, Any]:
-    from teco_ssm import sample
+    from teco_ssm import sample_files
 
     protocol = args.protocol
     if "," in protocol:  # CONTEXT,HORIZON[,actions]
         parts = protocol.split(",")
         protocol = (int(parts[0]), int(parts[1]), len(parts) > 2 and parts[2] == "actions")
-    return sample.sample_workdir(args.workdir, args.out, protocol=protocol, data_path=args.data,
-                                 tokenizer_path=args.tokenizer, num_videos=args.num_videos,
-                                 batch_size=args.batch_size, seed=args.seed)
+    return sample_files.sample_workdir(args.workdir, args.out, protocol=protocol, data_path=args.data,
+                                       tokenizer_path=args.tokenizer, num_videos=args.num_videos,
+                                       batch_size=args.batch_size, seed=args.seed)
 
 
 def command_eval(args: argparse.Namespace) -> dict[str, Any]:
@@ -257,7 +257,7 @@ def _run_backbone(stages: Stages, workdir: Path, name: str, size: RunSize, steps
     import jax
 
     import vqgan
-    from teco_ssm import evaluate, sample, teco, train
+    from teco_ssm import evaluate, sample_files, teco, train
 
     model_dir = workdir / "models" / name
     samples, reports = workdir / "samples" / name, workdir / "report" / name
@@ -273,7 +273,7 @@ def _run_backbone(stages: Stages, workdir: Path, name: str, size: RunSize, steps
     runs = {"trained": ("action_conditioned", None), "unconditioned": ("unconditioned", None),
             "untrained": ("action_conditioned", untrained_variables)}
     for label, (protocol, variables) in runs.items():
-        sampled = stages(f"sample-{name}-{label}", lambda: sample.sample_dataset(
+        sampled = stages(f"sample-{name}-{label}", lambda: sample_files.sample_dataset(
             config, str(model_dir) if variables is None else variables(), tok, data, samples / label,
             protocol=protocol))
         if label == "trained":
