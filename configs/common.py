@@ -15,11 +15,14 @@ rejects others):
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import ml_collections
 
 from teco_ssm import backbones
+from teco_ssm.maskgit import SamplerSettings
+from teco_ssm.sample import PROTOCOLS
 
 # Parameters trained as S5 trains its SSM parameters (own learning rate, no weight decay): the eigenvalues,
 # timescales and input matrix of every diagonal SSM, and ConvT3's stencils. Matched with re.search against the
@@ -78,15 +81,16 @@ def release_optimizer(lr: float) -> ml_collections.ConfigDict:
 
 def sampling(*, unconditioned_uses_actions: bool = False, num_videos: int = 1024,
              batch_size: int = 16) -> ml_collections.ConfigDict:
-    """The MaskGit draft-and-revise settings (TECO: 8, 8, 2) and the ConvS5 paper's protocols (Appendix D.5):
+    """The MaskGit draft-and-revise settings, the fields of `teco_ssm.maskgit.SamplerSettings` at its defaults
+    (TECO: 8, 8, 2), and the ConvS5 paper's protocols (Appendix D.5), `teco_ssm.sample.PROTOCOLS`:
     action-conditioned, 144 context frames then 156 generated with past and future actions (PSNR, SSIM, LPIPS);
-    unconditioned, 36 then 264 without actions (FVD; Minecraft keeps its actions)."""
+    unconditioned, 36 then 264 without actions (FVD; Minecraft keeps its actions). Read back with
+    `SamplerSettings.from_config(config.sampling)` and `Protocol.from_config(config.sampling.<protocol>)`."""
+    unconditioned = dataclasses.replace(PROTOCOLS["unconditioned"], use_actions=unconditioned_uses_actions)
     return ml_collections.ConfigDict(dict(
-        draft_steps=8, revise_steps=8, revise_rounds=2, temperature=1.0, top_p=1.0, draft_schedule="linear",
-        num_videos=num_videos, batch_size=batch_size,
-        action_conditioned=ml_collections.ConfigDict(dict(context=144, horizon=156, use_actions=True)),
-        unconditioned=ml_collections.ConfigDict(dict(context=36, horizon=264,
-                                                     use_actions=unconditioned_uses_actions)),
+        **dataclasses.asdict(SamplerSettings()), num_videos=num_videos, batch_size=batch_size,
+        action_conditioned=ml_collections.ConfigDict(dataclasses.asdict(PROTOCOLS["action_conditioned"])),
+        unconditioned=ml_collections.ConfigDict(dataclasses.asdict(unconditioned)),
     ))
 
 

@@ -113,7 +113,7 @@ def build(name: str, size: str, max_len: int) -> tuple[Any, teco.Teco]:
 def bench_backbone(name: str, args: argparse.Namespace) -> dict[str, float]:
     config, model = build(name, args.size, args.max_len)
     variables = teco.init_variables(model, jax.random.key(0))
-    settings = sample.sampler_settings(config.sampling)
+    settings = sample.SamplerSettings.from_config(config.sampling)
     rng = jax.random.key(1)
     keys = jax.random.split(jax.random.key(2), 2)
     codes = jax.random.randint(keys[0], (args.batch, args.context) + tuple(model.code_shape), 0, model.vqgan_codes)
@@ -123,21 +123,22 @@ def bench_backbone(name: str, args: argparse.Namespace) -> dict[str, float]:
 
     @jax.jit
     def generate_300(variables, carry, actions):
-        return sample.generate(model, variables, carry, actions, rng, horizon=300, **settings)
+        return sample.generate(model, variables, carry, actions, rng, horizon=300, settings=settings)
 
     @jax.jit
     def generate_1000(variables, carry, actions):
-        return sample.generate(model, variables, carry, actions, rng, horizon=1000, **settings)
+        return sample.generate(model, variables, carry, actions, rng, horizon=1000, settings=settings)
 
     @jax.jit
     def chunk(variables, carry, actions):
-        return sample.generate(model, variables, carry, actions, rng, horizon=args.chunk, **settings)
+        return sample.generate(model, variables, carry, actions, rng, horizon=args.chunk, settings=settings)
 
     future = actions[:, args.context:]
     at_1000, _ = generate_1000(variables, carry0, future[:, :1000])
     at_50, _ = jax.jit(lambda v, c, a: sample.generate(model, v, c, a, rng, horizon=50 - args.context,
-                                                       **settings))(variables, carry0, future[:, :50 - args.context])
-    step = jax.jit(lambda v, c, a: sample.sample_frame(model, v, c, a, rng, **settings))
+                                                       settings=settings))(
+        variables, carry0, future[:, :50 - args.context])
+    step = jax.jit(lambda v, c, a: sample.sample_frame(model, v, c, a, rng, settings))
 
     def python_loop():
         carry, frames = carry0, []
@@ -170,7 +171,7 @@ def bench_backbone(name: str, args: argparse.Namespace) -> dict[str, float]:
         rerun_carry = jax.jit(lambda v, c, a: rerun_model.apply(v, c, a, method=teco.Teco.condition))(
             variables, codes, actions[:, :args.context])
         rerun = jax.jit(lambda v, c, a: sample.generate(rerun_model, v, c, a, rng, horizon=args.rerun_frames,
-                                                        **settings))
+                                                        settings=settings))
         rerun_time = interleaved_times({"rerun": lambda: rerun(variables, rerun_carry, future[:, :args.rerun_frames])},
                                        args.repeats)["rerun"]
         row["rerun fps"] = args.batch * args.rerun_frames / rerun_time

@@ -9,6 +9,7 @@ interrupted write is never listed or restored.
   state = restore_or_none(mngr, {'model': abstract_vars, 'train': abstract_train}) or fresh
   save(mngr, step, {'model': vars, 'train': train})      # skipped unless step % save_every == 0 (force=True saves)
   close(mngr)
+  variables = load_variables(config, workdir, step=None)   # a training workdir's TECO model, latest step
 
 A checkpoint whose item has other leaves or shapes than the target (one written by another model structure) is
 refused before anything is read: CheckpointMismatchError names the missing, unexpected and reshaped leaf paths.
@@ -195,6 +196,23 @@ def restore_or_none(mngr: ocp.CheckpointManager, abstract_state: Mapping[str, An
     if mngr.latest_step() is None:
         return None
     return restore(mngr, abstract_state)
+
+
+def load_variables(config: Any, workdir: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
+    """The TECO model variables saved by training in `workdir` (item 'model', as `teco.init_variables` makes them
+    for `teco.build(config)`), at `step` (None: the latest). Raises FileNotFoundError naming the folder when it
+    holds no checkpoint, CheckpointMismatchError when the saved model has another structure than the config's."""
+    from teco_ssm import teco  # here, not above: the tokenizer restores its checkpoints without the TECO model
+
+    model = teco.build(config)
+    abstract = jax.eval_shape(lambda key: teco.init_variables(model, key), jax.random.key(0))
+    if not has_checkpoints(os.fspath(workdir)):
+        raise FileNotFoundError(f"{workdir}: not a training workdir (expected config.json and checkpoints/)")
+    mngr = manager(os.fspath(workdir), read_only=True)
+    try:
+        return dict(restore(mngr, {"model": abstract}, step)["model"])
+    finally:
+        mngr.close()
 
 
 def wait(mngr: ocp.CheckpointManager) -> None:

@@ -126,6 +126,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=None, help="videos per file (default: sampling.batch_size)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    _add_overrides(p, "--set sampling.temperature=0.5 (the sampler's settings only)")
 
     p = sub.add_parser(allow_abbrev=False, name="eval", help="metrics and report for a folder of samples",
                        description="Reads SAMPLES/*.npz; writes REPORT/{metrics.json, curves, GIFs, report.md}: PSNR, "

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import ml_collections
 
@@ -73,19 +73,40 @@ def _check_values(config: ml_collections.ConfigDict, errors: list[str]) -> None:
     if config.optim.warmup_steps >= config.steps:
         errors.append(f"config.optim.warmup_steps={config.optim.warmup_steps} must be below config.steps="
                       f"{config.steps}")
-    for protocol in ("action_conditioned", "unconditioned"):
-        settings = config.sampling[protocol]
-        if settings.context < model.condition_frames:
-            errors.append(f"config.sampling.{protocol}.context={settings.context} must be at least "
-                          f"config.model.condition_frames={model.condition_frames}")
-        positive(f"sampling.{protocol}.horizon", settings.horizon)
-    for name in ("draft_steps", "revise_steps"):
-        positive(f"sampling.{name}", config.sampling[name])
+    _check_sampling(config.sampling, model.condition_frames, positive, errors)
     teco_fields = {f.name for f in dataclasses.fields(_teco_class())} - {"backbone", "parent", "name"}
     unknown = sorted(set(model.keys()) - teco_fields)
     if unknown:
         errors.append(f"config.model has field(s) {', '.join(unknown)} that teco_ssm.teco.Teco does not; "
                       f"expected: {', '.join(sorted(teco_fields))}")
+
+
+def _check_sampling(sampling: ml_collections.ConfigDict, condition_frames: int,
+                    positive: Callable[[str, Any], None], errors: list[str]) -> None:
+    """The sampling block read as the values the sampler takes, `Protocol` and `SamplerSettings` (their own range
+    checks: temperature, top_p, draft_schedule, ...), after the checks against the model: each protocol's context
+    covers the conditioning frames and its horizon is positive; draft and revision steps are positive integers."""
+    from teco_ssm.sample import Protocol, SamplerSettings
+
+    for protocol in ("action_conditioned", "unconditioned"):
+        block, before = sampling[protocol], len(errors)
+        if block.context < condition_frames:
+            errors.append(f"config.sampling.{protocol}.context={block.context} must be at least "
+                          f"config.model.condition_frames={condition_frames}")
+        positive(f"sampling.{protocol}.horizon", block.horizon)
+        if len(errors) == before:
+            try:
+                Protocol.from_config(block)
+            except (TypeError, ValueError) as error:
+                errors.append(f"config.sampling.{protocol}: {error}")
+    before = len(errors)
+    for name in ("draft_steps", "revise_steps"):
+        positive(f"sampling.{name}", sampling[name])
+    if len(errors) == before:
+        try:
+            SamplerSettings.from_config(sampling)
+        except (TypeError, ValueError) as error:
+            errors.append(f"config.sampling: {error}")
 
 
 def _teco_class():

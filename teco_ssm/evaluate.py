@@ -6,6 +6,7 @@ Input: a folder of `.npz` files (read in natural order of their names), each hol
   actions  (B, T) or (B, T, ...)   the actions (not used by the metrics)
   context  int, optional           number of context frames (else the `context` argument, else 0)
   seen     (B, T) bool, optional   MazeLab: whether the place shown at each step was seen in the context
+                                   (`seen_mask`, which the sampler calls on datasets holding poses)
 What is scored matches TECO's `scripts/sample.py` and `compute_{metrics,fvd}.py`: the fake video's first `context`
 frames are replaced by the real ones before scoring (TECO writes its samples that way; a sampler that decodes the
 context through the tokenizer would otherwise add its reconstruction error to every FVD). PSNR, SSIM and LPIPS
@@ -24,8 +25,9 @@ from typing import Any, Callable, Union
 import numpy as np
 from tqdm.auto import tqdm
 
-from teco_ssm import metrics
+from teco_ssm import mazelab, metrics
 from teco_ssm import report as report_lib
+from teco_ssm.data import DataError
 
 PathLike = Union[str, os.PathLike]
 LpipsFn = Callable[[Any, Any], Any]
@@ -40,6 +42,37 @@ LPIPS_NETWORKS = {
 PSNR_CAP_DB = 100.0
 
 
+# ------------------------------------------------------------------------------------------ revisits (MazeLab)
+def seen_in_context(poses: np.ndarray, context: int) -> np.ndarray:
+    """MazeLab poses (T, 3) int -> (T,) bool: the frame's exact pose was first visited before frame `context`."""
+    return mazelab.first_visit_index(poses, exact=True) < context
+
+
+def dataset_poses(dataset: Any, index: int, start: int, num_frames: int) -> np.ndarray | None:
+    """Poses (num_frames, 3) of video `index` from frame `start`, when the dataset (`teco_ssm.data.open_dataset`)
+    stores `poses` (a MazeLab npz file, or a TFDS record encoded from one by `vqgan/encode.py`); else None.
+    Raises DataError naming the video when its poses are too short or of another shape."""
+    poses = dataset.read_field(int(index), "poses")
+    if poses is None:
+        return None
+    poses = poses[start:start + num_frames]
+    if poses.shape != (num_frames, 3):
+        raise DataError(f"{dataset.locate(int(index))}: field 'poses' expected ({num_frames}, 3) from frame "
+                        f"{start}, got {poses.shape}")
+    return poses
+
+
+def seen_mask(dataset: Any, indices: Any, starts: Any, context: int, num_frames: int) -> np.ndarray | None:
+    """The `seen` field of a sample file: (B, num_frames) bool, True where the frame's pose was first visited
+    during the context (first-visit index < context), for videos `indices` (B,) read from frames `starts` (B,).
+    None when the dataset holds no poses for some of them (or B is 0): the revisit PSNR is then not reported."""
+    poses = [dataset_poses(dataset, index, int(start), num_frames) for index, start in zip(indices, starts)]
+    if not poses or any(p is None for p in poses):
+        return None
+    return np.stack([seen_in_context(p, context) for p in poses])
+
+
+# ------------------------------------------------------------------------------------------------- evaluation
 def sample_files(samples_dir: PathLike) -> list[Path]:
     """The `.npz` files of `samples_dir` in natural order (`batch_2` before `batch_10`)."""
     directory = Path(samples_dir)

@@ -7,12 +7,14 @@ mask ratio cos(pi r / 2), r ~ U[0, 1)) and scores the masked codes. Generation i
 the frame is split into `revise_steps` random groups and each group is masked and sampled again given the rest.
 
 The sampler is a pure function of (network, inputs, rng): it runs under `jit`, inside `lax.scan`, with fixed
-shapes, and gives the same codes for the same rng.
+shapes, and gives the same codes for the same rng. Its settings travel as one `SamplerSettings` value (hashable, so
+a jit static argument).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -21,6 +23,53 @@ import numpy as np
 
 _FILE = "teco_ssm/maskgit.py"
 SCHEDULES = ("cosine", "linear", "square", "sqrt")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSettings:
+    """The settings of TECO's draft-and-revise sampler (`draft_and_revise`); the defaults are the TECO release's
+    MaskGit sampler (`teco/models/maskgit.py`: 8 draft steps, 8 revision steps, 2 revision rounds, plain sampling
+    from the softmax), which the ConvS5 paper keeps.
+
+    draft_steps: rounds of the draft; each reveals one share of the codes, in a random order per row (>= 1).
+    revise_steps: groups one revision pass splits the codes into; each group is masked and drawn again (>= 1).
+    revise_rounds: revision passes after the draft (>= 0; 0 keeps the draft).
+    temperature: logits are divided by it before sampling (>= 0; 0 takes the argmax).
+    top_p: nucleus sampling, the smallest set of most likely codes whose probability reaches top_p
+      (in (0, 1]; 1.0 keeps every code, as the release).
+    draft_schedule: how many codes each draft round reveals, one of `SCHEDULES` ('linear': equal rounds, as the
+      release; 'cosine': MaskGit's schedule; see `step_boundaries`).
+    Raises ValueError naming the field on a value out of range.
+    """
+    draft_steps: int = 8
+    revise_steps: int = 8
+    revise_rounds: int = 2
+    temperature: float = 1.0
+    top_p: float = 1.0
+    draft_schedule: str = "linear"
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):  # one hash and one jit cache entry for 1 and 1.0
+            object.__setattr__(self, field.name, {"int": int, "float": float, "str": str}[field.type](
+                getattr(self, field.name)))
+        problems = [f"{name} must be >= {low}, got {getattr(self, name)}" for name, low in (
+            ("draft_steps", 1), ("revise_steps", 1), ("revise_rounds", 0), ("temperature", 0.0))
+            if not getattr(self, name) >= low]
+        if not 0.0 < self.top_p <= 1.0:
+            problems.append(f"top_p must lie in (0, 1], got {self.top_p}")
+        if self.draft_schedule not in SCHEDULES:
+            problems.append(f"draft_schedule must be one of {', '.join(SCHEDULES)}, got {self.draft_schedule!r}")
+        if problems:
+            raise ValueError(f"{_FILE}: SamplerSettings: " + "; ".join(problems))
+
+    @classmethod
+    def from_config(cls, sampling: Mapping[str, Any]) -> "SamplerSettings":
+        """The settings of a config's `sampling` group (its fields of these names; the group's other fields,
+        protocols and counts, are not read). Raises KeyError naming a missing field, ValueError as above."""
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in sampling]
+        if missing:
+            raise KeyError(f"{_FILE}: the sampling config lacks field(s) {', '.join(missing)}")
+        return cls(**{f.name: sampling[f.name] for f in dataclasses.fields(cls)})
 
 
 def mask_ratio(r: jax.Array | np.ndarray | float, schedule: str = "cosine") -> Any:
@@ -81,17 +130,17 @@ def step_boundaries(num_tokens: int, steps: int, schedule: str) -> np.ndarray:
     return (num_tokens - remaining).astype(np.int64)
 
 
-def sampling_masks(rng: jax.Array, batch: int, num_tokens: int, draft_steps: int, revise_steps: int,
-                   revise_rounds: int, draft_schedule: str = "linear") -> jax.Array:
+def sampling_masks(rng: jax.Array, batch: int, num_tokens: int, settings: SamplerSettings) -> jax.Array:
     """Which codes each round of draft-and-revise (re)samples: (draft_steps + revise_rounds * revise_steps,
-    batch, num_tokens) bool.
+    batch, num_tokens) bool, the step counts those of `settings`.
 
     The draft rounds partition the positions (a fresh random order per row, round sizes from `draft_schedule`);
     each revision pass partitions them again in `revise_steps` near-equal random groups, the larger ones first.
     """
-    keys = jax.random.split(rng, revise_rounds + 1)
+    keys = jax.random.split(rng, settings.revise_rounds + 1)
     masks = []
-    passes = [(keys[0], draft_steps, draft_schedule)] + [(k, revise_steps, "linear") for k in keys[1:]]
+    passes = ([(keys[0], settings.draft_steps, settings.draft_schedule)]
+              + [(k, settings.revise_steps, "linear") for k in keys[1:]])
     for key, steps, schedule in passes:
         ranks = _random_ranks(key, batch, num_tokens)
         bounds = step_boundaries(num_tokens, steps, schedule)
@@ -120,23 +169,22 @@ def sample_logits(rng: jax.Array, logits: jax.Array, temperature: float = 1.0, t
 
 
 def draft_and_revise(predict: Callable[[jax.Array], jax.Array], rng: jax.Array, batch: int, num_tokens: int,
-                     mask_id: int, *, draft_steps: int, revise_steps: int, revise_rounds: int,
-                     temperature: float = 1.0, top_p: float = 1.0, draft_schedule: str = "linear") -> jax.Array:
+                     mask_id: int, settings: SamplerSettings = SamplerSettings()) -> jax.Array:
     """TECO's draft-and-revise sampler, one compiled `lax.fori_loop` over all rounds.
 
     predict: tokens (batch, num_tokens) int32, `mask_id` at masked places -> logits (batch, num_tokens, K), a pure
     function (the conditioning is closed over). Starts from an all-masked frame; round i masks the positions of
-    `sampling_masks(...)[i]`, predicts, and samples those positions only.
-    Returns (batch, num_tokens) int32 codes in [0, K). Deterministic given rng.
+    `sampling_masks(...)[i]`, predicts, and samples those positions only (at `settings.temperature` and
+    `settings.top_p`). Returns (batch, num_tokens) int32 codes in [0, K). Deterministic given rng.
     """
     mask_rng, sample_rng = jax.random.split(rng)
-    masks = sampling_masks(mask_rng, batch, num_tokens, draft_steps, revise_steps, revise_rounds, draft_schedule)
+    masks = sampling_masks(mask_rng, batch, num_tokens, settings)
     keys = jax.random.split(sample_rng, masks.shape[0])
 
     def round_(i, tokens):
         mask = masks[i]
         tokens = jnp.where(mask, mask_id, tokens)
-        drawn = sample_logits(keys[i], predict(tokens), temperature, top_p)
+        drawn = sample_logits(keys[i], predict(tokens), settings.temperature, settings.top_p)
         return jnp.where(mask, drawn, tokens)
 
     start = jnp.full((batch, num_tokens), mask_id, jnp.int32)

@@ -177,7 +177,7 @@ def _run_backbone(stages: Stages, workdir: Path, name: str, size: RunSize, steps
     import jax
 
     import vqgan
-    from teco_ssm import evaluate, sample, teco, train
+    from teco_ssm import evaluate, sample_files, teco, train
 
     model_dir = workdir / "models" / name
     samples, reports = workdir / "samples" / name, workdir / "report" / name
@@ -193,7 +193,7 @@ def _run_backbone(stages: Stages, workdir: Path, name: str, size: RunSize, steps
     runs = {"trained": ("action_conditioned", None), "unconditioned": ("unconditioned", None),
             "untrained": ("action_conditioned", untrained_variables)}
     for label, (protocol, variables) in runs.items():
-        sampled = stages(f"sample-{name}-{label}", lambda: sample.sample_dataset(
+        sampled = stages(f"sample-{name}-{label}", lambda: sample_files.sample_dataset(
             config, str(model_dir) if variables is None else variables(), tok, data, samples / label,
             protocol=protocol))
         if label == "trained":

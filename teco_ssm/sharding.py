@@ -89,6 +89,18 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
 
 
+def local_rows(mesh: Mesh, array: jax.Array) -> np.ndarray:
+    """The rows of a global batch array (B, ...) that belong to this process, in order: (B_local, ...) numpy, the
+    inverse of `global_batch` (rows held by several devices, e.g. a replicated array, are taken once)."""
+    if array.is_fully_addressable:
+        return np.asarray(array)
+    array = jax.device_put(array, batch_sharding(mesh))
+    shards = sorted(array.addressable_shards, key=lambda s: s.index[0].start or 0)
+    starts = [s.index[0].start or 0 for s in shards]
+    unique = [s for i, s in enumerate(shards) if i == 0 or starts[i] != starts[i - 1]]
+    return np.concatenate([np.asarray(s.data) for s in unique])
+
+
 def param_spec(shape: Sequence[int], model_size: int, shard: bool) -> P:
     """The PartitionSpec of one parameter: P() (replicated) unless `shard`, it has >= 2 dimensions and at least
     MIN_SHARDED_SIZE values; then 'model' on its largest dimension divisible by `model_size`."""

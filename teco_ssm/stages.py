@@ -136,16 +136,39 @@ def parse_protocol(text: str) -> str | tuple[int, int, bool]:
 
 def sample(workdir: str, out: str, *, protocol: str = "action_conditioned", data: str | None = None,
            tokenizer: str | None = None, num_videos: int | None = None, batch_size: int | None = None,
-           seed: int = 0, step: int | None = None) -> dict[str, Any]:
+           seed: int = 0, step: int | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Rolls out the model trained in `workdir` (its config.json, checkpoint `step` or the latest) on the evaluation
     split under `protocol` (see `parse_protocol`) and writes `out/batch_*.npz` (real and generated uint8 videos).
-    data and tokenizer default to the ones the model trained with. Finished batch files are kept, so an interrupted
-    call resumes. Returns the protocol, the number of videos and the files."""
-    from teco_ssm import sample as sample_lib
+    data and tokenizer default to the ones the model trained with; `overrides` change the sampler's settings
+    (`sampling.temperature=0.5`, any field of `teco_ssm.sample.SamplerSettings`). Finished batch files are kept, so
+    an interrupted call resumes. Returns the protocol, the settings, the number of videos and the files.
+    Raises StageError for a bad protocol or an override of another field.
+    """
+    from teco_ssm import sample_files
 
-    return sample_lib.sample_workdir(workdir, out, protocol=parse_protocol(protocol), data_path=data,
-                                     tokenizer_path=tokenizer, num_videos=num_videos, batch_size=batch_size,
-                                     seed=seed, step=step)
+    return sample_files.sample_workdir(workdir, out, protocol=parse_protocol(protocol), data_path=data,
+                                       tokenizer_path=tokenizer, num_videos=num_videos, batch_size=batch_size,
+                                       seed=seed, step=step, settings=_sampler_settings(workdir, overrides))
+
+
+def _sampler_settings(workdir: str, overrides: Sequence[str]):
+    """The workdir's sampler settings with `overrides` applied, or None (the workdir's own) when there are none."""
+    if not overrides:
+        return None
+    import dataclasses
+
+    import ml_collections
+
+    from teco_ssm import checkpoint, config_io
+    from teco_ssm.sample import SamplerSettings
+
+    valid = [f"sampling.{f.name}" for f in dataclasses.fields(SamplerSettings)]
+    config = ml_collections.ConfigDict(checkpoint.read_config(workdir))
+    for item in overrides:
+        if item.partition("=")[0].removeprefix("--") not in valid:
+            raise StageError(f"--set {item}: sample overrides only the sampler's settings: {', '.join(valid)}")
+        config_io.apply_override(config, item)
+    return SamplerSettings.from_config(config.sampling)
 
 
 def evaluate(samples: str, report: str | None = None, *, lpips_network: str = "alexnet", i3d: str | None = None,

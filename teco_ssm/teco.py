@@ -30,7 +30,8 @@ tokenizer's codebook in with `set_code_embeddings`.
 
 Generation (pure, fixed shapes, for one `lax.scan` over time):
     carry = model.apply(variables, codes_ctx, actions_ctx, method=Teco.condition)
-    carry, codes_t = model.apply(variables, carry, action_t, rng, method=Teco.generate_step, draft_steps=8, ...)
+    carry, codes_t = model.apply(variables, carry, action_t, rng, method=Teco.generate_step,
+                                 settings=SamplerSettings())   # maskgit.SamplerSettings: TECO's 8, 8, 2
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from teco_ssm import backbones
-from teco_ssm.maskgit import MaskGitPrior, draft_and_revise, masked_cross_entropy, training_mask
+from teco_ssm.maskgit import MaskGitPrior, SamplerSettings, draft_and_revise, masked_cross_entropy, training_mask
 from teco_ssm.modules import Codebook, Decoder, PosteriorEncoder
 
 _FILE = "teco_ssm/teco.py"
@@ -363,14 +364,13 @@ class Teco(nn.Module):
         latent = self.codebook.lookup(latent_codes)
         return dict(carry, latent=latent), self._decode(hidden, latent)
 
-    def generate_step(self, carry: Carry, action: jax.Array | None, rng: jax.Array, *, draft_steps: int = 8,
-                      revise_steps: int = 8, revise_rounds: int = 2, temperature: float = 1.0,
-                      top_p: float = 1.0, draft_schedule: str = "linear") -> tuple[Carry, jax.Array]:
+    def generate_step(self, carry: Carry, action: jax.Array | None, rng: jax.Array, *,
+                      settings: SamplerSettings = SamplerSettings()) -> tuple[Carry, jax.Array]:
         """Generates one frame: a backbone step, the prior's draft-and-revise sample of its latent codes, decoding.
 
         carry from `condition` or a previous step; action (B,) int32 (ignored where the carry has no actions) or
-        None; rng a key. Returns (carry, codes (B, H, W) int32, the argmax of the decoder). Pure and jittable;
-        the same rng gives the same frame.
+        None; rng a key; settings the MaskGit sampler's (`maskgit.SamplerSettings`). Returns (carry, codes
+        (B, H, W) int32, the argmax of the decoder). Pure and jittable; the same rng gives the same frame.
         """
         hidden, carry = self._advance(carry, action)
         batch, h, w = hidden.shape[:3]
@@ -381,9 +381,7 @@ class Teco(nn.Module):
             logits = prior_module.apply(prior_variables, tokens.reshape(batch, h, w), hidden, train=False)
             return logits.reshape(batch, h * w, -1)
 
-        latent_codes = draft_and_revise(
-            predict, rng, batch, h * w, self.prior.mask_id, draft_steps=draft_steps, revise_steps=revise_steps,
-            revise_rounds=revise_rounds, temperature=temperature, top_p=top_p, draft_schedule=draft_schedule)
+        latent_codes = draft_and_revise(predict, rng, batch, h * w, self.prior.mask_id, settings)
         latent = self.codebook.lookup(latent_codes.reshape(batch, h, w))
         codes = jnp.argmax(self._decode(hidden, latent), axis=-1).astype(jnp.int32)
         return dict(carry, latent=latent), codes

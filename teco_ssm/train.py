@@ -21,7 +21,7 @@ Read top to bottom, a run:
      left, an open-loop rollout on the right (context frames, then generated frames given the true actions).
 
 Checkpoint items: 'model' = the model variables ({'params', 'tokenizer'}, as `teco.init_variables` makes them;
-`teco_ssm.sample.load_variables` reads this item alone) and 'train' = {'step', 'opt_state'}.
+`teco_ssm.checkpoint.load_variables` reads this item alone) and 'train' = {'step', 'opt_state'}.
 
 The jitted functions take the model, the optimiser settings and the mesh as static arguments, so runs of the same
 configuration in one process share their compiled code.
@@ -42,7 +42,7 @@ import optax
 from jax.sharding import Mesh
 
 from teco_ssm import checkpoint as ckpt
-from teco_ssm import config_check, optim, sample, sharding, teco
+from teco_ssm import config_check, optim, sample, sample_files, sharding, teco
 from teco_ssm.data import DataError, open_dataset
 from teco_ssm.progress import ProgressBar, ScalarWriter, check_finite
 
@@ -179,11 +179,12 @@ def code_batches(ds: Any, tokenizer: Any, vqgan_codes: int) -> Iterator[dict[str
 
 # ---------------------------------------------------------------------------------------------- visualising
 def rollout_video(model: teco.Teco, variables: Mapping[str, Any], codes: jax.Array, actions: jax.Array,
-                  rng: jax.Array, tokenizer: Any, sampling_config: Mapping[str, Any], context: int) -> np.ndarray:
+                  rng: jax.Array, tokenizer: Any, settings: sample.SamplerSettings, context: int) -> np.ndarray:
     """Ground truth next to an open-loop rollout, as uint8 frames (T, rows * H, 2 W + 4, 3).
 
     codes (B, T, H, W), actions (B, T): global arrays; the first VISUALISED_VIDEOS rows are shown. The rollout
-    reads `context` frames and generates the rest with the true actions (`teco_ssm.sample.rollout`).
+    reads `context` frames and generates the rest with the true actions and the sampler `settings`
+    (`teco_ssm.sample.rollout`).
     """
     from teco_ssm import report
 
@@ -191,9 +192,9 @@ def rollout_video(model: teco.Teco, variables: Mapping[str, Any], codes: jax.Arr
     take = jax.jit(lambda x: x[:rows], out_shardings=sharding.replicated(codes.sharding.mesh))
     codes, actions = take(codes), take(actions)
     generated = sample.rollout(model, variables, codes[:, :context], actions, rng, horizon=codes.shape[1] - context,
-                               use_actions=True, **sample.sampler_settings(sampling_config))
-    real = sample.to_uint8(tokenizer.decode(np.asarray(codes.addressable_data(0))))
-    fake = sample.to_uint8(tokenizer.decode(np.asarray(generated.addressable_data(0))))
+                               use_actions=True, settings=settings)
+    real = sample_files.to_uint8(tokenizer.decode(np.asarray(codes.addressable_data(0))))
+    fake = sample_files.to_uint8(tokenizer.decode(np.asarray(generated.addressable_data(0))))
     pairs = [report.side_by_side(r, f) for r, f in zip(real, fake)]
     return np.concatenate(pairs, axis=1)
 
@@ -266,6 +267,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, tokenize
         bar = ProgressBar(total=config.steps, initial=start, desc=f"train {config.backbone}", disable=not lead,
                           keys=("loss", "recon_loss", "prior_loss"))
         context = max(model.condition_frames, min(config.sampling.action_conditioned.context, config.seq_len // 2))
+        sampler = sample.SamplerSettings.from_config(config.sampling)
         records: list[dict[str, float]] = []
         summary: dict[str, float] = {"step": start}
         pending: tuple[int, Any] | None = None
@@ -301,7 +303,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, tokenize
             if step % config.visualise_every == 0:
                 frames = rollout_video(model, {"params": state["params"], **constants}, batch["codes"],
                                        batch["actions"], jax.random.fold_in(vis_rng, step), tokenizer,
-                                       config.sampling, context)
+                                       sampler, context)
                 if lead:
                     _write_rollout(workdir, step, frames)
             bar.update(step)

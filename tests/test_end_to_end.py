@@ -123,6 +123,13 @@ def test_each_stage_as_its_own_subcommand(workdir, tmp_path):
         with np.load(next(out.glob("batch_*.npz"))) as sample:
             fakes[step] = sample["fake"][:, 4:]
     assert (fakes[2] == fakes[None]).all() and (fakes[1] != fakes[2]).any()
+    out = tmp_path / "samples_greedy"
+    assert cli.main(["sample", "--workdir", str(tmp_path / "train"), "--out", str(out), "--protocol", "4,4",
+                     "--num_videos", "4", "--batch_size", "4", "--set", "sampling.temperature=0"]) == 0
+    with np.load(next(out.glob("batch_*.npz"))) as sample:
+        assert float(sample["temperature"]) == 0.0 and (sample["fake"][:, 4:] != fakes[2]).any()
+    with pytest.raises(SystemExit, match="sample overrides only the sampler's settings"):
+        cli.main(["sample", "--workdir", str(tmp_path / "train"), "--out", str(out), "--set", "model.latent_dim=3"])
 
 
 def test_all_backbones_with_equal_budgets_in_one_table(workdir, capsys):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from teco_ssm import maskgit
+from teco_ssm.maskgit import SamplerSettings
 
 
 def test_mask_ratio_schedules_match_closed_forms():
@@ -52,14 +53,14 @@ def test_linear_rounds_split_as_the_release():
             sizes = [len(chunk) for chunk in np.array_split(np.arange(num_tokens), steps)]
             np.testing.assert_array_equal(np.diff(maskgit.step_boundaries(num_tokens, steps, "linear")), sizes)
     np.testing.assert_array_equal(np.diff(maskgit.step_boundaries(10, 4, "linear")), [3, 3, 2, 2])
-    masks = np.asarray(maskgit.sampling_masks(jax.random.key(0), 2, 10, draft_steps=4, revise_steps=3,
-                                              revise_rounds=1))
+    masks = np.asarray(maskgit.sampling_masks(jax.random.key(0), 2, 10,
+                                              SamplerSettings(draft_steps=4, revise_steps=3, revise_rounds=1)))
     np.testing.assert_array_equal(masks.sum(axis=2), [[3, 3]] * 2 + [[2, 2]] * 2 + [[4, 4]] + [[3, 3]] * 2)
 
 
 def test_sampling_masks_partition_every_pass():
-    masks = np.asarray(maskgit.sampling_masks(jax.random.key(0), 3, 20, draft_steps=4, revise_steps=5,
-                                              revise_rounds=2))
+    masks = np.asarray(maskgit.sampling_masks(jax.random.key(0), 3, 20,
+                                              SamplerSettings(draft_steps=4, revise_steps=5, revise_rounds=2)))
     assert masks.shape == (4 + 2 * 5, 3, 20)
     for lo, hi in [(0, 4), (4, 9), (9, 14)]:
         np.testing.assert_array_equal(masks[lo:hi].sum(axis=0), np.ones((3, 20)))
@@ -76,15 +77,16 @@ def test_draft_reveals_the_scheduled_number_of_codes_per_round():
         return 10.0 * jax.nn.one_hot(jnp.broadcast_to(masked[:, None], tokens.shape), num_tokens + 1)
 
     for schedule in ("linear", "cosine"):
-        out = maskgit.draft_and_revise(predict, jax.random.key(1), batch, num_tokens, num_tokens + 1, draft_steps=5,
-                                       revise_steps=4, revise_rounds=0, temperature=0.0, draft_schedule=schedule)
+        settings = SamplerSettings(draft_steps=5, revise_steps=4, revise_rounds=0, temperature=0.0,
+                                   draft_schedule=schedule)
+        out = maskgit.draft_and_revise(predict, jax.random.key(1), batch, num_tokens, num_tokens + 1, settings)
         bounds = maskgit.step_boundaries(num_tokens, 5, schedule)
         for row in np.asarray(out):
             for i in range(5):  # round i saw num_tokens - bounds[i] masked codes and filled bounds[i+1]-bounds[i]
                 assert np.sum(row == num_tokens - bounds[i]) == (bounds[i + 1] - bounds[i]) or bounds[i + 1] == bounds[i]
     # After a revision pass of 4 groups, every position was last sampled with exactly its group (4 codes) masked.
-    out = maskgit.draft_and_revise(predict, jax.random.key(1), batch, num_tokens, num_tokens + 1, draft_steps=5,
-                                   revise_steps=4, revise_rounds=1, temperature=0.0)
+    out = maskgit.draft_and_revise(predict, jax.random.key(1), batch, num_tokens, num_tokens + 1,
+                                   SamplerSettings(draft_steps=5, revise_steps=4, revise_rounds=1, temperature=0.0))
     np.testing.assert_array_equal(np.asarray(out), 4)
 
 
@@ -95,7 +97,7 @@ def test_sampler_is_deterministic_and_runs_inside_scan():
         return jax.nn.one_hot(tokens, 8)[..., :5] @ weights + 0.0 * tokens[..., None]
 
     def body(carry, key):
-        codes = maskgit.draft_and_revise(predict, key, 2, 9, 7, draft_steps=3, revise_steps=2, revise_rounds=2)
+        codes = maskgit.draft_and_revise(predict, key, 2, 9, 7, SamplerSettings(draft_steps=3, revise_steps=2))
         return carry, codes
 
     run = jax.jit(lambda key: jax.lax.scan(body, 0, jax.random.split(key, 4))[1])

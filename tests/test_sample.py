@@ -1,7 +1,9 @@
 """The sampler: one compiled rollout per backbone (1,000 frames, deterministic, equal to a per-frame loop), the
-context kept, teacher-forced steps against the parallel predictions, the protocols' frame arithmetic, and the
-sample files (contents, MazeLab `seen` mask, sharding over 4 devices, actions ignored when unconditioned, resume), and
+context kept, teacher-forced steps against the parallel predictions, the protocols' frame arithmetic, the configs'
+sampling blocks made from `SamplerSettings` and `PROTOCOLS`, and the sample files (contents, MazeLab `seen` mask,
+sharding over 4 devices, actions ignored when unconditioned, resume, checkpoint step and settings override), and
 the MazeLab poses read from an encoded dataset."""
+import dataclasses
 import functools
 import json
 import os
@@ -11,8 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from teco_ssm import backbones, checkpoint, sample
+from teco_ssm import backbones, checkpoint, evaluate, sample, sample_files
 from teco_ssm.data import DataError, TfdsWriter, open_dataset
+from teco_ssm.sample import PROTOCOLS, Protocol, SamplerSettings
 from teco_ssm.teco import Teco, init_variables
 from vqgan.model import VQGAN
 from vqgan.model import init_variables as vqgan_init
@@ -22,7 +25,7 @@ from toy import TOY_MODEL, TOY_BACKBONES as _TOY_BACKBONES
 
 # the sampler tests roll the Transformer past a shorter window
 TOY_BACKBONES = dict(_TOY_BACKBONES, transformer=dict(_TOY_BACKBONES["transformer"], max_len=8))
-SAMPLER = dict(draft_steps=2, revise_steps=2, revise_rounds=1, temperature=1.0)
+SAMPLER = SamplerSettings(draft_steps=2, revise_steps=2, revise_rounds=1, temperature=1.0)
 CONTEXT, LONG = 3, 1000
 # RBG keys compile to far smaller programs than threefry on CPU; the sampler takes any key type.
 KEY = functools.partial(jax.random.key, impl="rbg")
@@ -78,17 +81,17 @@ def test_protocol_frame_arithmetic():
     unconditioned = sample.resolve_protocol("unconditioned")
     assert (unconditioned.context, unconditioned.horizon, unconditioned.use_actions) == (36, 264, False)
     assert unconditioned.num_frames == 300 and len(range(300)[unconditioned.generated]) == 264
-    assert sample.resolve_protocol((10, 5)) == sample.Protocol(10, 5, True)
-    assert sample.resolve_protocol([10, 5, False]) == sample.Protocol(10, 5, False)
+    assert sample.resolve_protocol((10, 5)) == Protocol(10, 5, True)
+    assert sample.resolve_protocol([10, 5, False]) == Protocol(10, 5, False)
 
 
 def test_protocols_from_dataset_configs():
     from configs import mazelab, minecraft
 
     minecraft_sampling = minecraft.get_config("convs5").sampling
-    assert sample.resolve_protocol("unconditioned", minecraft_sampling) == sample.Protocol(36, 264, True)
-    assert sample.resolve_protocol("action_conditioned", minecraft_sampling) == sample.Protocol(144, 156, True)
-    assert sample.resolve_protocol("unconditioned", mazelab.get_config().sampling) == sample.Protocol(8, 40, False)
+    assert sample.resolve_protocol("unconditioned", minecraft_sampling) == Protocol(36, 264, True)
+    assert sample.resolve_protocol("action_conditioned", minecraft_sampling) == Protocol(144, 156, True)
+    assert sample.resolve_protocol("unconditioned", mazelab.get_config().sampling) == Protocol(8, 40, False)
     with pytest.raises(ValueError, match="unknown protocol 'open_loop'.*action_conditioned, unconditioned"):
         sample.resolve_protocol("open_loop")
     with pytest.raises(ValueError, match="context >= 1 and horizon >= 0"):
@@ -97,17 +100,65 @@ def test_protocols_from_dataset_configs():
         sample.resolve_protocol((1, 2, True, 4))
 
 
+def test_config_sampling_blocks_are_the_dataclass_defaults_unless_overridden():
+    """Every dataset config's sampling block reads back as `SamplerSettings` at its defaults (TECO's 8, 8, 2,
+    temperature 1, top_p 1, linear draft) and the paper's `PROTOCOLS`, except the fields the config overrides
+    (MazeLab, and Memory Maze after it: fewer steps and shorter protocols; Minecraft: unconditioned with actions);
+    `--set sampling.temperature=0.5` reaches the settings."""
+    from configs import common
+    from teco_ssm.config_io import load_config
+
+    assert SamplerSettings() == SamplerSettings(8, 8, 2, 1.0, 1.0, "linear")
+    block = common.sampling()
+    assert set(block) == {f.name for f in dataclasses.fields(SamplerSettings)} | {
+        "num_videos", "batch_size", "action_conditioned", "unconditioned"}
+    assert SamplerSettings.from_config(block) == SamplerSettings()
+    for name, protocol in PROTOCOLS.items():
+        assert Protocol.from_config(block[name]) == protocol and block[name].to_dict() == dataclasses.asdict(protocol)
+    paper = dict(PROTOCOLS)
+    overrides = {
+        "dmlab": ({}, paper), "habitat": ({}, paper),
+        "minecraft": ({}, dict(paper, unconditioned=Protocol(36, 264, True))),
+        "mazelab": (dict(draft_steps=4, revise_steps=4, revise_rounds=1),
+                    dict(action_conditioned=Protocol(32, 16, True), unconditioned=Protocol(8, 40, False))),
+    }
+    overrides["memory_maze"] = overrides["mazelab"]
+    for dataset, (settings, protocols) in overrides.items():
+        for backbone in backbones.NAMES:
+            config = load_config(f"configs/{dataset}.py:{backbone}")
+            assert SamplerSettings.from_config(config.sampling) == SamplerSettings(**settings), (dataset, backbone)
+            for name, protocol in protocols.items():
+                assert sample.resolve_protocol(name, config.sampling) == protocol, (dataset, backbone, name)
+    config = load_config("configs/dmlab.py:convs5", ["sampling.temperature=0.5", "sampling.draft_schedule='cosine'"])
+    assert SamplerSettings.from_config(config.sampling) == SamplerSettings(temperature=0.5, draft_schedule="cosine")
+
+
+def test_sampler_settings_are_one_checked_hashable_value():
+    one = SamplerSettings(temperature=1)  # a config's integer: the same value and the same jit cache entry
+    assert one == SamplerSettings() and hash(one) == hash(SamplerSettings())
+    assert isinstance(SamplerSettings(temperature=1).temperature, float)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        SAMPLER.temperature = 0.5
+    for field, value, message in [("draft_steps", 0, "draft_steps must be >= 1"), ("revise_rounds", -1, ">= 0"),
+                                  ("temperature", -0.5, "temperature must be >= 0"), ("top_p", 0.0, r"\(0, 1\]"),
+                                  ("draft_schedule", "exp", "draft_schedule must be one of cosine, linear")]:
+        with pytest.raises(ValueError, match=message):
+            SamplerSettings(**{field: value})
+    with pytest.raises(KeyError, match="lacks field.*top_p"):
+        SamplerSettings.from_config({k: v for k, v in dataclasses.asdict(SamplerSettings()).items() if k != "top_p"})
+
+
 # --------------------------------------------------------------------------------------------------- rollout
 def test_context_only_rollout_reproduces_the_context():
     model, variables = toy_model("convs5"), toy_variables("convs5")
     codes, actions = toy_inputs(frames=CONTEXT)
-    out = sample.rollout(model, variables, codes, actions, KEY(0), horizon=0, **SAMPLER)
+    out = sample.rollout(model, variables, codes, actions, KEY(0), horizon=0, settings=SAMPLER)
     np.testing.assert_array_equal(out, codes)
     assert out.dtype == jnp.int32
     with pytest.raises(ValueError, match=r"actions must be \(B, Tc \+ horizon\) = \(2, 5\)"):
-        sample.rollout(model, variables, codes, actions, KEY(0), horizon=2, **SAMPLER)
+        sample.rollout(model, variables, codes, actions, KEY(0), horizon=2, settings=SAMPLER)
     with pytest.raises(ValueError, match="codes_ctx must be"):
-        sample.rollout(model, variables, codes[..., :4], None, KEY(0), horizon=2, **SAMPLER)
+        sample.rollout(model, variables, codes[..., :4], None, KEY(0), horizon=2, settings=SAMPLER)
 
 
 @pytest.mark.parametrize("name", backbones.NAMES)
@@ -115,7 +166,7 @@ def test_thousand_frame_rollout_is_deterministic(name):
     """1,000 frames in one compiled call, past the Transformer's 8-frame window and far past training lengths."""
     model, variables = toy_model(name), toy_variables(name)
     codes, actions = toy_inputs()
-    run = functools.partial(sample.rollout, model, variables, codes, actions, horizon=LONG, **SAMPLER)
+    run = functools.partial(sample.rollout, model, variables, codes, actions, horizon=LONG, settings=SAMPLER)
     out, carry = run(KEY(0), return_carry=True)
     again = run(KEY(0))
     other = run(KEY(1))
@@ -137,9 +188,9 @@ def test_compiled_rollout_equals_a_per_frame_loop():
     Transformer's window (its ring buffer wraps), so chunked or frame-by-frame generation equals one call."""
     model, variables = toy_model("transformer"), toy_variables("transformer")
     codes, actions = toy_inputs()
-    compiled = sample.rollout(model, variables, codes, actions, KEY(0), horizon=LONG, **SAMPLER)
+    compiled = sample.rollout(model, variables, codes, actions, KEY(0), horizon=LONG, settings=SAMPLER)
     carry = jax.jit(functools.partial(model.apply, method=Teco.condition))(variables, codes, actions[:, :CONTEXT])
-    step = jax.jit(functools.partial(sample.sample_frame, model, **SAMPLER))
+    step = jax.jit(functools.partial(sample.sample_frame, model, settings=SAMPLER))
     frames = []
     for t in range(CONTEXT, CONTEXT + 12):
         carry, frame = step(variables, carry, actions[:, t], KEY(0))
@@ -147,7 +198,7 @@ def test_compiled_rollout_equals_a_per_frame_loop():
     np.testing.assert_array_equal(np.stack(frames, axis=1), compiled[:, CONTEXT:CONTEXT + 12])
     # Actions steer the rollout: other future actions, other frames (same key).
     flipped = actions.at[:, CONTEXT:].set((actions[:, CONTEXT:] + 1) % 3)
-    steered = sample.rollout(model, variables, codes, flipped, KEY(0), horizon=LONG, **SAMPLER)
+    steered = sample.rollout(model, variables, codes, flipped, KEY(0), horizon=LONG, settings=SAMPLER)
     assert not np.array_equal(steered[:, CONTEXT:], compiled[:, CONTEXT:])
 
 
@@ -178,7 +229,7 @@ def toy_config():
     config = mazelab.get_config("convs5")
     config.model.update(TOY_MODEL)
     config.convs5.update(TOY_BACKBONES["convs5"])
-    config.sampling.update(SAMPLER)
+    config.sampling.update(dataclasses.asdict(SAMPLER))
     return config
 
 
@@ -203,7 +254,9 @@ def test_sample_dataset_files_sharding_and_resume(tmp_path):
     model = toy_model("convs5")
     variables = toy_variables("convs5")
     workdir = tmp_path / "workdir"
+    earlier = jax.tree.map(lambda x: x * 0.5 if jnp.issubdtype(x.dtype, jnp.floating) else x, variables)
     mngr = checkpoint.manager(str(workdir), config)
+    checkpoint.save(mngr, 5, {"model": earlier}, force=True)
     checkpoint.save(mngr, 10, {"model": variables}, force=True)
     checkpoint.close(mngr)
     vq = VQGAN(**TOKENIZER_FIELDS, num_groups=2)
@@ -211,7 +264,7 @@ def test_sample_dataset_files_sharding_and_resume(tmp_path):
     data = tmp_path / "data"
     write_dataset(data, num_videos=6, frames=FILE_CONTEXT + FILE_HORIZON + 2)
     out = tmp_path / "samples"
-    run = functools.partial(sample.sample_dataset, config, str(workdir), tokenizer, str(data), str(out),
+    run = functools.partial(sample_files.sample_dataset, config, str(workdir), tokenizer, str(data), str(out),
                             protocol=(FILE_CONTEXT, FILE_HORIZON, False), num_videos=5, batch_size=4, seed=7)
 
     first = run()
@@ -224,6 +277,8 @@ def test_sample_dataset_files_sharding_and_resume(tmp_path):
     assert batch1["real"].shape[0] == 1  # the fifth video only: num_videos=5 of 6
     assert batch0["fake"].dtype == np.uint8 and int(batch0["context"]) == FILE_CONTEXT
     assert int(batch0["horizon"]) == FILE_HORIZON and int(batch0["seed"]) == 7 and not bool(batch0["use_actions"])
+    assert first["settings"] == SAMPLER
+    assert SamplerSettings(**{k: batch0[k].item() for k in dataclasses.asdict(SAMPLER)}) == SAMPLER
     np.testing.assert_array_equal(batch0["index"], [0, 1, 2, 3])
     np.testing.assert_array_equal(batch1["index"], [4])
     for i, index in enumerate(batch0["index"]):
@@ -236,12 +291,12 @@ def test_sample_dataset_files_sharding_and_resume(tmp_path):
     # The sample equals an unsharded rollout of the same codes with the file's key (4 devices vs 1), and the
     # unconditioned protocol ignores the actions (other actions here, same frames).
     codes = tokenizer.encode(batch0["real"].astype(np.float32) / 127.5 - 1.0)[1]
-    loaded = sample.load_variables(config, str(workdir))
+    loaded = checkpoint.load_variables(config, str(workdir))
     loaded = {**loaded, "tokenizer": {"code_embeddings": tokenizer.codebook}}
     direct = sample.rollout(model, loaded, codes[:, :FILE_CONTEXT], (batch0["actions"] + 1) % 3,
                             jax.random.fold_in(jax.random.key(7), 0), horizon=FILE_HORIZON, use_actions=False,
-                            **sample.sampler_settings(config.sampling))
-    np.testing.assert_array_equal(batch0["fake"], sample.to_uint8(tokenizer.decode(np.asarray(direct))))
+                            settings=SamplerSettings.from_config(config.sampling))
+    np.testing.assert_array_equal(batch0["fake"], sample_files.to_uint8(tokenizer.decode(np.asarray(direct))))
 
     # Resume: the finished file is kept untouched, the missing one is written again, identically.
     stamp = os.stat(files[0]).st_mtime_ns
@@ -257,13 +312,32 @@ def test_sample_dataset_files_sharding_and_resume(tmp_path):
     mngr = checkpoint.manager(str(tokenizer_dir), {"model": dict(TOKENIZER_FIELDS, num_groups=2)})
     checkpoint.save(mngr, 1, {"model": tokenizer.variables}, force=True)
     checkpoint.close(mngr)
-    third = sample.sample_workdir(str(workdir), str(out), protocol=(FILE_CONTEXT, FILE_HORIZON, False),
+    third = sample_files.sample_workdir(str(workdir), str(out), protocol=(FILE_CONTEXT, FILE_HORIZON, False),
                                   data_path=str(data), tokenizer_path=str(tokenizer_dir), num_videos=5,
                                   batch_size=4, seed=7)
     assert third["written"] == 0 and third["skipped"] == 2 and os.stat(files[0]).st_mtime_ns == stamp
     with pytest.raises(ValueError, match="batch_00000.npz: field 'seed' is 7, this run asks for 8"):
-        sample.sample_dataset(config, str(workdir), tokenizer, str(data), str(out),
-                              protocol=(FILE_CONTEXT, FILE_HORIZON, False), num_videos=5, batch_size=4, seed=8)
+        sample_files.sample_dataset(config, str(workdir), tokenizer, str(data), str(out),
+                                    protocol=(FILE_CONTEXT, FILE_HORIZON, False), num_videos=5, batch_size=4, seed=8)
+    hotter = dataclasses.replace(SAMPLER, temperature=0.5)
+    with pytest.raises(ValueError, match="batch_00000.npz: field 'temperature' is 1.0, this run asks for 0.5"):
+        run(settings=hotter)
+
+    # Another checkpoint step and other sampler settings, without editing the config: the file equals a rollout
+    # of that step's variables with those settings, and records them.
+    jax.tree.map(np.testing.assert_array_equal, checkpoint.load_variables(config, str(workdir), 5), earlier)
+    at_step5 = sample_files.sample_workdir(str(workdir), str(tmp_path / "step5"), protocol=(FILE_CONTEXT, FILE_HORIZON,
+                                           False), data_path=str(data), tokenizer_path=str(tokenizer_dir),
+                                           num_videos=4, batch_size=4, seed=7, step=5, settings=hotter)
+    assert at_step5["written"] == 1 and at_step5["settings"] == hotter
+    with np.load(at_step5["files"][0]) as f:
+        step5 = dict(f)
+    assert float(step5["temperature"]) == 0.5 and int(step5["draft_steps"]) == SAMPLER.draft_steps
+    earlier = {**earlier, "tokenizer": {"code_embeddings": tokenizer.codebook}}
+    direct = sample.rollout(model, earlier, codes[:, :FILE_CONTEXT], None, jax.random.fold_in(jax.random.key(7), 0),
+                            horizon=FILE_HORIZON, use_actions=False, settings=hotter)
+    np.testing.assert_array_equal(step5["fake"], sample_files.to_uint8(tokenizer.decode(np.asarray(direct))))
+    assert not np.array_equal(step5["fake"], batch0["fake"])
 
 
 def test_dataset_poses_from_an_encoded_dataset(tmp_path):
@@ -280,16 +354,16 @@ def test_dataset_poses_from_an_encoded_dataset(tmp_path):
     encoded = open_dataset(tmp_path / "codes" / "maze", "test", seq_len=num_frames, batch_size=2, shuffle=False)
     assert encoded.info.format == "tfds" and encoded.info.kind == "codes"
     for index in range(2):
-        poses = sample._dataset_poses(encoded, index, 1, num_frames)
+        poses = evaluate.dataset_poses(encoded, index, 1, num_frames)
         with np.load(data / "test" / "0000" / f"{index:06d}.npz") as f:
             np.testing.assert_array_equal(poses, f["poses"][1:1 + num_frames])
-        np.testing.assert_array_equal(poses, sample._dataset_poses(raw, index, 1, num_frames))
-        seen = sample.seen_in_context(sample._dataset_poses(encoded, index, 0, num_frames), FILE_CONTEXT)
+        np.testing.assert_array_equal(poses, evaluate.dataset_poses(raw, index, 1, num_frames))
+        seen = evaluate.seen_in_context(evaluate.dataset_poses(encoded, index, 0, num_frames), FILE_CONTEXT)
         np.testing.assert_array_equal(seen, [True] * 4 + [True, True, False])   # as in the raw files' samples
     with pytest.raises(DataError, match=r"\(record 0\): field 'poses' expected \(7, 3\) from frame 3, got \(6, 3\)"):
-        sample._dataset_poses(encoded, 0, 3, num_frames)
+        evaluate.dataset_poses(encoded, 0, 3, num_frames)
 
     with TfdsWriter(tmp_path / "plain", "codes", "test", (8, 8)) as writer:   # TECO's encoded datasets
         writer.write(np.zeros((num_frames, 8, 8), np.int32), np.zeros(num_frames, np.int32))
     plain = open_dataset(tmp_path / "plain" / "codes", "test", seq_len=num_frames, batch_size=1, shuffle=False)
-    assert sample._dataset_poses(plain, 0, 0, num_frames) is None
+    assert evaluate.dataset_poses(plain, 0, 0, num_frames) is None

@@ -9,6 +9,7 @@ import optax
 import pytest
 
 from teco_ssm import backbones
+from teco_ssm.maskgit import SamplerSettings
 from teco_ssm.modules import Decoder
 from teco_ssm.teco import (Teco, drop_loss_count, drop_loss_steps, init_variables, set_code_embeddings,
                            smoothed_cross_entropy)
@@ -210,7 +211,7 @@ def test_action_zero_reaches_nothing_without_a_start_position(name, start_positi
         predicted = model.apply(variables, codes, actions, method=Teco.predict)
         carry = model.apply(variables, codes[:, :3], actions[:, :3], method=Teco.condition)
         carry, frame = model.apply(variables, carry, actions[:, 3], jax.random.key(4), method=Teco.generate_step,
-                                   draft_steps=2, revise_steps=2, revise_rounds=1)
+                                   settings=SamplerSettings(draft_steps=2, revise_steps=2, revise_rounds=1))
         return dict(metrics=metrics, logits=predicted["logits"], hidden=predicted["hidden"], state=carry["state"],
                     frame=frame)
 
@@ -270,8 +271,8 @@ def test_generation_is_deterministic_in_one_scan():
     model = toy_model("convs5")
     variables = toy_variables("convs5")
     codes, actions = toy_batch(frames=4)
-    step = functools.partial(model.apply, method=Teco.generate_step, draft_steps=3, revise_steps=2,
-                             revise_rounds=1, top_p=0.9)
+    step = functools.partial(model.apply, method=Teco.generate_step,
+                             settings=SamplerSettings(draft_steps=3, revise_steps=2, revise_rounds=1, top_p=0.9))
 
     @jax.jit
     def rollout(variables, rng):

@@ -1,0 +1,189 @@
+"""Sampling a dataset's evaluation split under a protocol into `.npz` files that `teco_ssm.evaluate` reads.
+
+`sample_dataset` (or `sample_workdir`, from a training workdir alone) restores the model (`checkpoint.load_variables`),
+splits each batch over every device (`teco_ssm.sharding`), rolls it out (`sample.rollout`) and writes one file per
+batch, `out_dir/batch_<k>.npz`:
+  real     (B, T, H, W, 3) uint8   ground truth, T = context + horizon
+  fake     (B, T, H, W, 3) uint8   the sample; its first `context` frames are the context's codes decoded by the
+                                   tokenizer (its reconstruction), the rest generated
+  actions  (B, T) int32            the dataset's actions (given to the model only when the protocol uses them)
+  context, horizon  int; use_actions bool; seed int (the run's seed; batch k samples with fold_in(key(seed), k));
+  draft_steps, revise_steps, revise_rounds int; temperature, top_p float; draft_schedule str: the sampler's settings
+  batch    int, this file's batch index; index (B,) int32, the dataset's video indices
+  seen     (B, T) bool, when the dataset holds MazeLab `poses` (its npz files, or the `poses` feature that
+           `vqgan/encode.py` keeps when encoding them): `evaluate.seen_mask`, True where the frame's pose was first
+           visited during the context, i.e. a generated frame at a place the context showed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence, Union
+
+import jax
+import ml_collections
+import numpy as np
+from tqdm.auto import tqdm
+
+from teco_ssm import checkpoint, evaluate, sharding, teco
+from teco_ssm.data import formats, open_dataset
+from teco_ssm.sample import Protocol, SamplerSettings, resolve_protocol, rollout
+from teco_ssm.teco import Teco
+
+_FILE = "teco_ssm/sample_files.py"
+PathLike = Union[str, os.PathLike]
+
+
+def to_uint8(frames: np.ndarray) -> np.ndarray:
+    """Frames float in [-1, 1] (..., H, W, 3) -> uint8 [0, 255], round((x + 1) * 127.5), clipped."""
+    return np.clip(np.round((np.asarray(frames, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def _write_npz_atomic(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+def _check_finished(path: Path, expected: Mapping[str, Any]) -> None:
+    """A finished batch file must come from the same request; ValueError naming the file and field otherwise."""
+    with np.load(path) as data:
+        for field, value in expected.items():
+            if field not in data or data[field].item() != value:
+                found = data[field].item() if field in data else "absent"
+                raise ValueError(f"{path}: field '{field}' is {found}, this run asks for {value}; use another "
+                                 f"out_dir or the same settings to resume")
+
+
+def sample_dataset(config: ml_collections.ConfigDict, workdir_or_variables: PathLike | Mapping[str, Any],
+                   tokenizer: Any, data_path: PathLike, out_dir: PathLike, *,
+                   protocol: str | Protocol | Sequence[Any] = "action_conditioned", num_videos: int | None = None,
+                   batch_size: int | None = None, seed: int | None = None, step: int | None = None,
+                   split: str | None = None, settings: SamplerSettings | None = None) -> dict[str, Any]:
+    """Samples the evaluation split of a dataset under a protocol and writes `out_dir/batch_<k>.npz` files.
+
+    Args:
+      config: the experiment config (model, backbone and `sampling` settings).
+      workdir_or_variables: a training workdir (its latest checkpoint, or `step`) or the variables themselves.
+      tokenizer: `vqgan.load(...)`'s Tokenizer (encode, decode, codebook), the one the model was trained with.
+      data_path: the dataset (raw frames or encoded codes; the data layer says which).
+      out_dir: folder of the sample files (created).
+      protocol: see `sample.resolve_protocol`; a name is read from `config.sampling` first.
+      num_videos, batch_size, seed: default config.sampling.num_videos, config.sampling.batch_size, config.seed.
+        batch_size rows per process, a multiple of this process's device count (the batch is split over every
+        device). Batch k samples with key fold_in(key(seed), k): a resumed run writes what one run would have.
+      step: the checkpoint step to restore (None: the latest); unused when variables are given.
+      split: the dataset split (default config.dataset.eval_split).
+      settings: the MaskGit sampler's settings (default `SamplerSettings.from_config(config.sampling)`), e.g.
+        `dataclasses.replace(SamplerSettings.from_config(config.sampling), temperature=0.5)`.
+    Resumable: a batch whose file exists is skipped (files are written to a temporary name and renamed, so a
+    file that exists is complete); a finished file from another protocol, seed or sampler settings is a ValueError
+    naming the file and field.
+    Returns {'files': all batch files, 'written': count, 'skipped': count, 'num_videos': videos in the files,
+    'protocol': Protocol, 'settings': SamplerSettings}.
+    """
+    sampling = config.sampling
+    chosen = resolve_protocol(protocol, sampling)
+    settings = SamplerSettings.from_config(sampling) if settings is None else settings
+    num_videos = int(sampling.num_videos if num_videos is None else num_videos)
+    batch_size = int(sampling.batch_size if batch_size is None else batch_size)
+    seed = int(config.seed if seed is None else seed)
+    model = teco.build(config)
+    if chosen.context < model.condition_frames:
+        raise ValueError(f"{_FILE}: protocol context {chosen.context} < model.condition_frames "
+                         f"{model.condition_frames}")
+    if batch_size % jax.local_device_count():
+        raise ValueError(f"{_FILE}: batch_size={batch_size} must be a multiple of the {jax.local_device_count()} "
+                         f"local devices (the batch is split over every device, `teco_ssm.sharding`)")
+    split = split or config.dataset.eval_split
+    dataset = open_dataset(data_path, split, seq_len=chosen.num_frames, batch_size=batch_size, shuffle=False)
+    num_videos = min(num_videos, dataset.info.num_videos)
+    per_process = math.ceil(num_videos / jax.process_count())
+    num_batches = min(len(dataset), math.ceil(per_process / batch_size))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    suffix = f"_p{jax.process_index()}" if jax.process_count() > 1 else ""
+    paths = [out_dir / f"batch_{k:05d}{suffix}.npz" for k in range(num_batches)]
+    expected = dict(context=chosen.context, horizon=chosen.horizon, use_actions=chosen.use_actions, seed=seed,
+                    **dataclasses.asdict(settings))
+    finished = [p.exists() for p in paths]
+    for path, done in zip(paths, finished):
+        if done:
+            _check_finished(path, expected)
+    first = next((k for k, done in enumerate(finished) if not done), num_batches)
+    written = 0
+    if first < num_batches:
+        if isinstance(workdir_or_variables, Mapping):
+            variables = dict(workdir_or_variables)
+        else:
+            variables = checkpoint.load_variables(config, workdir_or_variables, step)
+        if "tokenizer" in variables:  # frozen code embeddings: the tokenizer's codebook, checked for shape
+            variables = teco.set_code_embeddings(variables, tokenizer.codebook)
+        written = _sample_batches(model, variables, tokenizer, dataset, paths, finished, first, chosen,
+                                  per_process=per_process, seed=seed, expected=expected, settings=settings,
+                                  batches=open_dataset(data_path, split, seq_len=chosen.num_frames,
+                                                       batch_size=batch_size, shuffle=False, start_step=first))
+    total = sum(formats.npz_header(str(path))["real"][0][0] for path in paths)
+    return dict(files=[str(p) for p in paths], written=written, skipped=num_batches - written,
+                num_videos=int(total), protocol=chosen, settings=settings)
+
+
+def _sample_batches(model: Teco, variables: dict[str, Any], tokenizer: Any, dataset: Any, paths: list[Path],
+                    finished: list[bool], first: int, protocol: Protocol, *, per_process: int, seed: int,
+                    expected: dict[str, Any], settings: SamplerSettings, batches: Any) -> int:
+    """Samples and writes the unfinished batch files from `first` on; returns how many it wrote."""
+    mesh = sharding.make_mesh()
+    variables = jax.device_put(variables, sharding.replicated(mesh))
+    batches = iter(batches)
+    written = 0
+    for k in tqdm(range(first, len(paths)), desc="sampling", unit="batch", initial=first, total=len(paths)):
+        batch = next(batches)
+        if finished[k]:
+            continue
+        keep = np.flatnonzero(batch["valid"])[:per_process - k * dataset.batch_size]
+        if dataset.info.kind == "frames":
+            real = to_uint8(batch["video"])
+            codes = tokenizer.encode(batch["video"])[1]
+        else:
+            codes = np.asarray(batch["video"], np.int32)
+            real = to_uint8(tokenizer.decode(codes))
+        actions = np.asarray(batch["actions"], np.int32)
+        rng = jax.random.fold_in(jax.random.key(seed), k)
+        inputs = sharding.global_batch(dict(codes=codes[:, :protocol.context], actions=actions), mesh)
+        sampled = rollout(model, variables, inputs["codes"], inputs["actions"] if protocol.use_actions else None, rng,
+                          horizon=protocol.horizon, use_actions=protocol.use_actions, settings=settings)
+        sampled = sharding.local_rows(mesh, sampled)[keep]
+        fake = to_uint8(tokenizer.decode(sampled))
+        arrays = dict(real=real[keep], fake=fake, actions=actions[keep], index=batch["index"][keep],
+                      batch=np.asarray(k), **{name: np.asarray(value) for name, value in expected.items()})
+        seen = evaluate.seen_mask(dataset, batch["index"][keep], np.asarray(batch["start"])[keep], protocol.context,
+                                  protocol.num_frames)
+        if seen is not None:
+            arrays["seen"] = seen
+        _write_npz_atomic(paths[k], arrays)
+        written += 1
+    return written
+
+
+def sample_workdir(workdir: PathLike, out_dir: PathLike, *,
+                   protocol: str | Protocol | Sequence[Any] = "action_conditioned", data_path: PathLike | None = None,
+                   tokenizer_path: PathLike | None = None, num_videos: int | None = None,
+                   batch_size: int | None = None, seed: int | None = None, step: int | None = None,
+                   settings: SamplerSettings | None = None) -> dict[str, Any]:
+    """`sample_dataset` from a training workdir alone: its config.json gives the model, the sampler settings
+    (unless `settings` is given) and, unless given here, the dataset and tokenizer paths; `step` the checkpoint
+    (None: the latest). Raises ValueError naming the missing field."""
+    import vqgan
+
+    config = ml_collections.ConfigDict(checkpoint.read_config(os.fspath(workdir)))
+    source = os.path.join(os.fspath(workdir), checkpoint.CONFIG_FILE)
+    data_path = data_path if data_path is not None else config.dataset.path
+    tokenizer_path = tokenizer_path if tokenizer_path is not None else config.tokenizer.path
+    for field, value in (("dataset.path", data_path), ("tokenizer.path", tokenizer_path)):
+        if value is None:
+            raise ValueError(f"{source}: field {field} is not set; pass it explicitly")
+    return sample_dataset(config, workdir, vqgan.load(tokenizer_path), data_path, out_dir, protocol=protocol,
+                          num_videos=num_videos, batch_size=batch_size, seed=seed, step=step, settings=settings)
