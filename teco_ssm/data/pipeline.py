@@ -12,7 +12,7 @@ Order arithmetic (pure functions, the basis of exact resume and of multi-process
   slice decides), the missing rows padded and `valid=False`.
 
 Loading runs on `grain`: a `MapDataset` of local batch numbers mapped to a function that reads and stacks one
-batch, read ahead by threads (or worker processes, `num_workers`) in order; no Python generator feeds tf.data.
+batch, read ahead in order by threads; no Python generator feeds tf.data.
 """
 from __future__ import annotations
 
@@ -248,8 +248,7 @@ class Dataset:
 
     def __init__(self, source: _Source, info: DatasetInfo, *, seq_len: int, batch_size: int, shuffle: bool,
                  seed: int, start_step: int, process_index: int, process_count: int,
-                 num_parallel_reads: Optional[int], prefetch: Optional[int], num_workers: int = 0,
-                 frames_dtype: str = 'float32'):
+                 num_parallel_reads: Optional[int], prefetch: Optional[int], frames_dtype: str = 'float32'):
         if frames_dtype not in ('float32', 'uint8'):
             raise ValueError(f"frames_dtype must be 'float32' or 'uint8', got {frames_dtype!r}")
         self.frames_dtype = frames_dtype
@@ -264,7 +263,6 @@ class Dataset:
         self.num_batches = None if shuffle else eval_num_batches(source.num_items, process_count, batch_size)
         self.num_parallel_reads = num_parallel_reads or 2
         self.prefetch = max(prefetch or self.num_parallel_reads, self.num_parallel_reads)
-        self.num_workers = num_workers
         frame_shape = info.frame_shape if info.kind == 'frames' else info.code_shape
         self._spec = ExampleSpec(info.kind, seq_len=seq_len, frame_shape=frame_shape, action_dim=info.action_dim)
 
@@ -322,8 +320,6 @@ class Dataset:
         steps = grain.MapDataset.range(min(self.start_step, stop), stop).map(self.batch)
         batches = steps.to_iter_dataset(grain.ReadOptions(num_threads=self.num_parallel_reads,
                                                           prefetch_buffer_size=self.prefetch))
-        if self.num_workers:
-            batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.num_workers))
         return iter(batches)
 
 
@@ -339,7 +335,7 @@ def batch_codes(batch: dict[str, np.ndarray], tokenizer: Any) -> np.ndarray:
 def open_dataset(path: str | Path, split: str, *, seq_len: int, batch_size: int, shuffle: Optional[bool] = None,
                  seed: int = 0, start_step: int = 0, image_size: Any = None, action_dim: Optional[int] = None,
                  process_index: Optional[int] = None, process_count: Optional[int] = None,
-                 num_parallel_reads: Optional[int] = None, prefetch: Optional[int] = None, num_workers: int = 0,
+                 num_parallel_reads: Optional[int] = None, prefetch: Optional[int] = None,
                  frames_dtype: str = 'float32') -> Dataset:
     """Batches of one split of a raw npz, raw mp4 or encoded TFDS dataset (format detected from the folder).
 
@@ -366,7 +362,6 @@ def open_dataset(path: str | Path, split: str, *, seq_len: int, batch_size: int,
       process_index, process_count: default `jax.process_index()`/`process_count()`.
       num_parallel_reads: batches read at the same time by threads (default 2).
       prefetch: batches prepared ahead (default: num_parallel_reads).
-      num_workers: worker processes that read batches (0, the default: threads of this process only).
       frames_dtype: 'float32' (default, scaled to [-1, 1]) or 'uint8' (raw frames, a quarter of the host
         memory traffic; scale with `x / 127.5 - 1` on the accelerator).
 
@@ -388,5 +383,4 @@ def open_dataset(path: str | Path, split: str, *, seq_len: int, batch_size: int,
     info = _inspect(path, split, source, image_size=image_size, action_dim=action_dim, seq_len=seq_len)
     return Dataset(source, info, seq_len=seq_len, batch_size=batch_size, shuffle=shuffle, seed=seed,
                    start_step=start_step, process_index=process_index, process_count=process_count,
-                   num_parallel_reads=num_parallel_reads, prefetch=prefetch, num_workers=num_workers,
-                   frames_dtype=frames_dtype)
+                   num_parallel_reads=num_parallel_reads, prefetch=prefetch, frames_dtype=frames_dtype)
