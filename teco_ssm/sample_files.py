@@ -28,7 +28,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from teco_ssm import checkpoint, evaluate, sharding, teco
-from teco_ssm.data import formats, open_dataset
+from teco_ssm.data import batch_codes, formats, open_dataset
 from teco_ssm.sample import Protocol, SamplerSettings, resolve_protocol, rollout
 from teco_ssm.teco import Teco
 
@@ -144,12 +144,8 @@ def _sample_batches(model: Teco, variables: dict[str, Any], tokenizer: Any, data
         if finished[k]:
             continue
         keep = np.flatnonzero(batch["valid"])[:per_process - k * dataset.batch_size]
-        if dataset.info.kind == "frames":
-            real = to_uint8(batch["video"])
-            codes = tokenizer.encode(batch["video"])[1]
-        else:
-            codes = np.asarray(batch["video"], np.int32)
-            real = to_uint8(tokenizer.decode(codes))
+        codes = batch_codes(batch, tokenizer)
+        real = to_uint8(batch["frames"] if "frames" in batch else tokenizer.decode(codes))
         actions = np.asarray(batch["actions"], np.int32)
         rng = jax.random.fold_in(jax.random.key(seed), k)
         inputs = sharding.global_batch(dict(codes=codes[:, :protocol.context], actions=actions), mesh)

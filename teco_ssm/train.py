@@ -43,7 +43,7 @@ from jax.sharding import Mesh
 
 from teco_ssm import checkpoint as ckpt
 from teco_ssm import config_check, optim, sample, sample_files, sharding, teco
-from teco_ssm.data import DataError, open_dataset
+from teco_ssm.data import DataError, batch_codes, open_dataset
 from teco_ssm.progress import ProgressBar, ScalarWriter, check_finite
 
 _FILE = "teco_ssm/train.py"
@@ -163,12 +163,11 @@ def _check_tokenizer(model: teco.Teco, tokenizer: Any) -> None:
 
 
 def code_batches(ds: Any, tokenizer: Any, vqgan_codes: int) -> Iterator[dict[str, np.ndarray]]:
-    """The dataset's batches as {'codes' (B, T, H, W) int32, 'actions' (B, T) int32} numpy arrays: frames are
-    encoded with the tokenizer, codes taken as they are (`ds.info.kind`). Raises DataError naming the file of a
-    video whose codes fall outside [0, vqgan_codes)."""
-    encode = ds.info.kind == "frames"
+    """The dataset's batches as {'codes' (B, T, H, W) int32, 'actions' (B, T) int32} numpy arrays: `frames` are
+    encoded with the tokenizer, `codes` taken as they are (`teco_ssm.data.batch_codes`). Raises DataError naming the
+    file of a video whose codes fall outside [0, vqgan_codes)."""
     for batch in ds:
-        codes = tokenizer.encode(batch["video"])[1] if encode else np.asarray(batch["video"], np.int32)
+        codes = batch_codes(batch, tokenizer)
         bad = (codes < 0) | (codes >= vqgan_codes)
         if bad.any():
             row = int(np.flatnonzero(bad.reshape(bad.shape[0], -1).any(axis=1))[0])

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 from teco_ssm.data import DataError, TfdsWriter, inspect_dataset, open_dataset, process_slice
 from teco_ssm.data import pipeline, tfds_folder
@@ -48,7 +49,8 @@ def test_npz_evaluation_reads_every_video_once_in_order_with_padding(tmp_path):
     valid = np.concatenate([b['valid'] for b in batches])
     np.testing.assert_array_equal(index, [0, 1, 2, 3, 4, -1])
     np.testing.assert_array_equal(valid, [True] * 5 + [False])
-    video = np.concatenate([b['video'] for b in batches])
+    assert all(set(b) == {'frames', 'actions', 'valid', 'index', 'start'} for b in batches)
+    video = np.concatenate([b['frames'] for b in batches])
     actions = np.concatenate([b['actions'] for b in batches])
     assert video.dtype == np.float32 and actions.dtype == np.int32
     for i, (v, a) in enumerate(data):  # first seq_len frames, scaled to [-1, 1]
@@ -60,8 +62,8 @@ def test_npz_evaluation_reads_every_video_once_in_order_with_padding(tmp_path):
         for key in a:
             np.testing.assert_array_equal(a[key], b[key])
     raw = list(open_dataset(tmp_path, 'test', seq_len=9, batch_size=2, frames_dtype='uint8', **ONE))
-    assert raw[0]['video'].dtype == np.uint8
-    np.testing.assert_array_equal(raw[1]['video'][1], data[3][0][:9])
+    assert raw[0]['frames'].dtype == np.uint8
+    np.testing.assert_array_equal(raw[1]['frames'][1], data[3][0][:9])
 
 
 def test_npz_training_crops_match_source_and_vary(tmp_path):
@@ -74,7 +76,7 @@ def test_npz_training_crops_match_source_and_vary(tmp_path):
             v, a = data[batch['index'][row]]
             s = batch['start'][row]
             assert 0 <= s <= len(v) - 6
-            np.testing.assert_allclose(batch['video'][row], reference_frames(v[s:s + 6]), atol=1e-6)
+            np.testing.assert_allclose(batch['frames'][row], reference_frames(v[s:s + 6]), atol=1e-6)
             np.testing.assert_array_equal(batch['actions'][row], a[s:s + 6])
             starts.append(s)
     assert len(set(starts)) > 5  # random temporal crops
@@ -82,28 +84,45 @@ def test_npz_training_crops_match_source_and_vary(tmp_path):
 
 def test_training_epochs_are_permutations_and_seed_dependent():
     n = 7
-    plan = list(itertools.islice(pipeline.train_plan(5, 0, n, 0), 3 * n))
+    plan = [pipeline.train_example(5, n, g) for g in range(3 * n)]
     for epoch in range(3):
         assert sorted(i for i, _ in plan[epoch * n:(epoch + 1) * n]) == list(range(n))
     assert [i for i, _ in plan[:n]] != [i for i, _ in plan[n:2 * n]]
-    other = list(itertools.islice(pipeline.train_plan(6, 0, n, 0), 3 * n))
-    assert plan != other
+    assert plan != [pipeline.train_example(6, n, g) for g in range(3 * n)]
     # crop arithmetic: every start is valid and the extremes are reachable
     assert pipeline.crop_start(10, 4, 0.0) == 0 and pipeline.crop_start(10, 4, 0.999999) == 6
     assert all(0 <= pipeline.crop_start(10, 4, f) <= 6 for f in np.linspace(0, 0.9999, 101))
 
 
-def test_resume_yields_the_same_batches_without_replaying(tmp_path):
+def test_resume_yields_the_same_batches_without_replaying(tmp_path, monkeypatch):
     write_npz_dataset(tmp_path, [12, 14, 13, 15, 12], split='train')
     kwargs = dict(seq_len=5, batch_size=2, seed=11, **ONE)
     fresh = list(itertools.islice(open_dataset(tmp_path, 'train', **kwargs), 9))
-    resumed = list(itertools.islice(open_dataset(tmp_path, 'train', start_step=6, **kwargs), 3))
+    planned = []
+    resumed_ds = open_dataset(tmp_path, 'train', start_step=6, **kwargs)
+    plan = resumed_ds.plan
+    monkeypatch.setattr(resumed_ds, 'plan', lambda step: planned.append(step) or plan(step))
+    resumed = list(itertools.islice(resumed_ds, 3))
     for a, b in zip(fresh[6:], resumed):
         for key in a:
             np.testing.assert_array_equal(a[key], b[key])
-    # the resumed plan starts at example 6 * batch_size directly (a pure function of seed and position)
-    full = list(itertools.islice(pipeline.train_plan(11, 0, 5, 0), 30))
-    assert list(itertools.islice(pipeline.train_plan(11, 0, 5, 12), 18)) == full[12:]
+    assert min(planned) == 6  # the first six batches are never planned nor read
+
+
+def test_order_of_a_training_step_does_not_depend_on_the_process_count(tmp_path):
+    """Global batch of step s: examples chosen by (seed, s); process p reads rows [p B, (p + 1) B) of it."""
+    write_npz_dataset(tmp_path, [8, 9, 10, 11, 12, 13, 14], split='train')
+    kwargs = dict(seq_len=4, seed=2, frames_dtype='uint8')
+    one = list(itertools.islice(open_dataset(tmp_path, 'train', batch_size=4, **kwargs, **ONE), 5))
+    for count in (2, 4):
+        parts = [list(itertools.islice(open_dataset(tmp_path, 'train', batch_size=4 // count, process_index=p,
+                                                    process_count=count, **kwargs), 5)) for p in range(count)]
+        for step in range(5):
+            for key in ('frames', 'actions', 'index', 'start'):
+                np.testing.assert_array_equal(np.concatenate([part[step][key] for part in parts]), one[step][key])
+    index = np.concatenate([b['index'] for b in one])  # 20 examples: every video of the first two epochs
+    assert sorted(index[:7]) == list(range(7)) and sorted(index[7:14]) == list(range(7))
+    assert [list(pipeline.train_rows(3, 2, p, 2)) for p in range(2)] == [[12, 13], [14, 15]]
 
 
 @pytest.mark.parametrize('ending', ['return', 'raise'])
@@ -142,15 +161,6 @@ def test_two_processes_see_disjoint_files_covering_all(tmp_path):
         assert max(b - a for a, b in slices) - min(b - a for a, b in slices) <= 1
 
 
-def test_training_sharding_keeps_processes_apart(tmp_path):
-    write_npz_dataset(tmp_path, [8] * 6, split='train')
-    owned = []
-    for p in range(3):
-        ds = open_dataset(tmp_path, 'train', seq_len=4, batch_size=2, process_index=p, process_count=3)
-        owned.append({int(i) for b in itertools.islice(ds, 4) for i in b['index']})
-    assert owned == [{0, 1}, {2, 3}, {4, 5}]
-
-
 # ----------------------------------------------------------------------------------------- mp4
 
 def _write_mp4(path, video):
@@ -179,7 +189,7 @@ def test_mp4_round_trip_with_and_without_action_sidecar(tmp_path):
     assert (ds.info.format, ds.info.frame_shape, ds.info.video_length) == ('mp4', (16, 16, 3), 6)
     (batch,) = list(ds)
     for i in range(2):  # lossless H.264 up to RGB <-> YUV rounding
-        np.testing.assert_allclose(batch['video'][i], reference_frames(videos[i]), atol=3 / 127.5)
+        np.testing.assert_allclose(batch['frames'][i], reference_frames(videos[i]), atol=3 / 127.5)
     np.testing.assert_array_equal(batch['actions'][0], actions)
     np.testing.assert_array_equal(batch['actions'][1], np.zeros(6))
 
@@ -200,21 +210,25 @@ def test_tfds_writer_round_trip_and_layout(tmp_path):
     assert info['splits'][0]['shardLengths'] == ['2', '2', '1']
     assert sorted(p.name for p in folder.glob('enc-test.tfrecord-*')) == [
         f'enc-test.tfrecord-0000{i}-of-00003' for i in range(3)]
-    features = tfds_folder.read_features(folder)
-    assert features['video'] == tfds_folder.TensorFeature((None, 4, 4), 'int32', 'none')
+    features = tfds.builder_from_directory(str(folder)).info.features
+    assert (features['video'].shape, features['video'].np_dtype) == ((None, 4, 4), np.int32)
     ds = open_dataset(tmp_path / 'enc', 'test', seq_len=7, batch_size=2, **ONE)
     assert (ds.info.format, ds.info.kind, ds.info.code_shape, ds.info.action_dim) == ('tfds', 'codes', (4, 4), 4)
     batches = list(ds)
-    video = np.concatenate([b['video'] for b in batches])
+    video = np.concatenate([b['codes'] for b in batches])
     actions = np.concatenate([b['actions'] for b in batches])
     assert video.dtype == np.int32
     for i, (v, a) in enumerate(examples):
         np.testing.assert_array_equal(video[i], v[:7])
         np.testing.assert_array_equal(actions[i], a[:7])
-    # the slow pure-protobuf decoder agrees with the tf.data graph parser
+    # tensorflow_datasets reads the folder in the same order; our record index points at the same records
+    read_by_tfds = list(tfds.builder_from_directory(str(folder)).as_dataset(split='test', shuffle_files=False))
+    for (v, a), record in zip(examples, read_by_tfds):
+        np.testing.assert_array_equal(record['video'].numpy(), v)
+        np.testing.assert_array_equal(record['actions'].numpy(), a)
     path = str(folder / 'enc-test.tfrecord-00001-of-00003')
     offset, length = tfds_folder.index_tfrecord(path)[1]
-    decoded = tfds_folder.decode_example_np(tfds_folder.read_record(path, offset, length), features, path)
+    decoded = tfds_folder.deserialize(features, tfds_folder.read_record(path, offset, length), path)
     np.testing.assert_array_equal(decoded['video'], examples[3][0])
 
 
@@ -234,7 +248,7 @@ def test_tfds_writer_resumes_after_a_crash(tmp_path):
             w.write(video, actions)
     ds = open_dataset(tmp_path / 'enc', 'train', seq_len=7, batch_size=3, shuffle=False, **ONE)
     assert ds.info.num_videos == 9
-    video = np.concatenate([b['video'] for b in ds])
+    video = np.concatenate([b['codes'] for b in ds])
     for i, (v, _) in enumerate(examples):
         np.testing.assert_array_equal(video[i], v[:7])
     assert not list(folder.glob('*.tmp'))
@@ -254,11 +268,12 @@ def test_tfds_writer_extra_per_frame_feature(tmp_path):
         with pytest.raises(DataError, match=r"example 3: got extra fields \[\], the writer declares \['poses'\]"):
             w.write(*examples[0][:2])
     folder = tmp_path / 'enc' / '1.0.0'
-    assert tfds_folder.read_features(folder)['poses'] == tfds_folder.TensorFeature((None, 3), 'int32', 'none')
+    poses = tfds.builder_from_directory(str(folder)).info.features['poses']
+    assert (poses.shape, poses.np_dtype) == ((None, 3), np.int32)
     ds = open_dataset(tmp_path / 'enc', 'test', seq_len=7, batch_size=3, **ONE)
     (batch,) = list(ds)                                    # the tf.data path reads video and actions as before
     for i, (video, actions, poses) in enumerate(examples):
-        np.testing.assert_array_equal(batch['video'][i], video[:7])
+        np.testing.assert_array_equal(batch['codes'][i], video[:7])
         np.testing.assert_array_equal(batch['actions'][i], actions[:7])
         np.testing.assert_array_equal(ds.read_field(i, 'poses'), poses)
     assert ds.read_field(0, 'depth') is None
@@ -323,7 +338,7 @@ def test_reads_tfds_folders_in_legacy_and_bytes_layouts(tmp_path):
         (batch,) = list(ds)
         np.testing.assert_array_equal(batch['valid'], [True, True, True, False])
         for i, (v, a) in enumerate(examples):
-            np.testing.assert_array_equal(batch['video'][i], v)
+            np.testing.assert_array_equal(batch['codes'][i], v)
             np.testing.assert_array_equal(batch['actions'][i], a)
 
 

@@ -2,7 +2,6 @@
 built-in networks end to end through `teco-ssm eval`, and the run's summary tables."""
 import json
 import re
-import warnings
 
 import numpy as np
 import pytest

@@ -135,7 +135,7 @@ def test_written_dataset_loads_and_rebuilds_mazes(tmp_path):
     assert ds.info.action_dim == ml.ACTION_DIM and ds.info.frame_shape == (64, 64, 3)
     (batch,) = list(ds)
     test0 = ml.load_trajectory(ds.locate(int(batch['index'][0])))[1]
-    np.testing.assert_allclose(batch['video'][0], test0['video'] / 127.5 - 1, atol=1e-6)
+    np.testing.assert_allclose(batch['frames'][0], test0['video'] / 127.5 - 1, atol=1e-6)
     np.testing.assert_array_equal(batch['actions'][0], test0['actions'])
 
     sheet = ml.contact_sheet([arrays['video'], same['video']], tmp_path / 'sheet.png', frames_per_row=4,

@@ -49,7 +49,7 @@ def test_files_load_through_open_dataset(dataset):
         assert arrays['video'].shape == (LENGTH, 64, 64, 3) and arrays['video'].dtype == np.uint8
         assert arrays['actions'].dtype == np.int32 and arrays['poses'].dtype == np.int32
         assert arrays['poses'].shape == (LENGTH, 3) and arrays['maze_layout'].shape == (9, 9)
-        np.testing.assert_allclose(batch['video'][0], arrays['video'] / 127.5 - 1, atol=1e-6)
+        np.testing.assert_allclose(batch['frames'][0], arrays['video'] / 127.5 - 1, atol=1e-6)
         np.testing.assert_array_equal(batch['actions'][0], arrays['actions'])
         assert ds.read_field(int(batch['index'][0]), 'poses').shape == (LENGTH, 3)
         assert arrays['video'].std() > 10  # rendered frames, not a blank buffer

@@ -166,7 +166,7 @@ def test_nan_loss_stops_naming_the_step_and_term_and_keeps_the_good_checkpoints(
                                                                                  tokenizer):
     """One video uses a code whose embedding is NaN: the loss turns NaN at the first batch holding it."""
     videos = synthetic_videos()
-    order, _ = pipeline.epoch_order(0, 0, 0, NUM_VIDEOS)  # the data layer's order for seed 0 (mazelab's seed)
+    order, _ = pipeline.epoch_order(0, 0, NUM_VIDEOS)  # the data layer's order for seed 0 (one process)
     poisoned = int(order[3 * BATCH + 1])                   # read by the 4th batch, i.e. step 4
     videos[poisoned][0][3, 2, 2] = CODES - 1
     for i, (codes, _) in enumerate(videos):

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from teco_ssm.data import DataError, TfdsWriter, inspect_dataset
 from teco_ssm.data import formats
-from teco_ssm.data.tfds_folder import find_version_dir
+from teco_ssm.data.tfds_folder import find_version_dir, open_builder
 from vqgan.tokenizer import Tokenizer, load
 
 VERSION = '1.0.0'
@@ -138,15 +138,10 @@ def _write_record(version_dir: Path, record: dict[str, Any]) -> None:
 
 def _stored_counts(version_dir: Path, splits: Sequence[str]) -> dict[str, int]:
     """Trajectories listed per split in `version_dir/dataset_info.json` (0 for a split not yet present)."""
-    path = version_dir / 'dataset_info.json'
-    if not path.exists():
+    if not (version_dir / 'dataset_info.json').exists():
         return {s: 0 for s in splits}
-    try:
-        info = json.loads(path.read_text())
-    except ValueError as e:
-        raise DataError(f'{path}: expected valid JSON ({e})') from None
-    listed = {s.get('name'): sum(int(n) for n in s.get('shardLengths', [])) for s in info.get('splits', [])}
-    return {s: listed.get(s, 0) for s in splits}
+    stored = open_builder(version_dir).info.splits
+    return {s: stored[s].num_examples if s in stored else 0 for s in splits}
 
 
 def _compatible(record: dict[str, Any] | None, wanted: dict[str, Any]) -> bool:

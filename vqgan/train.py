@@ -154,8 +154,12 @@ def make_train_step(config: ml_collections.ConfigDict, model: VQGAN, disc: losse
 
 
 def sample_frames(batch: dict[str, np.ndarray], frames_per_video: int, rng: np.random.Generator) -> np.ndarray:
-    """`frames_per_video` distinct random frames of each valid video: (B, T, H, W, 3) -> (B*k, H, W, 3)."""
-    video = batch['video'][batch['valid']]
+    """`frames_per_video` distinct random frames of each valid video: (B, T, H, W, 3) -> (B*k, H, W, 3).
+
+    Raises ValueError for a batch of codes (an encoded dataset): a VQGAN trains on frames."""
+    if 'frames' not in batch:
+        raise ValueError(f'a VQGAN trains on frames; this batch holds {sorted(batch)} (an encoded dataset?)')
+    video = batch['frames'][batch['valid']]
     b, t = video.shape[:2]
     k = min(frames_per_video, t)
     idx = np.stack([rng.choice(t, k, replace=False) for _ in range(b)])

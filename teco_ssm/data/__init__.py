@@ -2,13 +2,14 @@
 
     ds = open_dataset(path, 'train', seq_len=300, batch_size=16)
     ds.info            # DatasetInfo(format, kind, num_videos, video_length, frame_shape | code_shape, ...)
-    for batch in ds:   # {'video', 'actions', 'valid', 'index', 'start'} numpy arrays
-        ...
+    for batch in ds:   # {'frames' or 'codes', 'actions', 'valid', 'index', 'start'} numpy arrays
+        codes = batch_codes(batch, tokenizer)   # frames encoded, codes as stored
 
 `TfdsWriter` writes encoded datasets in the TFDS layout the same loader reads.
 """
 from teco_ssm.data.formats import DataError, DatasetInfo
-from teco_ssm.data.pipeline import Dataset, inspect_dataset, open_dataset, process_slice
+from teco_ssm.data.pipeline import Dataset, batch_codes, inspect_dataset, open_dataset, process_slice
 from teco_ssm.data.tfds_folder import TfdsWriter
 
-__all__ = ['DataError', 'Dataset', 'DatasetInfo', 'TfdsWriter', 'inspect_dataset', 'open_dataset', 'process_slice']
+__all__ = ['DataError', 'Dataset', 'DatasetInfo', 'TfdsWriter', 'batch_codes', 'inspect_dataset', 'open_dataset',
+           'process_slice']

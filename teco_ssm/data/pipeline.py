@@ -1,21 +1,24 @@
 """One entry point for every dataset format: `open_dataset` and `inspect_dataset`.
 
-Order arithmetic (pure functions, the basis of exact resume):
-- Each process owns a contiguous, balanced slice of the split's videos (`process_slice`).
-- Training draws example `g = step * batch_size + row` from epoch `g // n` at position `g % n` of a
-  permutation seeded by (seed, epoch, process); its crop start is a uniform fraction, seeded the same
-  way, of the video's valid start range. Batch k therefore depends on (seed, k) only, and `start_step=k`
-  resumes without reading the first k batches.
-- Evaluation reads every video of the process once, in file order, from frame 0; all processes yield
-  the same number of batches (the largest slice decides), the missing rows padded and `valid=False`.
+Order arithmetic (pure functions, the basis of exact resume and of multi-process training):
+- Training is defined on the GLOBAL batch of `global_batch = batch_size * process_count` examples. Global
+  example `g = step * global_batch + row` is item `perm_e[g mod n]` of epoch `e = g div n`, where the
+  permutation `perm_e` of all n videos of the split and the per-item crop fractions come from
+  `np.random.default_rng([seed, e])`. Process p loads rows `[p * batch_size, (p + 1) * batch_size)` of it by
+  random access. The examples of step s therefore depend on (seed, s, global_batch) only, not on the number of
+  processes, and `start_step=k` resumes without reading the first k batches.
+- Evaluation: each process owns a contiguous, balanced slice of the split's videos (`process_slice`) and reads
+  each of them once, in file order, from frame 0; all processes yield the same number of batches (the largest
+  slice decides), the missing rows padded and `valid=False`.
+
+Loading runs on `grain`: a `MapDataset` of local batch numbers mapped to a function that reads and stacks one
+batch, read ahead in order by threads; no Python generator feeds tf.data.
 """
 from __future__ import annotations
 
-import atexit
 import functools
 import math
-import re
-import weakref
+import threading
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -23,26 +26,6 @@ import numpy as np
 
 from teco_ssm.data import formats, tfds_folder
 from teco_ssm.data.formats import DataError, DatasetInfo, ExampleSpec
-
-_ERROR_RE = re.compile(r'DataError: (.*)')
-_OPEN_ITERATORS: 'weakref.WeakSet[Iterator]' = weakref.WeakSet()
-
-
-@functools.cache
-def _close_open_iterators_at_exit() -> None:
-    """Registers (once, after TensorFlow's own exit handlers, so it runs before them) the closing of every batch
-    iterator still open at exit. A tf.data iterator fed by a Python generator that is still alive when the
-    interpreter shuts down deadlocks the shutdown: a script that stops reading part-way, or one that ends with an
-    uncaught exception whose traceback holds the iterator, would otherwise never exit."""
-    def close_all() -> None:
-        for iterator in list(_OPEN_ITERATORS):
-            try:
-                iterator.close()
-            except ValueError:  # running in another thread at exit: nothing to close from here
-                pass
-
-    atexit.register(close_all)
-
 
 # ------------------------------------------------------------------------------------- arithmetic
 
@@ -53,24 +36,27 @@ def process_slice(num_items: int, process_index: int, process_count: int) -> tup
     return (num_items * process_index) // process_count, (num_items * (process_index + 1)) // process_count
 
 
-def epoch_order(seed: int, epoch: int, process_index: int, num_items: int) -> tuple[np.ndarray, np.ndarray]:
-    """Permutation (num_items,) int64 and crop fractions (num_items,) float64 in [0, 1) of one epoch."""
-    rng = np.random.default_rng([seed, epoch, process_index])
+@functools.lru_cache(maxsize=8)
+def epoch_order(seed: int, epoch: int, num_items: int) -> tuple[np.ndarray, np.ndarray]:
+    """Permutation (num_items,) int64 and crop fractions (num_items,) float64 in [0, 1) of one training epoch."""
+    rng = np.random.default_rng([seed, epoch])
     return rng.permutation(num_items), rng.random(num_items)
 
 
-def train_plan(seed: int, process_index: int, num_items: int, start_example: int) -> Iterator[tuple[int, float]]:
-    """Endless (item, crop fraction) from global example index `start_example` on."""
-    g = start_example
-    epoch, order, fractions = -1, None, None
-    while True:
-        e, pos = divmod(g, num_items)
-        if e != epoch:
-            epoch = e
-            order, fractions = epoch_order(seed, epoch, process_index, num_items)
-        item = int(order[pos])
-        yield item, float(fractions[item])
-        g += 1
+def train_example(seed: int, num_items: int, example: int) -> tuple[int, float]:
+    """(item, crop fraction) of global training example `example` (`step * global_batch + row`)."""
+    epoch, pos = divmod(example, num_items)
+    order, fractions = epoch_order(seed, epoch, num_items)
+    item = int(order[pos])
+    return item, float(fractions[item])
+
+
+def train_rows(step: int, batch_size: int, process_index: int, process_count: int) -> range:
+    """Global example indices of the rows process `process_index` loads at `step` (`batch_size` per process)."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f'process_index {process_index} outside [0, {process_count})')
+    first = (step * process_count + process_index) * batch_size
+    return range(first, first + batch_size)
 
 
 def eval_num_batches(num_items: int, process_count: int, batch_size: int) -> int:
@@ -118,25 +104,27 @@ class _FileSource(_Source):
 
 
 class _TfdsSource(_Source):
+    """The records of one split of a TFDS folder, by global index: shards read by `tfds_folder` (metadata and
+    decoding by tensorflow_datasets), records located by our own per-shard offset index (random access)."""
+
     def __init__(self, version_dir: Path, split: str):
         self.fmt, self.kind = 'tfds', 'codes'
         self.version_dir = version_dir
-        self.features = tfds_folder.read_features(version_dir)
+        self.features, self.shards = tfds_folder.split_shards(version_dir, split)
         where = version_dir / 'features.json'
         for key, rank in (('video', 3), ('actions', 1)):
-            f = self.features.get(key)
-            if f is None:
-                raise DataError(f"{where}: no feature {key!r}; features are {sorted(self.features)}")
-            if len(f.shape) != rank or not np.issubdtype(np.dtype(f.dtype), np.integer):
+            if key not in self.features:
+                raise DataError(f"{where}: no feature {key!r}; features are {sorted(self.features.keys())}")
+            f = self.features[key]
+            shape = getattr(f, 'shape', ())
+            if len(shape) != rank or not np.issubdtype(np.dtype(f.np_dtype), np.integer):
                 raise DataError(f"{where}: feature {key!r} is {f}, expected an integer Tensor of rank {rank}"
                                 + (' (T, h, w) codes' if key == 'video' else ' (T,) action ids'))
         self.code_shape = tuple(self.features['video'].shape[1:])
-        self.name, self.shards = tfds_folder.read_split_shards(version_dir, split)
-        if any(n is None for _, n in self.shards):  # old dataset_info without shardLengths: count records
-            self.shards = [(p, len(tfds_folder.index_tfrecord(p))) for p, _ in self.shards]
         self.starts = np.cumsum([0] + [n for _, n in self.shards])
         self.num_items = int(self.starts[-1])
         self._index: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
 
     def _shard_of(self, item: int) -> tuple[int, int]:
         shard = int(np.searchsorted(self.starts, item, side='right') - 1)
@@ -146,33 +134,28 @@ class _TfdsSource(_Source):
         shard, pos = self._shard_of(item)
         return f'{self.shards[shard][0]} (record {pos})'
 
-    def record(self, item: int) -> tuple[str, int, int]:
+    def _record(self, item: int) -> tuple[str, int, int]:
         """(shard path, payload offset, payload length) of one item; indexes its shard on first use."""
         shard, pos = self._shard_of(item)
         path, expected = self.shards[shard]
-        if shard not in self._index:
-            index = tfds_folder.index_tfrecord(path)
-            if len(index) != expected:
-                raise DataError(f'{path}: holds {len(index)} records, dataset_info.json lists {expected}')
-            self._index[shard] = index
+        with self._lock:
+            if shard not in self._index:
+                index = tfds_folder.index_tfrecord(path)
+                if len(index) != expected:
+                    raise DataError(f'{path}: holds {len(index)} records, dataset_info.json lists {expected}')
+                self._index[shard] = index
         offset, length = self._index[shard][pos]
         return path, int(offset), int(length)
 
-    def serialized(self, item: int) -> bytes:
-        return tfds_folder.read_record(*self.record(item))
+    def _decoded(self, item: int) -> dict[str, np.ndarray]:
+        return tfds_folder.deserialize(self.features, tfds_folder.read_record(*self._record(item)), self.locate(item))
 
     def read(self, item: int) -> tuple[np.ndarray, np.ndarray]:
-        path, offset, length = self.record(item)
-        data = tfds_folder.decode_example_np(tfds_folder.read_record(path, offset, length),
-                                             {k: self.features[k] for k in ('video', 'actions')},
-                                             self.locate(item))
+        data = self._decoded(item)
         return data['video'], data['actions']
 
     def read_field(self, item: int, key: str) -> Optional[np.ndarray]:
-        if key not in self.features:
-            return None
-        return tfds_folder.decode_example_np(self.serialized(item), {key: self.features[key]},
-                                             self.locate(item))[key]
+        return self._decoded(item)[key] if key in self.features else None
 
 
 def _open_source(path: str | Path, split: str) -> _Source:
@@ -257,6 +240,9 @@ def inspect_dataset(path: str | Path, split: str, *, seq_len: Optional[int] = No
 
 # ------------------------------------------------------------------------------------------ dataset
 
+ENDLESS_STEPS = 2 ** 62  # the length of a training dataset's step range (grain needs a finite one)
+
+
 class Dataset:
     """Iterable of numpy batches; see `open_dataset`. `num_batches` is None for (endless) training."""
 
@@ -267,18 +253,16 @@ class Dataset:
             raise ValueError(f"frames_dtype must be 'float32' or 'uint8', got {frames_dtype!r}")
         self.frames_dtype = frames_dtype
         self.info = info
+        self.key = 'frames' if info.kind == 'frames' else 'codes'
         self.seq_len, self.batch_size, self.shuffle, self.seed = seq_len, batch_size, shuffle, seed
         self.start_step = start_step
         self.process_index, self.process_count = process_index, process_count
         self._source = source
         self._start, self._stop = process_slice(source.num_items, process_index, process_count)
         self.num_local_videos = self._stop - self._start
-        if shuffle and self.num_local_videos == 0:
-            raise DataError(f'{info.path}: process {process_index} of {process_count} gets no videos of split '
-                            f'{info.split!r} ({source.num_items} in all)')
         self.num_batches = None if shuffle else eval_num_batches(source.num_items, process_count, batch_size)
-        self._parallel = num_parallel_reads
-        self._prefetch = prefetch
+        self.num_parallel_reads = num_parallel_reads or 2
+        self.prefetch = max(prefetch or self.num_parallel_reads, self.num_parallel_reads)
         frame_shape = info.frame_shape if info.kind == 'frames' else info.code_shape
         self._spec = ExampleSpec(info.kind, seq_len=seq_len, frame_shape=frame_shape, action_dim=info.action_dim)
 
@@ -296,110 +280,56 @@ class Dataset:
             raise TypeError('a training dataset (shuffle=True) is endless')
         return self.num_batches
 
-    # plan: (global item index or -1 for padding, crop fraction)
-    def _plan(self) -> Iterator[tuple[int, float]]:
+    def plan(self, step: int) -> list[tuple[int, float]]:
+        """(global item index, or -1 for padding; crop fraction) of every row of local batch `step`."""
         if self.shuffle:
-            for item, fraction in train_plan(self.seed, self.process_index, self.num_local_videos,
-                                             self.start_step * self.batch_size):
-                yield self._start + item, fraction
-        else:
-            total = self.num_batches * self.batch_size
-            for pos in range(self.start_step * self.batch_size, total):
-                yield (self._start + pos if pos < self.num_local_videos else -1), 0.0
+            rows = train_rows(step, self.batch_size, self.process_index, self.process_count)
+            return [train_example(self.seed, self._source.num_items, g) for g in rows]
+        rows = range(step * self.batch_size, (step + 1) * self.batch_size)
+        return [(self._start + pos if pos < self.num_local_videos else -1, 0.0) for pos in rows]
 
-    def _crop(self, item: int, fraction: float, video: np.ndarray, actions: np.ndarray
-              ) -> tuple[np.ndarray, np.ndarray, int]:
-        """Checked (seq_len, ...) crop of one item's video and int32 actions; zeros for padding (item -1)."""
+    def _example(self, item: int, fraction: float) -> tuple[np.ndarray, np.ndarray, int]:
+        """Checked (seq_len, ...) crop of one item's video and int32 actions, and its start; zeros for padding."""
         shape = (self.seq_len,) + tuple(self._spec.frame_shape)
         dtype = np.uint8 if self.info.kind == 'frames' else np.int32
         if item < 0:
             return np.zeros(shape, dtype), np.zeros((self.seq_len,), np.int32), 0
+        video, actions = self._source.read(item)
         formats.check_example(video, actions, self._source.locate(item), self._spec)
         start = crop_start(video.shape[0], self.seq_len, fraction) if self.shuffle else 0
         video = video[start:start + self.seq_len].astype(dtype, copy=False)
         return video, actions[start:start + self.seq_len].astype(np.int32), start
 
-    def _tf_dataset(self):
-        import tensorflow as tf
-
-        frame_shape = tuple(self._spec.frame_shape)
-        video_dtype = tf.uint8 if self.info.kind == 'frames' else tf.int32
-        source = self._source
-
-        if isinstance(source, _TfdsSource):  # raw bytes in Python, parsing in the TF graph (no GIL)
-            keys = ('video', 'actions')
-            spec = tfds_folder.parse_spec(source.features, keys)
-
-            def read(item):
-                return tf.numpy_function(lambda i: source.serialized(int(i)) if i >= 0 else b'', [item],
-                                         tf.string, stateful=False)
-
-            def decode(item, serialized):
-                parsed = tf.io.parse_single_example(serialized, spec)
-                return [tfds_folder.decode_feature(parsed, k, source.features[k]) for k in keys]
-        else:
-            def read(item):
-                return tf.zeros((), tf.string)
-
-            def decode(item, serialized):
-                def fn(i):
-                    if i < 0:
-                        return np.zeros((0,) + frame_shape, np.uint8), np.zeros((0,), np.int64)
-                    video, actions = source.read(int(i))
-                    return video, actions.astype(np.int64)
-
-                return tf.numpy_function(fn, [item], [tf.uint8, tf.int64], stateful=False)
-
-        def load(item, fraction):
-            raw_video, raw_actions = decode(item, read(item))
-
-            def fn(i, f, v, a):
-                return self._crop(int(i), float(f), v, a)
-
-            video, actions, start = tf.numpy_function(fn, [item, fraction, raw_video, raw_actions],
-                                                      [video_dtype, tf.int32, tf.int64], stateful=False)
-            video.set_shape((self.seq_len,) + frame_shape)
-            actions.set_shape((self.seq_len,))
-            start.set_shape(())
-            return {'video': video, 'actions': actions, 'index': tf.cast(item, tf.int32),
-                    'start': tf.cast(start, tf.int32), 'valid': item >= 0}
-
-        def finish(batch):
-            if self.info.kind == 'frames' and self.frames_dtype == 'float32':
-                batch['video'] = tf.cast(batch['video'], tf.float32) / 127.5 - 1.0
-            return batch
-
-        plan = tf.data.Dataset.from_generator(
-            self._plan, output_signature=(tf.TensorSpec((), tf.int64), tf.TensorSpec((), tf.float64)))
-        ds = plan.map(load, num_parallel_calls=self._parallel or tf.data.AUTOTUNE, deterministic=True)
-        ds = ds.batch(self.batch_size, drop_remainder=True)
-        ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        ds = ds.prefetch(self._prefetch or tf.data.AUTOTUNE)
-        options = tf.data.Options()
-        options.deterministic = True
-        return ds.with_options(options)
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        """Local batch `step` (see `open_dataset`), read directly: the same arrays iteration yields."""
+        plan = self.plan(step)
+        examples = [self._example(item, fraction) for item, fraction in plan]
+        video = np.stack([e[0] for e in examples])
+        if self.key == 'frames' and self.frames_dtype == 'float32':
+            frames = np.empty(video.shape, np.float32)
+            np.divide(video, np.float32(127.5), out=frames)
+            video = np.subtract(frames, np.float32(1.0), out=frames)
+        items = np.asarray([item for item, _ in plan], np.int32)
+        return {self.key: video, 'actions': np.stack([e[1] for e in examples]), 'valid': items >= 0,
+                'index': items, 'start': np.asarray([e[2] for e in examples], np.int32)}
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        batches = self._batches()
-        _OPEN_ITERATORS.add(batches)
-        return batches
+        import grain
 
-    def _batches(self) -> Iterator[dict[str, np.ndarray]]:
-        import tensorflow as tf
+        stop = ENDLESS_STEPS if self.num_batches is None else self.num_batches
+        steps = grain.MapDataset.range(min(self.start_step, stop), stop).map(self.batch)
+        batches = steps.to_iter_dataset(grain.ReadOptions(num_threads=self.num_parallel_reads,
+                                                          prefetch_buffer_size=self.prefetch))
+        return iter(batches)
 
-        _close_open_iterators_at_exit()
-        iterator = self._tf_dataset().as_numpy_iterator()
-        while True:
-            try:
-                batch = next(iterator)
-            except StopIteration:
-                return
-            except tf.errors.OpError as e:
-                match = _ERROR_RE.search(e.message)
-                if match:
-                    raise DataError(match.group(1).strip()) from None
-                raise
-            yield batch
+
+def batch_codes(batch: dict[str, np.ndarray], tokenizer: Any) -> np.ndarray:
+    """Codes (B, T, h, w) int32 of a batch: `batch['codes']` as stored, or `tokenizer.encode(batch['frames'])`
+    (frames float32 in [-1, 1] (B, T, H, W, 3)) for a dataset of frames. The one place frames become codes for
+    training and sampling."""
+    if 'codes' in batch:
+        return np.asarray(batch['codes'], np.int32)
+    return np.asarray(tokenizer.encode(batch['frames'])[1], np.int32)
 
 
 def open_dataset(path: str | Path, split: str, *, seq_len: int, batch_size: int, shuffle: Optional[bool] = None,
@@ -409,8 +339,9 @@ def open_dataset(path: str | Path, split: str, *, seq_len: int, batch_size: int,
                  frames_dtype: str = 'float32') -> Dataset:
     """Batches of one split of a raw npz, raw mp4 or encoded TFDS dataset (format detected from the folder).
 
-    Each batch is a numpy dict:
-      video:   frames float32 in [-1, 1] (B, T, H, W, 3), or codes int32 (B, T, h, w); T = seq_len.
+    Each batch is a numpy dict holding either `frames` or `codes`, as the dataset holds (`ds.key`):
+      frames:  float32 in [-1, 1] (B, T, H, W, 3) (uint8 with frames_dtype='uint8'), for npz / mp4 datasets;
+      codes:   int32 (B, T, h, w), for encoded (TFDS) datasets; T = seq_len.
       actions: int32 (B, T); actions[:, t] is the action taken between frames t-1 and t.
       valid:   bool (B,), False on padding rows of the last evaluation batch.
       index:   int32 (B,), global video index (`ds.locate(i)` names its file), -1 on padding.
@@ -420,18 +351,23 @@ def open_dataset(path: str | Path, split: str, *, seq_len: int, batch_size: int,
       path: dataset root (`<root>/{train,test}/...`) or TFDS folder (`<root>/<name>` or its version dir).
       split: 'train', 'test', ...
       seq_len: frames per example.
-      batch_size: examples per batch on this process.
+      batch_size: examples per batch on this process; training draws global batches of
+        `batch_size * process_count` examples and this process reads its rows of each (see the module docstring).
       shuffle: training mode (endless, permuted, random crops); defaults to split == 'train'.
         Otherwise one deterministic pass over every video once, from frame 0.
       seed: seed of the permutations and crops.
       start_step: first batch to yield; batch k equals the k-th batch of a fresh iterator.
       image_size: expected frame size (int or (H, W)); other sizes are a DataError. Ignored for codes.
       action_dim: action ids must lie in [0, action_dim); defaults to the dataset's metadata.json.
-      process_index, process_count: file sharding; default `jax.process_index()`/`process_count()`.
-      num_parallel_reads: concurrent file reads (default: autotuned).
-      prefetch: batches prepared ahead (default: autotuned).
+      process_index, process_count: default `jax.process_index()`/`process_count()`.
+      num_parallel_reads: batches read at the same time by threads (default 2).
+      prefetch: batches prepared ahead (default: num_parallel_reads).
       frames_dtype: 'float32' (default, scaled to [-1, 1]) or 'uint8' (raw frames, a quarter of the host
         memory traffic; scale with `x / 127.5 - 1` on the accelerator).
+
+    Raises:
+      DataError naming the file and what was expected (see `inspect_dataset`), up front for the first file and
+      while iterating for the others.
     """
     if seq_len <= 0 or batch_size <= 0 or start_step < 0:
         raise ValueError(f'seq_len={seq_len}, batch_size={batch_size} must be positive, start_step={start_step} >= 0')
@@ -440,6 +376,8 @@ def open_dataset(path: str | Path, split: str, *, seq_len: int, batch_size: int,
 
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f'process_index {process_index} outside [0, {process_count})')
     shuffle = (split == 'train') if shuffle is None else shuffle
     source = _open_source(path, split)
     info = _inspect(path, split, source, image_size=image_size, action_dim=action_dim, seq_len=seq_len)

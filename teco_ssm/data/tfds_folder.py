@@ -1,4 +1,4 @@
-"""TFDS folders of encoded videos, read and written without `tensorflow_datasets`.
+"""TFDS folders of encoded videos: read with `tensorflow_datasets`, written shard by shard, crash-safely.
 
 A TFDS folder (what `tfds.builder(...).download_and_prepare()` leaves on disk, and how TECO published
 its encoded datasets) is::
@@ -8,45 +8,31 @@ its encoded datasets) is::
     <root>/<name>/<version>/metadata.json       optional free-form metadata (here: action_dim, ...)
     <root>/<name>/<version>/<name>-<split>.tfrecord-00000-of-00004
 
-Each tfrecord record is a serialised `tf.train.Example`. A `Tensor` feature with encoding 'none' is a
-flat Int64List/FloatList (a leading None dimension is recovered from the length); with encoding
-'bytes'/'zlib' it is the raw (optionally zlib-compressed) little-endian buffer in a BytesList; a tensor
-with more than one unknown dimension also stores `<key>/shape`. Both the current proto-JSON
-`features.json` ({"featuresDict": {"features": ...}}) and the older {"type": ..., "content": ...}
-layout are understood.
+`tfds.builder_from_directory` reads the metadata (both features.json layouts TFDS has written: the proto-JSON
+one and the older {"type": ..., "content": ...} one), and `info.features.deserialize_example_np` decodes a
+record (Tensor encodings 'none', 'bytes' and 'zlib'). What TFDS does not give is random access into tfrecord
+files (its random-access `as_data_source` needs the array_record format, which TECO's folders do not use), and
+shuffled, exactly resumable training reads example i of a split: `index_tfrecord` keeps the byte offsets of a
+shard's records, from its 12-byte record headers, for that.
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fcntl
-import json
 import os
 import re
 import struct
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
-from teco_ssm.data.formats import DataError, check_example, ExampleSpec
+from teco_ssm.data.formats import DataError, ExampleSpec, check_example, read_metadata
 
 DEFAULT_TEMPLATE = '{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}'
 VERSION_RE = re.compile(r'^\d+\.\d+\.\d+$')
-_TENSOR_CLASS = 'tensorflow_datasets.core.features.tensor_feature.Tensor'
-_DICT_CLASS = 'tensorflow_datasets.core.features.features_dict.FeaturesDict'
 
-
-@dataclasses.dataclass(frozen=True)
-class TensorFeature:
-    """One tensor of the feature spec: shape (None for unknown dimensions), numpy dtype name, encoding."""
-
-    shape: tuple[Optional[int], ...]
-    dtype: str
-    encoding: str = 'none'
-
-
-# ----------------------------------------------------------------------------------------------- spec
 
 def find_version_dir(path: Path) -> Optional[Path]:
     """The folder holding dataset_info.json: `path` itself, or its highest `X.Y.Z` subfolder; else None."""
@@ -62,88 +48,47 @@ def find_version_dir(path: Path) -> Optional[Path]:
     return max(versions, key=lambda p: tuple(int(x) for x in p.name.split('.')))
 
 
-def _read_json(path: Path) -> Any:
+def open_builder(version_dir: Path):
+    """`tfds.builder_from_directory(version_dir)`; DataError naming the folder when TFDS cannot read it."""
+    import tensorflow_datasets as tfds
+
     try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError as e:
-        raise DataError(f'{path}: missing (a TFDS folder needs dataset_info.json and features.json)') from e
-    except (OSError, ValueError) as e:
-        raise DataError(f'{path}: expected valid JSON ({e})') from e
+        return tfds.builder_from_directory(str(version_dir))
+    except Exception as e:  # missing or malformed dataset_info.json / features.json
+        raise DataError(f'{version_dir}: not a readable TFDS folder, expected dataset_info.json and features.json '
+                        f'({type(e).__name__}: {e})') from e
 
 
-def _shape_from_json(shape: Any) -> tuple[Optional[int], ...]:
-    if isinstance(shape, dict):  # proto JSON: {"dimensions": ["-1", "16", "16"]}; {} for scalars
-        dims = [int(d) for d in shape.get('dimensions', [])]
-    else:  # legacy JSON: [null, 16, 16]
-        dims = [-1 if d is None else int(d) for d in shape]
-    return tuple(None if d < 0 else d for d in dims)
+def split_shards(version_dir: Path, split: str) -> tuple[Any, list[tuple[str, int]]]:
+    """The feature spec (`tfds.features.FeaturesDict`) and [(shard path, number of records)] of one split.
 
-
-def _parse_feature(node: dict, where: str) -> dict[str, TensorFeature]:
-    """Flattened {key: TensorFeature} of one features.json node (keys of nested dicts joined by '/')."""
-    if 'featuresDict' in node or node.get('type') == _DICT_CLASS or node.get('pythonClassName') == _DICT_CLASS:
-        if 'featuresDict' in node:
-            children = node['featuresDict'].get('features', {})
-        else:
-            content = node.get('content', {})
-            children = content.get('features', content) if isinstance(content, dict) else {}
-        out = {}
-        for key, child in children.items():
-            for sub, feature in _parse_feature(child, where).items():
-                out[f'{key}/{sub}' if sub else key] = feature
-        return out
-    if 'tensor' in node:
-        t = node['tensor']
-        return {'': TensorFeature(_shape_from_json(t.get('shape', {})), t['dtype'], t.get('encoding', 'none') or 'none')}
-    if 'sequence' in node or node.get('type', '').endswith('sequence_feature.Sequence'):
-        seq = node.get('sequence') or node.get('content', {})
-        length = seq.get('length')
-        length = None if length in (None, '-1', -1) else int(length)
-        inner = _parse_feature(seq['feature'], where)
-        if set(inner) != {''}:
-            raise DataError(f'{where}: only Sequence(Tensor) features are supported, got a nested sequence')
-        f = inner['']
-        return {'': TensorFeature((length,) + f.shape, f.dtype, f.encoding)}
-    if node.get('type', '').endswith('.Tensor'):  # legacy Tensor
-        c = node['content']
-        return {'': TensorFeature(_shape_from_json(c['shape']), c['dtype'], c.get('encoding', 'none') or 'none')}
-    kind = node.get('pythonClassName') or node.get('type') or sorted(node)
-    raise DataError(f'{where}: unsupported feature {kind}; expected Tensor features for video and actions')
-
-
-def read_features(version_dir: Path) -> dict[str, TensorFeature]:
-    """{key: TensorFeature} from `<version_dir>/features.json`."""
-    path = Path(version_dir) / 'features.json'
-    return _parse_feature(_read_json(path), str(path))
-
-
-def read_split_shards(version_dir: Path, split: str) -> tuple[str, list[tuple[str, Optional[int]]]]:
-    """Dataset name and [(shard path, number of records)] of one split, as dataset_info.json lists them."""
-    version_dir = Path(version_dir)
-    info_path = version_dir / 'dataset_info.json'
-    info = _read_json(info_path)
-    name = info.get('name') or version_dir.parent.name
-    splits = {s['name']: s for s in info.get('splits', [])}
-    if split not in splits:
-        raise DataError(f'{info_path}: split {split!r} not found; the dataset has splits {sorted(splits)}')
-    entry = splits[split]
-    lengths = [int(n) for n in entry.get('shardLengths', [])]
-    num_shards = len(lengths) or int(entry.get('numShards', 0))
-    template = entry.get('filepathTemplate') or DEFAULT_TEMPLATE
-    file_format = info.get('fileFormat', 'tfrecord')
-    if file_format != 'tfrecord':
-        raise DataError(f"{info_path}: fileFormat {file_format!r} not supported, expected 'tfrecord'")
-    if num_shards == 0:
+    Raises DataError naming dataset_info.json for a missing split or an empty split, and naming the shard when a
+    listed shard file is missing.
+    """
+    info = open_builder(version_dir).info
+    info_path = Path(version_dir) / 'dataset_info.json'
+    if split not in info.splits:
+        raise DataError(f'{info_path}: split {split!r} not found; the dataset has splits {sorted(info.splits)}')
+    entry = info.splits[split]
+    if info.file_format is not None and info.file_format.value != 'tfrecord':
+        raise DataError(f"{info_path}: fileFormat {info.file_format.value!r} not supported, expected 'tfrecord'")
+    if not entry.shard_lengths:
         raise DataError(f'{info_path}: empty dataset, split {split!r} lists no shards')
     shards = []
-    for i in range(num_shards):
-        fname = template.format(DATASET=name, SPLIT=split, FILEFORMAT=file_format, SHARD_INDEX=i,
-                                NUM_SHARDS=num_shards, SHARD_X_OF_Y=f'{i:05d}-of-{num_shards:05d}')
-        shard = version_dir / fname
-        if not shard.exists():
-            raise DataError(f'{shard}: shard listed in {info_path} is missing')
-        shards.append((str(shard), lengths[i] if lengths else None))
-    return name, shards
+    for path, length in zip(entry.filepaths, entry.shard_lengths):
+        if not os.path.exists(path):
+            raise DataError(f'{path}: shard listed in {info_path} is missing')
+        shards.append((str(path), int(length)))
+    return info.features, shards
+
+
+def deserialize(features: Any, serialized: bytes, where: str) -> dict[str, np.ndarray]:
+    """Every feature of one serialised record as numpy arrays (`features.deserialize_example_np`)."""
+    try:
+        return dict(features.deserialize_example_np(serialized))
+    except Exception as e:
+        raise DataError(f'{where}: corrupt record, expected a serialised tf.train.Example of the features in '
+                        f'features.json ({type(e).__name__}: {e})') from e
 
 
 # ------------------------------------------------------------------------------------------ records
@@ -181,97 +126,10 @@ def read_record(path: str, offset: int, length: int) -> bytes:
     return data
 
 
-def _parse_dtype(dtype: str):
-    import tensorflow as tf
-
-    np_dtype = np.dtype(dtype)
-    if np.issubdtype(np_dtype, np.integer) or np_dtype == np.bool_:
-        return tf.int64
-    if np.issubdtype(np_dtype, np.floating):
-        return tf.float32
-    raise DataError(f'unsupported tensor dtype {dtype!r} in features.json')
-
-
-def parse_spec(features: dict[str, TensorFeature], keys: Sequence[str]) -> dict[str, Any]:
-    """`tf.io.parse_single_example` spec for `keys` of the feature spec."""
-    import tensorflow as tf
-
-    spec = {}
-    for key in keys:
-        f = features[key]
-        if f.encoding == 'none':
-            if f.shape.count(None) > 1:
-                raise DataError(f"feature {key!r} has several unknown dimensions without bytes encoding")
-            if f.shape and f.shape[0] is None:
-                spec[key] = tf.io.FixedLenSequenceFeature(f.shape[1:], _parse_dtype(f.dtype), allow_missing=True)
-            else:
-                spec[key] = tf.io.FixedLenFeature(f.shape, _parse_dtype(f.dtype))
-        elif f.encoding in ('bytes', 'zlib'):
-            spec[key if f.shape.count(None) <= 1 else f'{key}/value'] = tf.io.FixedLenFeature([], tf.string, '')
-            if f.shape.count(None) > 1:
-                spec[f'{key}/shape'] = tf.io.FixedLenFeature([len(f.shape)], tf.int64, [0] * len(f.shape))
-        else:
-            raise DataError(f'feature {key!r}: unknown encoding {f.encoding!r}')
-    return spec
-
-
-def decode_feature(parsed: dict[str, Any], key: str, feature: TensorFeature):
-    """The tensor `key` (TF graph op) from the output of `tf.io.parse_single_example(parse_spec(...))`."""
-    import tensorflow as tf
-
-    if feature.encoding == 'none':
-        return parsed[key]
-    dynamic = feature.shape.count(None) > 1
-    value = parsed[f'{key}/value'] if dynamic else parsed[key]
-    if feature.encoding == 'zlib':
-        value = tf.io.decode_compressed(value, compression_type='ZLIB')
-    value = tf.io.decode_raw(value, tf.as_dtype(np.dtype(feature.dtype)))
-    shape = parsed[f'{key}/shape'] if dynamic else [-1 if d is None else d for d in feature.shape]
-    return tf.reshape(value, shape)
-
-
-def decode_example_np(serialized: bytes, features: dict[str, TensorFeature], where: str) -> dict[str, np.ndarray]:
-    """All Tensor features of one serialised example as numpy arrays (slow path: inspection and tests)."""
-    import tensorflow as tf
-
-    try:
-        example = tf.train.Example.FromString(serialized)
-    except Exception as e:
-        raise DataError(f'{where}: corrupt record, expected a serialised tf.train.Example ({e})') from e
-    fmap = example.features.feature
-    out = {}
-    for key, f in features.items():
-        dynamic = f.shape.count(None) > 1
-        store = f'{key}/value' if (dynamic and f.encoding != 'none') else key
-        if store not in fmap:
-            raise DataError(f'{where}: record lacks feature {key!r}; it holds {sorted(fmap)}')
-        if f.encoding == 'none':
-            values = fmap[store]
-            arr = np.asarray(values.int64_list.value if values.HasField('int64_list') else values.float_list.value)
-            arr = arr.astype(np.dtype(f.dtype))
-        else:
-            import zlib
-
-            raw = fmap[store].bytes_list.value[0]
-            arr = np.frombuffer(zlib.decompress(raw) if f.encoding == 'zlib' else raw, np.dtype(f.dtype))
-        if dynamic:
-            shape = list(fmap[f'{key}/shape'].int64_list.value)
-        else:
-            shape = [-1 if d is None else d for d in f.shape]
-        out[key] = arr.reshape(shape)
-    return out
-
-
 # ------------------------------------------------------------------------------------------- writer
 
 def _shard_name(name: str, split: str, index: int, total: int) -> str:
     return f'{name}-{split}.tfrecord-{index:05d}-of-{total:05d}'
-
-
-def _int64_feature(values: np.ndarray):
-    import tensorflow as tf
-
-    return tf.train.Feature(int64_list=tf.train.Int64List(value=values.ravel().tolist()))
 
 
 @contextlib.contextmanager
@@ -284,23 +142,20 @@ def _locked(folder: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + '.tmp')
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-
-
 class TfdsWriter:
     """Writes one split of an encoded dataset as a TFDS folder, incrementally and resumably.
 
-    `<root>/<name>/1.0.0/` gets features.json (`video`: Tensor (None, h, w) of `code_dtype`, `actions`:
-    Tensor (None,) int32, and one Tensor (None, *shape) int32 per entry {name: shape} of `extra_features`,
-    e.g. {'poses': (3,)} for MazeLab's per-frame poses), metadata.json (action_dim, codebook_size, when given)
-    and `<name>-<split>.tfrecord-XXXXX-of-YYYYY` shards of `examples_per_shard` trajectories each. A writer
-    opened on an existing folder must declare the same features.
+    `<root>/<name>/1.0.0/` gets a `tfds.features.FeaturesDict` (`video`: Tensor (None, h, w) of `code_dtype`,
+    `actions`: Tensor (None,) int32, and one Tensor (None, *shape) int32 per entry {name: shape} of
+    `extra_features`, e.g. {'poses': (3,)} for MazeLab's per-frame poses) that serialises every record, the
+    metadata files of `tfds.folder_dataset.write_metadata` (dataset_info.json, features.json, metadata.json with
+    action_dim and codebook_size when given), and `<name>-<split>.tfrecord-XXXXX-of-YYYYY` shards of
+    `examples_per_shard` trajectories each. A writer opened on an existing folder must declare the same features.
+    (`tfds.core.SequentialWriter` states that a split it does not close may lose data; this writer keeps every
+    finished shard of an unfinished split, so a killed encoder resumes where it stopped.)
 
     A shard is written to a `.tmp` file and becomes part of the dataset only once closed, synced and
-    renamed; dataset_info.json is then rewritten atomically. Opening a writer on a folder left by a crash
+    renamed; the metadata files are then replaced atomically. Opening a writer on a folder left by a crash
     deletes unfinished `.tmp` shards, renumbers the finished ones and recounts their records, so
     `num_examples` says how many trajectories (in the caller's order) are safely stored: skip that many
     and keep writing. Leaving a `with` block through an exception drops the unfinished shard.
@@ -341,40 +196,39 @@ class TfdsWriter:
         self._spec = ExampleSpec('codes', frame_shape=self.code_shape, action_dim=action_dim)
         self._writer = None
         self._pending = 0
+        self._tfds_features = self._features()
         with _locked(self.folder):
-            self._write_spec()
+            self._check_existing()
             self._shard_lengths = self._recover()
             self._write_info()
 
-    # features.json / metadata.json, checked against an existing folder
-    def _write_spec(self) -> None:
-        def tensor(shape, dtype):
-            return {'pythonClassName': _TENSOR_CLASS,
-                    'tensor': {'shape': {'dimensions': [str(-1 if d is None else d) for d in shape]},
-                               'dtype': dtype, 'encoding': 'none'}}
+    def _features(self):
+        """The `tfds.features.FeaturesDict` this writer declares."""
+        import tensorflow_datasets as tfds
 
-        features = {'pythonClassName': _DICT_CLASS, 'featuresDict': {'features': {
-            'video': tensor((None,) + self.code_shape, self.code_dtype),
-            'actions': tensor((None,), 'int32'),
-            **{key: tensor((None,) + shape, 'int32') for key, shape in self.extra_features.items()}}}}
+        tensor = tfds.features.Tensor
+        return tfds.features.FeaturesDict({
+            'video': tensor(shape=(None,) + self.code_shape, dtype=np.dtype(self.code_dtype)),
+            'actions': tensor(shape=(None,), dtype=np.int32),
+            **{key: tensor(shape=(None,) + shape, dtype=np.int32) for key, shape in self.extra_features.items()}})
+
+    def _check_existing(self) -> None:
+        """An existing folder must hold the same feature spec and agree on the metadata given."""
+        import tensorflow_datasets as tfds
+
         path = self.folder / 'features.json'
         if path.exists():
-            existing = read_features(self.folder)
-            wanted = _parse_feature(features, str(path))
-            if existing != wanted:
-                raise DataError(f'{path}: existing feature spec {existing} differs from this writer\'s {wanted}')
-        else:
-            _atomic_write_json(path, features)
+            existing = tfds.features.FeatureConnector.from_config(str(self.folder))
+            if existing.to_json() != self._tfds_features.to_json():
+                raise DataError(f"{path}: existing feature spec {existing} differs from this writer's "
+                                f'{self._tfds_features}')
         meta = {k: v for k, v in (('action_dim', self.action_dim), ('codebook_size', self.codebook_size))
                 if v is not None}
-        meta_path = self.folder / 'metadata.json'
-        if meta_path.exists():
-            old = _read_json(meta_path)
-            clash = {k: (old[k], v) for k, v in meta.items() if k in old and old[k] != v}
-            if clash:
-                raise DataError(f'{meta_path}: metadata {clash} (stored, given) differ')
-            meta = {**old, **meta}
-        _atomic_write_json(meta_path, meta)
+        old = read_metadata(self.folder)
+        clash = {k: (old[k], v) for k, v in meta.items() if k in old and old[k] != v}
+        if clash:
+            raise DataError(f'{self.folder / "metadata.json"}: metadata {clash} (stored, given) differ')
+        self._metadata = {**old, **meta}
 
     def _recover(self) -> list[int]:
         pattern = re.compile(rf'^{re.escape(self.name)}-{re.escape(self.split)}\.tfrecord-(\d{{5}})-of-(\d{{5}})$')
@@ -401,20 +255,36 @@ class TfdsWriter:
         return lengths
 
     def _write_info(self) -> None:
-        path = self.folder / 'dataset_info.json'
-        info = _read_json(path) if path.exists() else {}
-        info.update({'name': self.name, 'version': self.version, 'fileFormat': 'tfrecord',
-                     'moduleName': 'teco_ssm.data.tfds_folder', 'description': info.get('description') or
-                     self.description, 'citation': info.get('citation', ''),
-                     'releaseNotes': info.get('releaseNotes') or {self.version: 'Initial release.'}})
+        """dataset_info.json, features.json and metadata.json by `tfds.folder_dataset.write_metadata`, written in a
+        scratch folder and moved in file by file (each replace is atomic, so a reader or a crash never sees half a
+        file), keeping the other splits' entries."""
+        import tensorflow_datasets as tfds
+
+        def template(split: str):
+            return tfds.core.ShardedFileTemplate(data_dir=self.folder, template=DEFAULT_TEMPLATE,
+                                                 dataset_name=self.name, split=split, filetype_suffix='tfrecord')
+
+        splits = []
+        if (self.folder / 'dataset_info.json').exists():
+            stored = open_builder(self.folder).info.splits
+            splits = [tfds.core.SplitInfo(name=s, shard_lengths=list(stored[s].shard_lengths),
+                                          num_bytes=int(stored[s].num_bytes), filename_template=template(s))
+                      for s in stored if s != self.split]
         total = len(self._shard_lengths)
         num_bytes = sum(os.path.getsize(self.folder / _shard_name(self.name, self.split, i, total))
                         for i in range(total))
-        entry = {'name': self.split, 'filepathTemplate': DEFAULT_TEMPLATE, 'numBytes': str(num_bytes),
-                 'shardLengths': [str(n) for n in self._shard_lengths]}
-        splits = [s for s in info.get('splits', []) if s.get('name') != self.split] + [entry]
-        info['splits'] = sorted(splits, key=lambda s: s['name'])
-        _atomic_write_json(path, info)
+        splits.append(tfds.core.SplitInfo(name=self.split, shard_lengths=list(self._shard_lengths),
+                                          num_bytes=num_bytes, filename_template=template(self.split)))
+        with tempfile.TemporaryDirectory(dir=self.folder, prefix='.metadata') as scratch:
+            # write_metadata takes the dataset's name and splits from the shard files it finds: empty stand-ins
+            for entry in splits:
+                Path(scratch, _shard_name(self.name, entry.name, 0, 1)).touch()
+            tfds.folder_dataset.write_metadata(
+                data_dir=scratch, features=self._tfds_features, split_infos=sorted(splits, key=lambda s: s.name),
+                version=self.version, check_data=False, description=self.description,
+                metadata=tfds.core.MetadataDict(self._metadata))
+            for name in ('features.json', 'metadata.json', 'dataset_info.json'):  # dataset_info.json last
+                os.replace(os.path.join(scratch, name), self.folder / name)
 
     @property
     def num_examples(self) -> int:
@@ -448,10 +318,10 @@ class TfdsWriter:
             index = len(self._shard_lengths)
             self._tmp = self.folder / f'{_shard_name(self.name, self.split, index, index + 1)}.tmp'
             self._writer = tf.io.TFRecordWriter(str(self._tmp))
-        example = tf.train.Example(features=tf.train.Features(feature={
-            'video': _int64_feature(video.astype(np.int64)), 'actions': _int64_feature(actions.astype(np.int64)),
-            **{key: _int64_feature(value.astype(np.int64)) for key, value in extra.items()}}))
-        self._writer.write(example.SerializeToString())
+        example = self._tfds_features.serialize_example({
+            'video': video.astype(self.code_dtype), 'actions': actions.astype(np.int32),
+            **{key: value.astype(np.int32) for key, value in extra.items()}})
+        self._writer.write(example)
         self._pending += 1
         if self._pending >= self.examples_per_shard:
             self.flush()
