@@ -73,7 +73,7 @@ def test_no_document_teaches_a_removed_entry_point(path):
 
 def test_scripts_hold_only_benchmarks():
     assert sorted(p.name for p in (ROOT / "scripts").glob("*.py")) == [
-        "bench_backbones.py", "bench_sampling.py", "bench_train.py"]
+        "bench_backbones.py", "bench_data.py", "bench_sampling.py", "bench_train.py"]
 
 
 def test_the_finder_sees_continuation_lines_and_inline_commands(tmp_path):
