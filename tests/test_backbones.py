@@ -1,6 +1,8 @@
 """Every registered backbone honours the protocol: parallel == step by step, causal, splittable, configurable."""
+import dataclasses
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -69,12 +71,43 @@ def test_unknown_field_is_an_error_listing_valid_ones(name):
 
 
 @pytest.mark.parametrize("name", backbones.NAMES)
+def test_misspelt_setting_is_an_error_at_every_level(name):
+    """A field no settings class has fails when the config is read (not silently defaulted further down), and the
+    settings value is frozen."""
+    with pytest.raises(ValueError, match=r"no field\(s\) n_layer; valid fields: .*n_layers"):
+        backbones.settings(name, {"n_layer": 3})
+    with pytest.raises(TypeError, match="n_layer"):
+        backbones.settings_class(name)(n_layer=3)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        backbones.settings(name).n_layers = 3
+
+
+@pytest.mark.parametrize("name", backbones.NAMES)
+def test_one_settings_value_reaches_every_submodule(name):
+    """The stack, its layers and their SSMs all hold the backbone's settings value itself."""
+    model = toy(name)
+    seen = []
+
+    def record(next_fn, args, kwargs, context):
+        seen.append(getattr(context.module, "settings", None))
+        return next_fn(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(model.init, jax.random.key(0), frames(0))
+    holders = [s for s in seen if s is not None]
+    assert holders and all(s is model.settings for s in holders)
+    if name != "transformer":  # the stack, each layer and, for the convolutional SSMs, each layer's SSM
+        per_layer = 2 if name in ("convs5", "convt3") else 1
+        assert len(holders) >= 1 + per_layer * model.settings.n_layers
+
+
+@pytest.mark.parametrize("name", backbones.NAMES)
 def test_parallel_step_split_and_causal(name):
     """One model per backbone, checked four ways with the same compiled calls."""
     model, x = toy(name), frames(0)
     variables, apply = init_and_apply(model, x, 1)
     y, final = apply(variables, x)
-    assert y.shape == x.shape[:4] + (model.output_width,) and len(final) == model.n_layers
+    assert y.shape == x.shape[:4] + (model.output_width,) and len(final) == model.settings.n_layers
 
     # init_state then one step per frame == the parallel call, outputs and final state
     y_steps, state = run_steps(model, variables, x)
@@ -112,7 +145,7 @@ def test_random_configs_round_trip(name):
     cfg.update({**TOY[name], **overrides})
     model = backbones.build(name, cfg)
     for key, value in overrides.items():
-        assert getattr(model, key) == value
+        assert getattr(model.settings, key) == value
     x = frames(7, (1, 4, 4, 4, 3))
     variables, apply = init_and_apply(model, x, 8)
     y, _ = apply(variables, x)

@@ -126,7 +126,7 @@ def test_layer_stack_matches_release_reference(name, n_layers, mode):
 
 def test_layer_with_initial_state_matches_reference():
     layer_cls = backbones.convs5.ConvS5Layer
-    layer = layer_cls(d_model=8, ssm_size=8, blocks=2, num_groups=4)
+    layer = layer_cls(backbones.convs5.ConvS5Settings(d_model=8, ssm_size=8, blocks=2, num_groups=4))
     u = jax.random.normal(jax.random.key(1), (2, 4, 4, 4, 8))
     x0 = jax.lax.complex(*jax.random.normal(jax.random.key(2), (2, 2, 4, 4, 4)))
     variables = jax.jit(layer.init)(jax.random.key(5), u, x0)
@@ -185,7 +185,8 @@ def test_convs5_initial_B_C_scale_is_the_release_he_normal(kind):
 
 @pytest.mark.parametrize("kind", ["B", "C"])
 def test_convs5_layer_uses_release_initialisation_by_default(kind):
-    layer = backbones.convs5.ConvS5Layer(d_model=16, ssm_size=16, blocks=2, num_groups=4)
+    layer = backbones.convs5.ConvS5Layer(backbones.convs5.ConvS5Settings(d_model=16, ssm_size=16, blocks=2,
+                                                                         num_groups=4))
     u = jnp.zeros((1, 2, 4, 4, 16))
     draws = []
     for s in range(20):

@@ -11,8 +11,11 @@ from teco_ssm.backbones import common, convs5, convt3
 H, W, U, SSM = 7, 6, 3, 8
 
 
+SETTINGS = {convt3.ConvT3SSM: convt3.ConvT3Settings, convs5.ConvS5SSM: convs5.ConvS5Settings}
+
+
 def make_ssm(cls=convt3.ConvT3SSM, **kw):
-    return cls(ssm_size=SSM, blocks=2, **kw)
+    return cls(SETTINGS[cls](ssm_size=SSM, blocks=2, **kw))
 
 
 def init(module, u, key=0):
@@ -28,7 +31,7 @@ def set_stencils(variables, raw_h, raw_w):
 def direct_recurrence(module, variables, u, x0):
     """x_k = A_bar (*) x_{k-1} + B_bar (*) u_k with the explicit complex 3x3 depthwise kernel, sequentially."""
     params = variables["params"]
-    cfg = module
+    cfg = module.settings
     diag = common.DiagonalSSM(cfg.ssm_size, cfg.blocks, U * cfg.B_kernel_size ** 2, U * cfg.C_kernel_size ** 2)
     lam_bar, B_bar, C_tilde = diag.apply({"params": params["diagonal"]})
     P, kB, kC = lam_bar.shape[0], cfg.B_kernel_size, cfg.C_kernel_size
@@ -76,7 +79,7 @@ def test_zero_stencil_is_convs5():
     u, x0 = random_inputs(1)
     t3 = make_ssm(stencil_init=0.0)
     variables = init(t3, u)
-    a, b = convt3.stencil(variables["params"]["raw_b_H"], t3.stencil_bound)
+    a, b = convt3.stencil(variables["params"]["raw_b_H"], t3.settings.stencil_bound)
     np.testing.assert_array_equal(a, 1.0)
     np.testing.assert_array_equal(b, 0.0)
     s5_params = {k: v for k, v in variables["params"].items() if not k.startswith("raw_b")}
@@ -114,7 +117,7 @@ def test_locality_of_an_impulse(kernel):
     size, steps, radius = 13, 4, (kernel - 1) // 2
     u = jnp.zeros((1, steps + 1, size, size, 1)).at[0, 0, size // 2, size // 2, 0].set(1.0)
     for cls in (convt3.ConvT3SSM, convs5.ConvS5SSM):
-        module = cls(ssm_size=4, blocks=1, B_kernel_size=kernel, C_kernel_size=kernel)
+        module = cls(SETTINGS[cls](ssm_size=4, blocks=1, B_kernel_size=kernel, C_kernel_size=kernel))
         variables = init(module, u, 3)
         if cls is convt3.ConvT3SSM:
             variables = set_stencils(variables, [1.5, -1.2], [-1.0, 1.3])

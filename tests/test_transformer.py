@@ -73,10 +73,12 @@ def assert_states_close(a, b, atol=1e-5):
 
 
 def test_default_config_has_exactly_the_module_fields():
-    fields = {f.name for f in dataclasses.fields(transformer.Backbone)} - {"parent", "name"}
+    fields = {f.name for f in dataclasses.fields(transformer.TransformerSettings)}
     assert set(backbones.default_config("transformer")) == fields
     model = backbones.build("transformer")
-    assert (model.embed_dim, model.mlp_dim, model.num_heads, model.n_layers, model.downsample) == (1024, 4096, 16, 8, 8)
+    settings = model.settings
+    assert (settings.embed_dim, settings.mlp_dim, settings.num_heads, settings.n_layers, settings.downsample) == (
+        1024, 4096, 16, 8, 8)
 
 
 @pytest.mark.parametrize("frames", [3, 8])  # within the window, and sliding past it (max_len = 3)

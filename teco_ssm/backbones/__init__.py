@@ -14,8 +14,15 @@ width of its tokens).
 `state` is a list with one pytree per layer. Output at time t depends only on inputs at times <= t, and
 running the parallel call on a sequence equals `init_state` followed by one `step` per frame.
 
-Adding a backbone means adding one module that defines `Backbone` (the linen module, whose dataclass fields are
-its configuration) and `default_config()`, and naming it in `_MODULES` below.
+Each backbone's configuration is one frozen dataclass, `Settings` in its module (`TransformerSettings`,
+`S5Settings`, `ConvS5Settings`, `ConvT3Settings`), whose defaults are the ConvS5 paper's DMLab models. `build`
+turns a config block into that value once and the module hands it down unchanged (stack -> layer -> SSM):
+
+    settings = backbones.settings("convs5", {"ssm_size": 512})   # ConvS5Settings(..., ssm_size=512, ...)
+    model = backbones.build("convs5", {"ssm_size": 512})         # convs5.Backbone(settings=settings)
+
+Adding a backbone means adding one module that defines `Settings` and `Backbone` (the linen module, with the one
+field `settings`), and naming it in `_MODULES` below.
 """
 from __future__ import annotations
 
@@ -42,24 +49,38 @@ def _module(name: str) -> ModuleType:
     return importlib.import_module(_MODULES[name])
 
 
+def settings_class(name: str) -> type:
+    """The frozen settings dataclass of backbone `name`; ValueError for an unknown name, listing the valid ones."""
+    return _module(name).Settings
+
+
 def default_config(name: str) -> ml_collections.ConfigDict:
-    """The defaults of backbone `name` as a ConfigDict (a fresh copy each call)."""
-    return _module(name).default_config()
+    """The defaults of backbone `name` (its settings dataclass) as a ConfigDict, a fresh copy each call."""
+    return ml_collections.ConfigDict(dataclasses.asdict(settings_class(name)()))
+
+
+def settings(name: str, config: Mapping[str, Any] | None = None) -> Any:
+    """The settings value of backbone `name` from a config block (fields missing from it take their defaults).
+
+    Raises ValueError for an unknown name, a field the backbone does not have (listing the valid ones), or a value
+    the settings reject.
+    """
+    cls = settings_class(name)
+    if isinstance(config, cls):
+        return config
+    given = {}
+    if config is not None:
+        given = dict(config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config)
+    valid = sorted(f.name for f in dataclasses.fields(cls))
+    unknown = sorted(set(given) - set(valid))
+    if unknown:
+        raise ValueError(f"backbone {name!r} has no field(s) {', '.join(unknown)}; valid fields: {', '.join(valid)}")
+    return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in given.items()})
 
 
 def build(name: str, config: Mapping[str, Any] | None = None):
-    """Builds backbone `name` from `config` (fields missing from it take their defaults).
+    """Backbone `name` built from `config` (a config block, or its settings value): `Backbone(settings=...)`.
 
-    Raises ValueError for an unknown name or a field the backbone does not have, listing the valid ones.
+    Raises ValueError as `settings` does.
     """
-    module = _module(name)
-    fields = dict(module.default_config())
-    if config is not None:
-        given = dict(config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config)
-        unknown = sorted(set(given) - set(fields))
-        if unknown:
-            raise ValueError(
-                f"backbone {name!r} has no field(s) {', '.join(unknown)}; valid fields: {', '.join(sorted(fields))}")
-        fields.update(given)
-    valid = {f.name for f in dataclasses.fields(module.Backbone)}
-    return module.Backbone(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in fields.items() if k in valid})
+    return _module(name).Backbone(settings=settings(name, config))

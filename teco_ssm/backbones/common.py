@@ -12,11 +12,8 @@ from typing import Any, Callable, ClassVar, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import scipy.linalg
-
-
 
 # ----------------------------------------------------------------------------------------------- pure functions
 def hippo_n(n: int) -> np.ndarray:
@@ -75,18 +72,6 @@ def conv2d(x: jax.Array, kernel: jax.Array) -> jax.Array:
     dtype = jnp.result_type(x, kernel)
     return jax.lax.conv_general_dilated(x.astype(dtype), kernel.astype(dtype), (1, 1), "SAME",
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-def config_from_fields(module_cls: type) -> ml_collections.ConfigDict:
-    """A backbone's default config: its linen dataclass fields with their defaults (one place for both)."""
-    return ml_collections.ConfigDict({f.name: f.default for f in dataclasses.fields(module_cls)
-                                      if f.name not in ("parent", "name")})
-
-
-def shared_fields(cls: type, source: Any) -> dict:
-    """The dataclass fields of module class `cls` that `source` also has, with `source`'s values."""
-    names = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
-    return {n: getattr(source, n) for n in names if hasattr(source, n)}
 
 
 def over_frames(fn: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
@@ -216,17 +201,25 @@ def dtype_of(name: str | Any) -> Any:
     return jnp.dtype(name) if isinstance(name, str) else name
 
 
-class SSMStack(nn.Module):
-    """A stack of recurrent layers behind the backbone protocol (see `teco_ssm.backbones`).
+@dataclasses.dataclass(frozen=True)
+class SSMSettings:
+    """The settings every SSM backbone has (`S5Settings`, `ConvS5Settings` add theirs and may change defaults).
 
-    Subclasses set `layer` (a module class with `__call__(u, x0, train) -> (out, x_last)` over (B, T, ...) and a
-    static `state_shape(cfg, batch_size, spatial_shape)`) and may override how frames enter and leave the stack
-    (`embed`, `unembed`). Layer fields are taken from the backbone's fields of the same name. `step` is the
-    parallel call on one frame: the scan kernel then takes its single-step path, so generation costs one frame.
-    The fields below are those every SSM backbone has; subclasses add theirs and may change the defaults.
+    One frozen value, built once from the config (`teco_ssm.backbones.settings`) and handed from the stack to each
+    layer and from the layer to its SSM. Hashable, so a model holding it can be a static argument of `jax.jit`.
+
+      d_model      width of the layers' inputs and outputs (channels per pixel, or per token for S5)
+      n_layers     number of layers
+      dropout      dropout rate after each layer's activation (training only)
+      ssm_size     states per pixel (per token for S5) before conjugate halving: P = ssm_size / 2 complex states
+      blocks       HiPPO-N blocks the initial state matrix is split into
+      clip_eigs    keep the real parts of the eigenvalues <= -1e-4
+      dt_min, dt_max  range of the initial timescales (log-uniform)
+      scan_mode    `teco_ssm.scan` kernel: 'associative', 'sequential' or 'fft'
+      remat        recompute each layer in the backward pass
+      dtype        compute dtype name ('float32', 'bfloat16'); parameters and the scan stay float32 / complex64
     """
 
-    layer: ClassVar[type]
     d_model: int = 512
     n_layers: int = 8
     dropout: float = 0.0
@@ -237,17 +230,31 @@ class SSMStack(nn.Module):
     dt_max: float = 0.1
     scan_mode: str = "associative"
     remat: bool = False
-    dtype: Any = "float32"
+    dtype: str = "float32"
+
+
+class SSMStack(nn.Module):
+    """A stack of recurrent layers behind the backbone protocol (see `teco_ssm.backbones`).
+
+    Subclasses set `layer` (a module class built as `layer(settings)`, with `__call__(u, x0, train) -> (out,
+    x_last)` over (B, T, ...) and a static `state_shape(settings, batch_size, spatial_shape)`) and may override how
+    frames enter and leave the stack (`embed`, `unembed`). `settings` is the backbone's settings value, passed
+    unchanged to every layer. `step` is the parallel call on one frame: the scan kernel then takes its single-step
+    path, so generation costs one frame.
+    """
+
+    layer: ClassVar[type]
+    settings: SSMSettings = SSMSettings()
 
     @property
     def output_width(self) -> int:
         """Channels of the output frames (d_model unless `unembed` changes them)."""
-        return self.d_model
+        return self.settings.d_model
 
     @nn.nowrap
     def embed(self, x: jax.Array) -> jax.Array:
         """(B, T, H, W, C) -> the first layer's input. Called inside `__call__`, so it may create submodules."""
-        return nn.Dense(self.d_model, dtype=dtype_of(self.dtype), name="input_proj")(x)
+        return nn.Dense(self.settings.d_model, dtype=dtype_of(self.settings.dtype), name="input_proj")(x)
 
     @nn.nowrap
     def unembed(self, y: jax.Array, x: jax.Array) -> jax.Array:
@@ -257,22 +264,22 @@ class SSMStack(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, state: Sequence[Any] | None = None, train: bool = False):
         """x: (B, T, H, W, C) -> (y (B, T, H, W, output_width) float32, final state: list per layer)."""
-        cls = nn.remat(self.layer, static_argnums=(3,)) if self.remat else self.layer
+        cls = nn.remat(self.layer, static_argnums=(3,)) if self.settings.remat else self.layer
         h = self.embed(x)
         if state is None:
-            state = [None] * self.n_layers
+            state = [None] * self.settings.n_layers
         final = []
         for i, x0 in enumerate(state):
-            h, x_last = cls(**shared_fields(self.layer, self), name=f"layer_{i}")(h, x0, train)
+            h, x_last = cls(self.settings, name=f"layer_{i}")(h, x0, train)
             final.append(x_last)
         return self.unembed(h, x).astype(jnp.float32), final
 
     def init_state(self, batch_size: int, spatial_shape: tuple[int, int]) -> list:
         """Zero states, one per layer (see the layer's `state_shape`)."""
-        shape = self.layer.state_shape(self, batch_size, spatial_shape)
-        return [jnp.zeros(shape, jnp.complex64) for _ in range(self.n_layers)]
+        shape = self.layer.state_shape(self.settings, batch_size, spatial_shape)
+        return [jnp.zeros(shape, jnp.complex64) for _ in range(self.settings.n_layers)]
 
     def step(self, x_t: jax.Array, state: Sequence[Any]):
-        """x_t: (B, H, W, C) -> (y_t (B, H, W, output_width), new state)."""
+        """x_t: (B, H, W, C) -> (y_t (B, H, W, output_width) float32, new state)."""
         y, new_state = self(x_t[:, None], state, train=False)
         return y[:, 0], new_state

@@ -16,16 +16,16 @@ The recurrence runs on the shared scan kernel (`teco_ssm.scan`) with a (P,) deca
 """
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar
+import dataclasses
+from typing import Callable, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from teco_ssm import scan
-from teco_ssm.backbones.common import (DiagonalSSM, ResNetActivation, SSMStack, config_from_fields, conv2d, dtype_of,
-                                       over_frames, shared_fields)
+from teco_ssm.backbones.common import (DiagonalSSM, ResNetActivation, SSMSettings, SSMStack, conv2d, dtype_of,
+                                       over_frames)
 
 Basis = Callable[[jax.Array], jax.Array]
 
@@ -34,19 +34,31 @@ def _identity(x: jax.Array) -> jax.Array:
     return x
 
 
+@dataclasses.dataclass(frozen=True)
+class ConvS5Settings(SSMSettings):
+    """TECO-ConvS5 on DMLab (ConvS5 paper, Table 18; release `dmlab_teco_convS5.yaml`) are the defaults: the
+    `SSMSettings` fields and
+
+      B_kernel_size, C_kernel_size  sizes of the input and output convolutions (kB, kC)
+      D_kernel_size  size of the two convolutions of the ResNet activation
+      ssm_init       how B and C are drawn: 'he_normal' (the release), 's5' or 'lecun_real' (`DiagonalSSM`)
+      num_groups     GroupNorm groups of the activation (d_model must be a multiple)
+      D_term         add a per-channel D (.) u_k to y_k (off in the release)
+    """
+
+    B_kernel_size: int = 3
+    C_kernel_size: int = 3
+    D_kernel_size: int = 3
+    ssm_init: str = "he_normal"
+    num_groups: int = 32
+    D_term: bool = False
+
+
 class ConvS5SSM(nn.Module):
     """The linear ConvSSM of one layer: u (B, T, H, W, U), x0 (B, H, W, P) | None ->
     (y = 2 Re(C_tilde (*) x_k): (B, T, H, W, U) float32, all states x_k: (B, T, H, W, P) complex64)."""
 
-    ssm_size: int
-    blocks: int = 1
-    B_kernel_size: int = 3
-    C_kernel_size: int = 3
-    dt_min: float = 0.001
-    dt_max: float = 0.1
-    clip_eigs: bool = False
-    ssm_init: str = "he_normal"
-    scan_mode: str = "associative"
+    settings: ConvS5Settings
 
     def state_basis(self, lam_bar: jax.Array, spatial_shape: tuple[int, int]) -> tuple[jax.Array, Basis, Basis]:
         """The diagonal decay and the maps into and out of the basis where the state kernel is diagonal.
@@ -57,16 +69,17 @@ class ConvS5SSM(nn.Module):
 
     @nn.compact
     def __call__(self, u: jax.Array, x0: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-        U, kB, kC = u.shape[-1], self.B_kernel_size, self.C_kernel_size
-        lam_bar, B_bar, C_tilde = DiagonalSSM(self.ssm_size, self.blocks, U * kB * kB, U * kC * kC, self.dt_min,
-                                              self.dt_max, self.clip_eigs, self.ssm_init, kC * kC, name="diagonal")()
+        s = self.settings
+        U, kB, kC = u.shape[-1], s.B_kernel_size, s.C_kernel_size
+        lam_bar, B_bar, C_tilde = DiagonalSSM(s.ssm_size, s.blocks, U * kB * kB, U * kC * kC, s.dt_min, s.dt_max,
+                                              s.clip_eigs, s.ssm_init, kC * kC, name="diagonal")()
         P = lam_bar.shape[0]
         B_kernel = B_bar.reshape(P, kB, kB, U).transpose(1, 2, 3, 0)  # (kB, kB, U, P)
         C_kernel = C_tilde.reshape(kC, kC, U, P).transpose(0, 1, 3, 2)  # (kC, kC, P, U)
         bu = over_frames(lambda f: conv2d(f.astype(jnp.float32), B_kernel), u)
         decay, to_basis, from_basis = self.state_basis(lam_bar, u.shape[2:4])
         x0 = None if x0 is None else to_basis(x0)
-        xs = from_basis(scan.scan(decay, to_basis(bu), x0, mode=self.scan_mode))
+        xs = from_basis(scan.scan(decay, to_basis(bu), x0, mode=s.scan_mode))
         return 2.0 * over_frames(lambda f: conv2d(f, C_kernel), xs).real, xs
 
 
@@ -74,34 +87,21 @@ class ConvS5Layer(nn.Module):
     """One ConvS5 layer. `__call__(u (B, T, H, W, d_model), x0 (B, H, W, P) | None, train) -> (out, x_last)`."""
 
     ssm: ClassVar[type] = ConvS5SSM
-    d_model: int
-    ssm_size: int
-    blocks: int = 1
-    B_kernel_size: int = 3
-    C_kernel_size: int = 3
-    D_kernel_size: int = 3
-    dt_min: float = 0.001
-    dt_max: float = 0.1
-    clip_eigs: bool = False
-    ssm_init: str = "he_normal"
-    num_groups: int = 32
-    D_term: bool = False
-    dropout: float = 0.0
-    scan_mode: str = "associative"
-    dtype: Any = "float32"
+    settings: ConvS5Settings
 
     @staticmethod
-    def state_shape(cfg: Any, batch_size: int, spatial_shape: tuple[int, int]) -> tuple[int, ...]:
-        return (batch_size, *spatial_shape, cfg.ssm_size // 2)
+    def state_shape(settings: ConvS5Settings, batch_size: int, spatial_shape: tuple[int, int]) -> tuple[int, ...]:
+        return (batch_size, *spatial_shape, settings.ssm_size // 2)
 
     @nn.compact
     def __call__(self, u: jax.Array, x0: jax.Array | None, train: bool = False):
-        dtype = dtype_of(self.dtype)
-        y, xs = self.ssm(**shared_fields(self.ssm, self), name="ssm")(u, x0)
-        if self.D_term:
+        s = self.settings
+        dtype = dtype_of(s.dtype)
+        y, xs = self.ssm(s, name="ssm")(u, x0)
+        if s.D_term:
             y = y + self.param("D", nn.initializers.normal(1.0), (u.shape[-1],)) * u.astype(jnp.float32)
-        y = over_frames(ResNetActivation(self.D_kernel_size, self.num_groups, dtype, name="activation"), y.astype(dtype))
-        y = nn.Dropout(self.dropout, deterministic=not train)(y)
+        y = over_frames(ResNetActivation(s.D_kernel_size, s.num_groups, dtype, name="activation"), y.astype(dtype))
+        y = nn.Dropout(s.dropout, deterministic=not train)(y)
         return nn.LayerNorm(dtype=dtype, name="norm")(u + y), xs[:, -1]
 
 
@@ -109,15 +109,7 @@ class Backbone(SSMStack):
     """A stack of ConvS5 layers on latent frames (B, T, H, W, C) -> (B, T, H, W, d_model)."""
 
     layer = ConvS5Layer
-    B_kernel_size: int = 3
-    C_kernel_size: int = 3
-    D_kernel_size: int = 3
-    ssm_init: str = "he_normal"
-    num_groups: int = 32
-    D_term: bool = False
+    settings: ConvS5Settings = ConvS5Settings()
 
 
-def default_config() -> ml_collections.ConfigDict:
-    """TECO-ConvS5 on DMLab (ConvS5 paper, Table 18; release `dmlab_teco_convS5.yaml`): the `Backbone` field
-    defaults."""
-    return config_from_fields(Backbone)
+Settings = ConvS5Settings

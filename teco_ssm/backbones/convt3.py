@@ -15,16 +15,15 @@ nothing is lost by fixing a + 2|b| = 1. raw_b = 0 (stencil_init 0) makes the lay
 """
 from __future__ import annotations
 
+import dataclasses
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import scipy.fft
 
 from teco_ssm.backbones import convs5
-from teco_ssm.backbones.common import config_from_fields
 
 
 def dst1_matrix(n: int) -> np.ndarray:
@@ -47,18 +46,30 @@ def stencil(raw_b: jax.Array, bound: float) -> tuple[jax.Array, jax.Array]:
     return 1.0 - 2.0 * jnp.abs(b), b
 
 
-class ConvT3SSM(convs5.ConvS5SSM):
-    """ConvS5's linear ConvSSM with the structured 3x3 state kernel above."""
+@dataclasses.dataclass(frozen=True)
+class ConvT3Settings(convs5.ConvS5Settings):
+    """TECO-ConvS5's DMLab settings (ConvS5 paper, Table 18) with the structured state kernel:
+
+      stencil_bound  |b| <= stencil_bound / 2 (b = stencil_bound / 2 * tanh(raw_b))
+      stencil_init   raw_b starts uniform in [-stencil_init, stencil_init]; 0 starts as ConvS5 exactly
+    """
 
     stencil_bound: float = 0.9
     stencil_init: float = 0.5
 
+
+class ConvT3SSM(convs5.ConvS5SSM):
+    """ConvS5's linear ConvSSM with the structured 3x3 state kernel above."""
+
+    settings: ConvT3Settings
+
     def stencils(self, P: int) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
-        init = nn.initializers.uniform(2 * self.stencil_init)
-        shifted = lambda key, shape: init(key, shape) - self.stencil_init  # uniform in [-init, init]
+        bound, half_width = self.settings.stencil_bound, self.settings.stencil_init
+        init = nn.initializers.uniform(2 * half_width)
+        shifted = lambda key, shape: init(key, shape) - half_width  # uniform in [-init, init]
         raw_h = self.param("raw_b_H", shifted, (P,))
         raw_w = self.param("raw_b_W", shifted, (P,))
-        return stencil(raw_h, self.stencil_bound), stencil(raw_w, self.stencil_bound)
+        return stencil(raw_h, bound), stencil(raw_w, bound)
 
     def state_basis(self, lam_bar, spatial_shape):
         H, W = spatial_shape
@@ -79,18 +90,14 @@ class ConvT3Layer(convs5.ConvS5Layer):
     """A ConvS5 layer whose ConvSSM is ConvT3's."""
 
     ssm = ConvT3SSM
-    stencil_bound: float = 0.9
-    stencil_init: float = 0.5
+    settings: ConvT3Settings
 
 
 class Backbone(convs5.Backbone):
     """A stack of ConvT3 layers on latent frames (B, T, H, W, C) -> (B, T, H, W, d_model)."""
 
     layer = ConvT3Layer
-    stencil_bound: float = 0.9
-    stencil_init: float = 0.5
+    settings: ConvT3Settings = ConvT3Settings()
 
 
-def default_config() -> ml_collections.ConfigDict:
-    """TECO-ConvS5's DMLab settings (ConvS5 paper, Table 18) with the structured state kernel."""
-    return config_from_fields(Backbone)
+Settings = ConvT3Settings

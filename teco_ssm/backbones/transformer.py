@@ -15,7 +15,8 @@ What it computes follows the TECO release (teco/models/teco.py `temporal_transfo
    the attention weights; MLP Dense(mlp_dim), x * sigmoid(1.702 x), dropout shared over the tokens of a sequence,
    Dense(embed_dim). LayerNorm epsilon 1e-6 everywhere.
 6. A head: Dense(embed_dim), GELU (tanh form), LayerNorm, dropout; the start frame's outputs are dropped.
-7. `untokenize`: a bias-free transposed convolution back to (H, W, d_model) (TECO's z_unproj).
+7. `untokenize`: a bias-free transposed convolution back to (H, W, d_model) (TECO's z_unproj), in the compute
+   dtype; the output is then cast to float32, as every backbone returns float32 frames.
 
 TECO attends block-causally over its whole training sequence (the start frame and 299 inputs). Here attention is
 block-causal over frames with a sliding window of `max_len` frames, the start frame counting as one: every token of
@@ -42,40 +43,80 @@ The state is a list with one dict per layer:
 """
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 _FILE = "teco_ssm/backbones/transformer.py"
 _MASKED = -1e30  # logit of a key outside the window; exp underflows to exactly 0 in float32
 _LAYER_NORM_EPS = 1e-6
 
 
-def default_config() -> ml_collections.ConfigDict:
-    """Defaults: TECO-Transformer on DMLab (ConvS5 paper Table 20, TECO release `configs/dmlab.yaml`); d_model,
-    the width of the output frames, is TECO's embedding_dim (the latent width, 64 on DMLab).
+@dataclasses.dataclass(frozen=True)
+class TransformerSettings:
+    """Defaults: TECO-Transformer on DMLab (ConvS5 paper Table 20, TECO release `configs/dmlab.yaml`).
 
-    max_len is the training sequence length (300 frames); `dtype` names the compute dtype ('float32',
-    'bfloat16'); parameters are always float32.
+      d_model      width of the output frames: TECO's embedding_dim (the latent width, 64 on DMLab)
+      n_layers     transformer blocks
+      dropout      rate after the embedding, the attention, the MLP and the head (training only)
+      attention_dropout  rate on the attention weights (training only)
+      downsample   kernel and stride of the frame-to-token convolution; must divide the latent height and width
+      embed_dim, mlp_dim, num_heads  token width, MLP width and heads (embed_dim even and divisible by num_heads)
+      max_len      attention window in frames, the start frame included (the training length: 300 frames)
+      start_token  TECO's learned start frame (on in every config, as the release)
+      remat        recompute each block in the backward pass
+      dtype        compute dtype name ('float32', 'bfloat16'); parameters are always float32
+
+    Raises ValueError naming the field for a value outside these ranges.
     """
-    return ml_collections.ConfigDict(dict(
-        d_model=64,
-        n_layers=8,
-        dropout=0.0,
-        attention_dropout=0.0,
-        downsample=8,
-        embed_dim=1024,
-        mlp_dim=4096,
-        num_heads=16,
-        max_len=300,
-        start_token=True,
-        remat=False,
-        dtype="float32",
-    ))
+
+    d_model: int = 64
+    n_layers: int = 8
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    downsample: int = 8
+    embed_dim: int = 1024
+    mlp_dim: int = 4096
+    num_heads: int = 16
+    max_len: int = 300
+    start_token: bool = True
+    remat: bool = False
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        for field in ("d_model", "n_layers", "downsample", "embed_dim", "mlp_dim", "num_heads", "max_len"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{_FILE}: field {field} must be a positive int, got {value!r}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"{_FILE}: field embed_dim={self.embed_dim} must be divisible by "
+                             f"num_heads={self.num_heads}")
+        if self.embed_dim % 2:
+            raise ValueError(f"{_FILE}: field embed_dim={self.embed_dim} must be even (sinusoidal positions)")
+        for field in ("dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, field) < 1.0:
+                raise ValueError(f"{_FILE}: field {field} must lie in [0, 1), got {getattr(self, field)!r}")
+        if not isinstance(self.start_token, bool):
+            raise ValueError(f"{_FILE}: field start_token must be a bool, got {self.start_token!r}")
+        self.compute_dtype  # raises for a name that is not a floating dtype
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        """`dtype` as a jnp dtype; ValueError unless it names a floating dtype."""
+        try:
+            dtype = jnp.dtype(self.dtype)
+        except TypeError as error:
+            raise ValueError(f"{_FILE}: field dtype={self.dtype!r} is not a dtype name") from error
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(f"{_FILE}: field dtype={self.dtype!r} must be a floating dtype")
+        return dtype
+
+
+Settings = TransformerSettings
 
 
 def sinusoidal_embedding(positions: jax.Array, dim: int) -> jax.Array:
@@ -206,78 +247,47 @@ class _StartToken(nn.Module):
 
 class Backbone(nn.Module):
     """TECO's temporal transformer; see the module docstring for what it computes, the window, the cache and the
-    protocol. `start_token` adds TECO's learned start frame (on in every config, as the release)."""
-    d_model: int = 64
-    n_layers: int = 8
-    dropout: float = 0.0
-    attention_dropout: float = 0.0
-    downsample: int = 8
-    embed_dim: int = 1024
-    mlp_dim: int = 4096
-    num_heads: int = 16
-    max_len: int = 300
-    start_token: bool = True
-    remat: bool = False
-    dtype: Any = "float32"
+    protocol, and `TransformerSettings` for its settings."""
+    settings: TransformerSettings = TransformerSettings()
 
     def setup(self):
-        for field in ("d_model", "n_layers", "downsample", "embed_dim", "mlp_dim", "num_heads", "max_len"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{_FILE}: field {field} must be a positive int, got {value!r}")
-        if self.embed_dim % self.num_heads:
-            raise ValueError(f"{_FILE}: field embed_dim={self.embed_dim} must be divisible by "
-                             f"num_heads={self.num_heads}")
-        if self.embed_dim % 2:
-            raise ValueError(f"{_FILE}: field embed_dim={self.embed_dim} must be even (sinusoidal positions)")
-        for field in ("dropout", "attention_dropout"):
-            if not 0.0 <= getattr(self, field) < 1.0:
-                raise ValueError(f"{_FILE}: field {field} must lie in [0, 1), got {getattr(self, field)!r}")
-        if not isinstance(self.start_token, bool):
-            raise ValueError(f"{_FILE}: field start_token must be a bool, got {self.start_token!r}")
-        compute_dtype = self._compute_dtype()
-        kernel = (self.downsample, self.downsample)
-        self.tokenize = nn.Conv(self.embed_dim, kernel, strides=kernel, padding="VALID", use_bias=False,
+        s = self.settings
+        compute_dtype = s.compute_dtype
+        kernel = (s.downsample, s.downsample)
+        self.tokenize = nn.Conv(s.embed_dim, kernel, strides=kernel, padding="VALID", use_bias=False,
                                 dtype=compute_dtype)
         self.sos = _StartToken()
-        self.project = nn.Dense(self.embed_dim, dtype=compute_dtype)
-        self.embed_dropout = nn.Dropout(rate=self.dropout)
-        layer = nn.remat(TransformerLayer, static_argnums=(5,)) if self.remat else TransformerLayer
-        self.layers = [layer(embed_dim=self.embed_dim, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
-                             dropout=self.dropout, attention_dropout=self.attention_dropout, dtype=compute_dtype)
-                       for _ in range(self.n_layers)]
-        self.head_dense = nn.Dense(self.embed_dim, dtype=compute_dtype)
+        self.project = nn.Dense(s.embed_dim, dtype=compute_dtype)
+        self.embed_dropout = nn.Dropout(rate=s.dropout)
+        layer = nn.remat(TransformerLayer, static_argnums=(5,)) if s.remat else TransformerLayer
+        self.layers = [layer(embed_dim=s.embed_dim, num_heads=s.num_heads, mlp_dim=s.mlp_dim,
+                             dropout=s.dropout, attention_dropout=s.attention_dropout, dtype=compute_dtype)
+                       for _ in range(s.n_layers)]
+        self.head_dense = nn.Dense(s.embed_dim, dtype=compute_dtype)
         self.head_norm = nn.LayerNorm(epsilon=_LAYER_NORM_EPS, dtype=compute_dtype)
-        self.head_dropout = nn.Dropout(rate=self.dropout)
-        self.untokenize = nn.ConvTranspose(self.d_model, kernel, strides=kernel, padding="VALID", use_bias=False,
+        self.head_dropout = nn.Dropout(rate=s.dropout)
+        self.untokenize = nn.ConvTranspose(s.d_model, kernel, strides=kernel, padding="VALID", use_bias=False,
                                            dtype=compute_dtype)
 
     @property
     def output_width(self) -> int:
         """Channels of the output frames: d_model."""
-        return self.d_model
-
-    def _compute_dtype(self) -> jnp.dtype:
-        try:
-            dtype = jnp.dtype(self.dtype)
-        except TypeError as error:
-            raise ValueError(f"{_FILE}: field dtype={self.dtype!r} is not a dtype name") from error
-        if not jnp.issubdtype(dtype, jnp.floating):
-            raise ValueError(f"{_FILE}: field dtype={self.dtype!r} must be a floating dtype")
-        return dtype
+        return self.settings.d_model
 
     def _token_grid(self, spatial_shape: Sequence[int]) -> tuple[int, int]:
         height, width = (int(s) for s in spatial_shape)
-        if height % self.downsample or width % self.downsample:
-            raise ValueError(f"{_FILE}: field downsample={self.downsample} must divide the latent height and "
+        k = self.settings.downsample
+        if height % k or width % k:
+            raise ValueError(f"{_FILE}: field downsample={k} must divide the latent height and "
                              f"width, got (H, W) = ({height}, {width})")
-        return height // self.downsample, width // self.downsample
+        return height // k, width // k
 
     def _empty_state(self, batch_size: int, tokens_per_frame: int) -> list[dict[str, jax.Array]]:
-        shape = (batch_size, self.max_len, tokens_per_frame, self.num_heads, self.embed_dim // self.num_heads)
-        dtype = self._compute_dtype()
+        s = self.settings
+        shape = (batch_size, s.max_len, tokens_per_frame, s.num_heads, s.embed_dim // s.num_heads)
+        dtype = self.settings.compute_dtype
         return [dict(key=jnp.zeros(shape, dtype), value=jnp.zeros(shape, dtype), time=jnp.zeros((), jnp.int32))
-                for _ in range(self.n_layers)]
+                for _ in range(self.settings.n_layers)]
 
     def init_state(self, batch_size: int, spatial_shape: Sequence[int]) -> list[dict[str, jax.Array]]:
         """The state before the first frame of a sequence, for frames of spatial shape (H, W): a list of n_layers
@@ -285,16 +295,17 @@ class Backbone(nn.Module):
         and values in slot 0), which needs the parameters; otherwise the caches are empty (time 0)."""
         rows, cols = self._token_grid(spatial_shape)
         state = self._empty_state(batch_size, rows * cols)
-        if not self.start_token:
+        if not self.settings.start_token:
             return state
-        start = self.sos(batch_size, rows, cols, self.embed_dim, self._compute_dtype())
+        start = self.sos(batch_size, rows, cols, self.settings.embed_dim, self.settings.compute_dtype)
         _, state = self._transform(start, state, with_cache=False, train=False)
         return state
 
     def _check_state(self, state: list[dict[str, jax.Array]], batch: int, tokens_per_frame: int) -> None:
-        if len(state) != self.n_layers:
-            raise ValueError(f"{_FILE}: state has {len(state)} entries, field n_layers={self.n_layers}")
-        expected = (batch, self.max_len, tokens_per_frame, self.num_heads, self.embed_dim // self.num_heads)
+        if len(state) != self.settings.n_layers:
+            raise ValueError(f"{_FILE}: state has {len(state)} entries, field n_layers={self.settings.n_layers}")
+        s = self.settings
+        expected = (batch, s.max_len, tokens_per_frame, s.num_heads, s.embed_dim // s.num_heads)
         for i, entry in enumerate(state):
             for name in ("key", "value"):
                 if tuple(entry[name].shape) != expected:
@@ -313,23 +324,23 @@ class Backbone(nn.Module):
         h = self.project(tokens)
         times = first_time + jnp.arange(num_frames, dtype=jnp.int32)
         positions = times[:, None] * tokens_per_frame + jnp.arange(tokens_per_frame, dtype=jnp.int32)
-        h = h + sinusoidal_embedding(positions, self.embed_dim)[None].astype(h.dtype)
+        h = h + sinusoidal_embedding(positions, self.settings.embed_dim)[None].astype(h.dtype)
         h = self.embed_dropout(h, deterministic=not train)
-        h = h.reshape(batch, num_frames * tokens_per_frame, self.embed_dim)
+        h = h.reshape(batch, num_frames * tokens_per_frame, self.settings.embed_dim)
 
-        mask = window_mask(first_time, num_frames, self.max_len, tokens_per_frame, with_cache=with_cache)
+        mask = window_mask(first_time, num_frames, self.settings.max_len, tokens_per_frame, with_cache=with_cache)
         final_state = []
         for layer, cache in zip(self.layers, state):
             past_key = past_value = None
             if with_cache:
-                head_shape = (batch, self.max_len * tokens_per_frame) + cache["key"].shape[3:]
+                head_shape = (batch, self.settings.max_len * tokens_per_frame) + cache["key"].shape[3:]
                 past_key, past_value = cache["key"].reshape(head_shape), cache["value"].reshape(head_shape)
             h, key, value = layer(h, past_key, past_value, mask, train)
             frame_shape = (batch, num_frames, tokens_per_frame) + key.shape[2:]
             final_state.append(dict(key=write_cache(cache["key"], key.reshape(frame_shape), first_time),
                                     value=write_cache(cache["value"], value.reshape(frame_shape), first_time),
                                     time=first_time + num_frames))
-        return h.reshape(batch, num_frames, tokens_per_frame, self.embed_dim), final_state
+        return h.reshape(batch, num_frames, tokens_per_frame, self.settings.embed_dim), final_state
 
     def __call__(self, x: jax.Array, state: list[dict[str, jax.Array]] | None = None,
                  train: bool = False) -> tuple[jax.Array, list[dict[str, jax.Array]]]:
@@ -346,28 +357,29 @@ class Backbone(nn.Module):
         batch, num_frames, height, width, _ = x.shape
         rows, cols = self._token_grid((height, width))
         tokens_per_frame = rows * cols
-        compute_dtype = self._compute_dtype()
+        compute_dtype = self.settings.compute_dtype
 
         tokens = self.tokenize(x.astype(compute_dtype).reshape(batch * num_frames, height, width, -1))
-        tokens = tokens.reshape(batch, num_frames, tokens_per_frame, self.embed_dim)
+        tokens = tokens.reshape(batch, num_frames, tokens_per_frame, self.settings.embed_dim)
         given_state = state is not None
         if given_state:
             self._check_state(state, batch, tokens_per_frame)
         else:
             state = self._empty_state(batch, tokens_per_frame)
-            if self.start_token:
-                start = self.sos(batch, rows, cols, self.embed_dim, compute_dtype)
+            if self.settings.start_token:
+                start = self.sos(batch, rows, cols, self.settings.embed_dim, compute_dtype)
                 tokens = jnp.concatenate([start, tokens], axis=1)
         h, final_state = self._transform(tokens, state, with_cache=given_state, train=train)
         h = h[:, h.shape[1] - num_frames:]  # the start frame's outputs are not returned
 
         h = self.head_norm(nn.gelu(self.head_dense(h)))
         h = self.head_dropout(h, deterministic=not train)
-        y = self.untokenize(h.reshape(batch * num_frames, rows, cols, self.embed_dim))
-        return y.reshape(batch, num_frames, height, width, self.d_model).astype(jnp.float32), final_state
+        y = self.untokenize(h.reshape(batch * num_frames, rows, cols, self.settings.embed_dim))
+        return y.reshape(batch, num_frames, height, width, self.settings.d_model).astype(jnp.float32), final_state
 
     def step(self, x_t: jax.Array, state: list[dict[str, jax.Array]]) -> tuple[jax.Array, list[dict[str, jax.Array]]]:
-        """One frame x_t: (B, H, W, C) -> (y_t (B, H, W, d_model), state); attends to the cache and the frame."""
+        """One frame x_t: (B, H, W, C) -> (y_t (B, H, W, d_model) float32, state); attends to the cache and the
+        frame."""
         if x_t.ndim != 4:
             raise ValueError(f"{_FILE}: step expects one frame (B, H, W, C), got shape {x_t.shape}")
         y, state = self(x_t[:, None], state, train=False)
