@@ -13,6 +13,7 @@ be your tokenizer's).
 import ml_collections
 
 from configs import common
+from teco_ssm import backbones, schema
 
 # habitat_teco_convS5.yaml: ssm_size 512 (d_model 512, 8 layers, 1 block, 3x3 kernels: defaults).
 CONVS5 = dict(ssm_size=512)
@@ -24,15 +25,15 @@ LATENT_DIM = 256
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     backbone = common.backbone_name(arg, "configs/habitat.py")
     transformer = backbone == "transformer"
-    return common.teco_config(
+    return schema.experiment(
         dataset="habitat", backbone=backbone,
         # Table 21 gives a 1024-code latent codebook; both releases use 2048, which gives the paper's 351M parameters.
-        model_fields=dict(vqgan_codes=8192, latent_dim=LATENT_DIM, latent_codes=2048, encoder_blocks=4,
-                          decoder_blocks=8, prior_width=1024, prior_mlp_dim=4096, prior_heads=16, prior_layers=16),
-        per_backbone=dict(
+        model=dict(vqgan_codes=8192, latent_dim=LATENT_DIM, latent_codes=2048, encoder_blocks=4, decoder_blocks=8,
+                   prior_width=1024, prior_mlp_dim=4096, prior_heads=16, prior_layers=16),
+        backbone_settings=dict(
             convs5=CONVS5, convt3=CONVS5,
             s5=dict(out_dim=LATENT_DIM),
             # configs/habitat.yaml: z_ds 4, embed 1024, mlp 4096, 16 heads, 8 layers (defaults but z_ds).
             transformer=dict(d_model=LATENT_DIM, downsample=4)),
-        optim=common.release_optimizer(1e-4),
-        batch_size=32 if transformer else 16, seq_len=300, steps=1_000_000)
+        optim={name: common.release_optimizer(1e-4) for name in backbones.NAMES},
+        batch_size=32 if transformer else 16, steps=1_000_000, sampling=common.sampling())

@@ -19,8 +19,9 @@ without; rollouts go past the training length.
 import ml_collections
 
 from configs import common
+from teco_ssm import backbones, schema
 
-CONVS5 = dict(d_model=64, ssm_size=64, B_kernel_size=3, C_kernel_size=3, n_layers=2, dropout=0.0)
+CONVS5 = dict(d_model=64, ssm_size=64, n_layers=2)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -29,20 +30,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     sampling.draft_steps, sampling.revise_steps, sampling.revise_rounds = 4, 4, 1
     sampling.action_conditioned.update(dict(context=32, horizon=16))
     sampling.unconditioned.update(dict(context=8, horizon=40))
-    return common.teco_config(
+    return schema.experiment(
         dataset="mazelab", backbone=backbone,
-        model_fields=dict(
-            code_shape=(16, 16), vqgan_codes=512, vqgan_embedding_dim=32,
+        model=dict(
+            vqgan_codes=512, vqgan_embedding_dim=32,
             encoder_depths=(16, 32), encoder_blocks=1, decoder_depths=(16, 32), decoder_blocks=1,
             latent_codes=64, latent_proj_dim=16, latent_dim=16,
             prior_width=32, prior_mlp_dim=64, prior_heads=4, prior_layers=1, prior_token_dim=32,
-            num_actions=4, action_embed_dim=8, action_dropout=0.5, mask_future_frames=False, mask_future_after=16,
-            drop_loss_rate=0.0),
-        per_backbone=dict(
+            num_actions=4, action_embed_dim=8, mask_future_after=16, drop_loss_rate=0.0),
+        backbone_settings=dict(
             convs5=CONVS5, convt3=CONVS5,
-            s5=dict(d_model=256, ssm_size=128, downsample=8, out_dim=16, n_layers=2, dropout=0.0),
+            s5=dict(d_model=256, ssm_size=128, out_dim=16, n_layers=2),
             transformer=dict(d_model=64, downsample=2, embed_dim=64, mlp_dim=128, num_heads=4, n_layers=2,
-                             dropout=0.0, max_len=32)),
-        optim=common.optimizer(3e-3, warmup_steps=50, weight_decay=1e-5),
+                             max_len=32)),
+        optim={name: dict(lr=3e-3, warmup_steps=50) for name in backbones.NAMES},
         batch_size=4, seq_len=32, steps=700, log_every=20, checkpoint_every=200, keep_checkpoints=2,
-        visualise_every=300, sampling_config=sampling, seed=0)
+        visualise_every=300, sampling=sampling, seed=0)

@@ -13,6 +13,7 @@ protocols give actions (Appendix D.5; the YAML's action_conditioned_2).
 import ml_collections
 
 from configs import common
+from teco_ssm import backbones, schema
 
 # minecraft_teco_convS5.yaml: ssm_size 512, 12 layers (d_model 512, 1 block, 3x3 kernels: defaults).
 CONVS5 = dict(ssm_size=512, n_layers=12)
@@ -24,16 +25,16 @@ LATENT_DIM = 128
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     backbone = common.backbone_name(arg, "configs/minecraft.py")
     transformer = backbone == "transformer"
-    return common.teco_config(
+    return schema.experiment(
         dataset="minecraft", backbone=backbone,
         # Table 21 gives 8 decoder blocks; both releases use 6, which gives the paper's 214M parameters.
-        model_fields=dict(latent_dim=LATENT_DIM, encoder_blocks=4, decoder_blocks=6,
-                          prior_width=768, prior_mlp_dim=3072, prior_heads=12, prior_layers=6, action_dropout=0.0),
-        per_backbone=dict(
+        model=dict(latent_dim=LATENT_DIM, encoder_blocks=4, decoder_blocks=6, prior_width=768, prior_mlp_dim=3072,
+                   prior_heads=12, prior_layers=6, action_dropout=0.0),
+        backbone_settings=dict(
             convs5=CONVS5, convt3=CONVS5,
             s5=dict(out_dim=LATENT_DIM, n_layers=12),
             # configs/minecraft.yaml: z_ds 8, embed 1024, mlp 4096, 16 heads (defaults), 12 layers.
             transformer=dict(d_model=LATENT_DIM, n_layers=12)),
-        optim=common.release_optimizer(1e-4 if transformer else 5e-4),
-        batch_size=8 if transformer else 16, seq_len=300, steps=1_000_000,
-        sampling_config=common.sampling(unconditioned_uses_actions=True))
+        optim={name: common.release_optimizer(1e-4 if name == "transformer" else 5e-4) for name in backbones.NAMES},
+        batch_size=8 if transformer else 16, steps=1_000_000,
+        sampling=common.sampling(unconditioned_uses_actions=True))

@@ -43,7 +43,7 @@ def log(message: str) -> None:
 def measure(config, steps: int) -> dict[str, float]:
     start = time.perf_counter()
     model = teco.build(config)
-    settings = optim.OptimizerSettings.from_config(config.optim, config.steps)
+    settings = optim.OptimizerSettings.of_experiment(config)
     mesh = sharding.make_mesh(1, jax.devices()[:1])
     static = dict(model=model, settings=settings, mesh=mesh, shard_params=False)
     state, constants = train.init_state(train.init_key(0), None, **static)

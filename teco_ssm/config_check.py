@@ -1,28 +1,21 @@
 """Checks an experiment config before anything is compiled: every problem is a ValueError naming the field and what
-was expected.
+was expected. The fields are those of `teco_ssm.schema` (derived from `Teco`, each backbone's settings and
+`OptimizerSettings`); the value checks are those of the classes themselves (`teco.field_errors`, the settings
+dataclasses, `OptimizerSettings`), run here on the model and the active backbone's blocks, plus the run's own.
 
     validate(config)                      # structure, values, and the dataset and tokenizer folders
     validate(config, check_paths=False)   # structure and values only (e.g. for tests and dry runs)
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any, Callable, Mapping
 
 import ml_collections
 
-from teco_ssm import backbones
+from teco_ssm import backbones, optim, schema, teco
 
 _FILE = "teco_ssm/config_check.py"
-
-
-def _reference() -> ml_collections.ConfigDict:
-    """The default config of the same shape, whose fields are the valid ones."""
-    from configs import common  # the shared blocks define the fields of a config
-
-    return common.teco_config(dataset="reference", backbone=backbones.NAMES[0], model_fields={}, per_backbone={},
-                              optim=common.optimizer(1e-3))
 
 
 def _as_dict(value: Any) -> Mapping[str, Any] | None:
@@ -34,6 +27,8 @@ def _as_dict(value: Any) -> Mapping[str, Any] | None:
 
 
 def _compare_fields(config: Mapping[str, Any], reference: Mapping[str, Any], prefix: str, errors: list[str]) -> None:
+    """Unknown and missing fields of `config` against `reference` (`schema.structure()`: None for a value, a dict
+    for a group), each named with the group's valid fields."""
     given, expected = set(config.keys()), set(reference.keys())
     for key in sorted(given - expected):
         errors.append(f"{prefix}{key} is not a field; expected fields of {prefix.rstrip('.') or 'config'}: "
@@ -42,10 +37,10 @@ def _compare_fields(config: Mapping[str, Any], reference: Mapping[str, Any], pre
         errors.append(f"{prefix}{key} is missing; expected fields of {prefix.rstrip('.') or 'config'}: "
                       f"{', '.join(sorted(expected))}")
     for key in sorted(given & expected):
-        sub_config, sub_reference = _as_dict(config[key]), _as_dict(reference[key])
+        sub_config, sub_reference = _as_dict(config[key]), reference[key]
         if sub_reference is not None:
             if sub_config is None:
-                errors.append(f"{prefix}{key} must be a group with fields {', '.join(sorted(sub_reference.keys()))}")
+                errors.append(f"{prefix}{key} must be a group with fields {', '.join(sorted(sub_reference))}")
             else:
                 _compare_fields(sub_config, sub_reference, f"{prefix}{key}.", errors)
 
@@ -60,25 +55,20 @@ def _check_values(config: ml_collections.ConfigDict, errors: list[str]) -> None:
     for name in ("batch_size", "seq_len", "steps", "log_every", "checkpoint_every", "keep_checkpoints",
                  "visualise_every"):
         positive(name, config[name])
+    errors.extend(f"config.model.{error}" for error in teco.field_errors(model))
     if isinstance(config.seq_len, int) and config.seq_len <= model.condition_frames:
         errors.append(f"config.seq_len={config.seq_len} must exceed config.model.condition_frames="
                       f"{model.condition_frames} (at least one frame to predict)")
-    if not 0.0 <= model.drop_loss_rate < 1.0:
-        errors.append(f"config.model.drop_loss_rate must lie in [0, 1), got {model.drop_loss_rate}")
-    if not 0.0 <= model.action_dropout <= 1.0:
-        errors.append(f"config.model.action_dropout must lie in [0, 1], got {model.action_dropout}")
-    for name in ("lr", "ssm_lr"):
-        if not config.optim[name] > 0:
-            errors.append(f"config.optim.{name} must be > 0, got {config.optim[name]}")
-    if config.optim.warmup_steps >= config.steps:
-        errors.append(f"config.optim.warmup_steps={config.optim.warmup_steps} must be below config.steps="
-                      f"{config.steps}")
+    name = config.backbone  # the other backbones' blocks are checked when they are chosen
+    try:
+        backbones.settings(name, config[name])
+    except (ValueError, TypeError) as error:
+        errors.append(f"config.{name}: {error}")
+    try:
+        optim.OptimizerSettings.of_experiment(config)
+    except (ValueError, TypeError) as error:
+        errors.append(f"config.optim.{name}: {error}")
     _check_sampling(config.sampling, model.condition_frames, positive, errors)
-    teco_fields = {f.name for f in dataclasses.fields(_teco_class())} - {"backbone", "parent", "name"}
-    unknown = sorted(set(model.keys()) - teco_fields)
-    if unknown:
-        errors.append(f"config.model has field(s) {', '.join(unknown)} that teco_ssm.teco.Teco does not; "
-                      f"expected: {', '.join(sorted(teco_fields))}")
 
 
 def _check_sampling(sampling: ml_collections.ConfigDict, condition_frames: int,
@@ -107,12 +97,6 @@ def _check_sampling(sampling: ml_collections.ConfigDict, condition_frames: int,
             SamplerSettings.from_config(sampling)
         except (TypeError, ValueError) as error:
             errors.append(f"config.sampling: {error}")
-
-
-def _teco_class():
-    from teco_ssm.teco import Teco
-
-    return Teco
 
 
 def _check_paths(config: ml_collections.ConfigDict, errors: list[str]) -> None:
@@ -157,7 +141,7 @@ def validate(config: ml_collections.ConfigDict, *, check_paths: bool = True) -> 
         raise ValueError(f"config.backbone={backbone!r} is not a known backbone; valid backbones: "
                          f"{', '.join(backbones.NAMES)}")
     errors: list[str] = []
-    _compare_fields(config, _reference(), "config.", errors)
+    _compare_fields(config, schema.structure(), "config.", errors)
     if errors:  # value checks need the fields
         raise ValueError("invalid config:\n  " + "\n  ".join(errors))
     _check_values(config, errors)

@@ -1,6 +1,6 @@
 """The optimiser: AdamW with linear warm-up and cosine decay, global-norm clipping and parameter groups.
 
-    settings = OptimizerSettings.from_config(config.optim, total_steps=config.steps)
+    settings = OptimizerSettings.of_experiment(config)   # config.optim[config.backbone], config.steps
     tx = build(settings)                          # optax.GradientTransformation
     labels = param_labels(params, settings.ssm_params)
 
@@ -30,13 +30,23 @@ _FILE = "teco_ssm/optim.py"
 GROUPS = ("decay", "no_decay", "ssm")
 SCHEDULES = ("cosine", "constant")
 
+# Parameters trained as S5 trains its SSM parameters (own learning rate, no weight decay): the eigenvalues,
+# timescales and input matrix of every diagonal SSM, and ConvT3's stencils. Matched with re.search against the
+# parameter path joined by '/'.
+SSM_PARAMS = r"(^|/)diagonal/(Lambda_re|Lambda_im|log_step|B)$|(^|/)raw_b_[HW]$"
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerSettings:
-    """Everything that defines the optimiser; hashable, so a jitted step can take it as a static argument."""
+    """Everything that defines the optimiser; hashable, so a jitted step can take it as a static argument.
+
+    An experiment config holds one block of these fields (all but total_steps, which is config.steps) per backbone,
+    `config.optim.<backbone>`, built from these defaults (`teco_ssm.schema.optimizer_block`); the active
+    backbone's is used. ssm_lr None means the same peak rate as lr.
+    """
     lr: float
-    warmup_steps: int
     total_steps: int
+    warmup_steps: int = 5000
     schedule: str = "cosine"
     end_lr_factor: float = 0.0
     b1: float = 0.9
@@ -45,37 +55,50 @@ class OptimizerSettings:
     grad_clip: float = 1.0
     ssm_lr: float | None = None
     ssm_weight_decay: float = 0.0
-    ssm_params: str = r"(^|/)(Lambda_re|Lambda_im|log_step)$|(^|/)raw_b_[HW]$"
+    ssm_params: str = SSM_PARAMS
     decay_all: bool = False
     schedule_ends_early: bool = False
 
     def __post_init__(self):
+        for name, value in (("lr", self.lr), ("ssm_lr", self.ssm_lr)):
+            if value is not None and not value > 0:
+                raise ValueError(f"{_FILE}: {name} must be > 0, got {value} (config.optim.<backbone>.{name})")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"{_FILE}: schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)} "
-                             f"(config.optim.schedule)")
+                             f"(config.optim.<backbone>.schedule)")
         if not 0 <= self.warmup_steps < self.total_steps:
             raise ValueError(f"{_FILE}: need 0 <= warmup_steps ({self.warmup_steps}) < total_steps "
-                             f"({self.total_steps}) (config.optim.warmup_steps, config.steps)")
+                             f"({self.total_steps}) (config.optim.<backbone>.warmup_steps, config.steps)")
         if self.schedule_ends_early and 2 * self.warmup_steps >= self.total_steps:
             raise ValueError(f"{_FILE}: with schedule_ends_early the cosine ends at total_steps - warmup_steps, so "
                              f"need 2 * warmup_steps ({self.warmup_steps}) < total_steps ({self.total_steps}) "
-                             f"(config.optim.warmup_steps, config.steps)")
+                             f"(config.optim.<backbone>.warmup_steps, config.steps)")
         try:
             re.compile(self.ssm_params)
         except re.error as error:
-            raise ValueError(f"{_FILE}: config.optim.ssm_params={self.ssm_params!r} is not a regular expression "
-                             f"({error})") from None
+            raise ValueError(f"{_FILE}: config.optim.<backbone>.ssm_params={self.ssm_params!r} is not a regular "
+                             f"expression ({error})") from None
 
     @classmethod
     def from_config(cls, optim: Mapping[str, Any], total_steps: int) -> "OptimizerSettings":
-        """From an experiment config's `optim` block (`configs/common.py: optimizer`) and `config.steps`."""
+        """From one optimiser block (e.g. `config.optim.convs5`) and the number of training steps."""
         fields = {f.name for f in dataclasses.fields(cls)} - {"total_steps"}
         given = dict(optim)
         unknown = sorted(set(given) - fields)
         if unknown:
-            raise ValueError(f"{_FILE}: config.optim has unknown field(s) {', '.join(unknown)}; expected: "
+            raise ValueError(f"{_FILE}: config.optim.<backbone> has unknown field(s) {', '.join(unknown)}; expected: "
                              f"{', '.join(sorted(fields))}")
         return cls(total_steps=int(total_steps), **given)
+
+    @classmethod
+    def of_experiment(cls, config: Mapping[str, Any]) -> "OptimizerSettings":
+        """The optimiser of an experiment config: its active backbone's block `config.optim[config.backbone]` and
+        `config.steps`. Raises ValueError when config.optim has no block for that backbone."""
+        name, blocks = config["backbone"], config["optim"]
+        if name not in blocks:
+            raise ValueError(f"{_FILE}: config.optim has no block for backbone {name!r}; blocks: "
+                             f"{', '.join(sorted(blocks.keys()))}")
+        return cls.from_config(blocks[name], config["steps"])
 
     @property
     def peak_ssm_lr(self) -> float:

@@ -44,7 +44,8 @@ SIZES = {
     "default": RunSize(num_train=200, num_test=32, length=96, tokenizer_variant="", tokenizer_steps=TOKENIZER_STEPS),
     "quick": RunSize(num_train=24, num_test=4, length=48, tokenizer_variant="quick", tokenizer_steps=30,
                      model_overrides=(
-                         "steps=30", "seq_len=16", "optim.warmup_steps=5", "checkpoint_every=30",
+                         "steps=30", "seq_len=16", *(f"optim.{name}.warmup_steps=5" for name in backbones.NAMES),
+                         "checkpoint_every=30",
                          "visualise_every=1000000", "sampling.num_videos=4", "sampling.batch_size=4",
                          "sampling.action_conditioned.context=8", "sampling.action_conditioned.horizon=8",
                          "sampling.unconditioned.context=4", "sampling.unconditioned.horizon=12",

@@ -80,8 +80,34 @@ def drop_loss_steps(rng: jax.Array, num_steps: int, drop_loss_rate: float) -> ja
     return jnp.sort(jax.random.permutation(rng, num_steps)[:count]).astype(jnp.int32)
 
 
+def field_errors(fields: Any) -> list[str]:
+    """What is wrong with TECO's fields, read as attributes of `fields` (a `Teco`, or a config's `model` block):
+    one message per problem, each starting with the field's name; [] when they are valid."""
+    errors = []
+    factor = 2 ** (len(fields.encoder_depths) - 1)
+    if len(fields.code_shape) != 2 or any(int(s) % factor for s in fields.code_shape):
+        errors.append(f"code_shape={tuple(fields.code_shape)} must be (H, W) divisible by "
+                      f"2**(len(encoder_depths) - 1) = {factor}")
+    if len(fields.decoder_depths) != len(fields.encoder_depths):
+        errors.append(f"encoder_depths={tuple(fields.encoder_depths)} and decoder_depths="
+                      f"{tuple(fields.decoder_depths)} must have the same length (same resolution change)")
+    if not 0.0 <= fields.drop_loss_rate < 1.0:
+        errors.append(f"drop_loss_rate must lie in [0, 1), got {fields.drop_loss_rate}")
+    if not 0.0 <= fields.action_dropout <= 1.0:
+        errors.append(f"action_dropout must lie in [0, 1], got {fields.action_dropout}")
+    if not 0.0 <= fields.label_smoothing < 1.0:
+        errors.append(f"label_smoothing must lie in [0, 1), got {fields.label_smoothing}")
+    if fields.condition_frames < 1:
+        errors.append(f"condition_frames must be >= 1, got {fields.condition_frames}")
+    return errors
+
+
 class Teco(nn.Module):
-    """The TECO world model; see the module docstring. Fields are its configuration (`configs/*.py: model`)."""
+    """The TECO world model; see the module docstring. Its fields are its configuration: their defaults are TECO's
+    DMLab model (ConvS5 paper Table 18 and the TECO release), and an experiment config's `model` block is built
+    from them (`teco_ssm.schema.model_block`). vqgan_codes and vqgan_embedding_dim must equal the tokenizer's
+    codebook shape (checked when its codebook is copied in with `set_code_embeddings`). Raises ValueError at setup
+    for fields `field_errors` rejects."""
     backbone: nn.Module
     code_shape: Sequence[int] = (16, 16)
     vqgan_codes: int = 1024
@@ -134,7 +160,9 @@ class Teco(nn.Module):
         return self.num_actions
 
     def setup(self):
-        self._check_fields()
+        errors = field_errors(self)
+        if errors:
+            raise ValueError(f"{_FILE}: field {errors[0]}")
         dtype = jnp.dtype(self.dtype)
         h, w = self.latent_shape
         table_shape = (self.vqgan_codes, self.vqgan_embedding_dim)
@@ -159,23 +187,6 @@ class Teco(nn.Module):
         self.prior = MaskGitPrior(self.latent_codes, self.prior_width, self.prior_mlp_dim, self.prior_heads,
                                   self.prior_layers, self.prior_token_dim, self.prior_dropout, dtype=dtype)
         self.decoder = decoder(tuple(self.decoder_depths), self.decoder_blocks, self.vqgan_codes, dtype=dtype)
-
-    def _check_fields(self) -> None:
-        factor = 2 ** (len(self.encoder_depths) - 1)
-        if len(self.code_shape) != 2 or any(int(s) % factor for s in self.code_shape):
-            raise ValueError(f"{_FILE}: field code_shape={tuple(self.code_shape)} must be (H, W) divisible by "
-                             f"2**(len(encoder_depths) - 1) = {factor}")
-        if len(self.decoder_depths) != len(self.encoder_depths):
-            raise ValueError(f"{_FILE}: fields encoder_depths={tuple(self.encoder_depths)} and decoder_depths="
-                             f"{tuple(self.decoder_depths)} must have the same length (same resolution change)")
-        if not 0.0 <= self.drop_loss_rate < 1.0:
-            raise ValueError(f"{_FILE}: field drop_loss_rate must lie in [0, 1), got {self.drop_loss_rate}")
-        if not 0.0 <= self.action_dropout <= 1.0:
-            raise ValueError(f"{_FILE}: field action_dropout must lie in [0, 1], got {self.action_dropout}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"{_FILE}: field label_smoothing must lie in [0, 1), got {self.label_smoothing}")
-        if self.condition_frames < 1:
-            raise ValueError(f"{_FILE}: field condition_frames must be >= 1, got {self.condition_frames}")
 
     def _check_codes(self, codes: jax.Array, actions: jax.Array | None, min_frames: int) -> None:
         if codes.ndim != 4 or tuple(codes.shape[2:]) != tuple(self.code_shape):
@@ -389,7 +400,8 @@ class Teco(nn.Module):
 
 # ---------------------------------------------------------------------------------------------------- helpers
 def build(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Teco:
-    """The model of a full experiment config: `Teco(**config.model, backbone=build(config.backbone, ...))`."""
+    """The model of a full experiment config: `Teco(**config.model, backbone=backbones.build(config.backbone,
+    config[config.backbone]))`."""
     name = config["backbone"]
     backbone = backbones.build(name, config[name])
     fields = config["model"]

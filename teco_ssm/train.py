@@ -234,7 +234,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, tokenize
         tokenizer = vqgan.load(config.tokenizer.path)
     model = teco.build(config)
     _check_tokenizer(model, tokenizer)
-    settings = optim.OptimizerSettings.from_config(config.optim, config.steps)
+    settings = optim.OptimizerSettings.of_experiment(config)
     shard_params = bool(config.shard_params)
     mesh = sharding.make_mesh(int(config.model_parallelism))
     local_batch = sharding.local_batch_size(config.batch_size, mesh)

@@ -6,9 +6,10 @@ from teco_ssm.config_io import load_config
 
 def test_variant_and_overrides():
     config = load_config("configs/mazelab.py:convt3", ["backbone=s5", "batch_size=4", "dataset.path=/data/maze",
-                                                       "optim.lr=1", "convt3.n_layers=3"])
+                                                       "optim.s5.lr=1", "convt3.n_layers=3", "optim.s5.ssm_lr=0.5"])
     assert (config.backbone, config.batch_size, config.dataset.path) == ("s5", 4, "/data/maze")
-    assert config.optim.lr == 1.0 and isinstance(config.optim.lr, float)
+    assert config.optim.s5.lr == 1.0 and isinstance(config.optim.s5.lr, float)
+    assert config.optim.s5.ssm_lr == 0.5 and config.optim.convt3.lr == 3e-3
     assert config.convt3.n_layers == 3
 
 
@@ -19,7 +20,8 @@ def test_installed_configs_found_when_path_is_elsewhere(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("override,message", [
     ("batchsize=3", "no field batchsize; fields of config: backbone, batch_size"),
-    ("optim.learning_rate=1", "no field optim.learning_rate"),
+    ("optim.convs5.learning_rate=1", "no field optim.convs5.learning_rate"),
+    ("optim.lr=1", "no field optim.lr; fields of optim: convs5, convt3, s5, transformer"),
     ("nosuch.group.x=1", "no field nosuch"),
     ("batch_size", "must look like field.name=value"),
 ])

@@ -1,7 +1,10 @@
 """Experiment configs: every variant builds, is locked, validates and builds its model; bad configs fail early
-with messages that list what was expected."""
+with messages that list what was expected; the schema comes from the library's dataclasses."""
 import dataclasses
 import importlib
+import json
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -9,12 +12,12 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from configs import common
-from teco_ssm import backbones
+from teco_ssm import backbones, optim, schema
 from teco_ssm.config_check import validate
+from teco_ssm.config_io import load_config
 from teco_ssm.teco import Teco, build, init_variables
 
-DATASETS = ("dmlab", "minecraft", "habitat", "mazelab")
+DATASETS = ("dmlab", "minecraft", "habitat", "mazelab", "memory_maze")
 
 
 def get_config(dataset, arg=None):
@@ -29,7 +32,8 @@ def test_every_variant_builds_validates_and_is_locked(dataset, backbone):
     validate(config, check_paths=False)
     model = build(config)
     assert isinstance(model, Teco) and type(model.backbone).__module__ == f"teco_ssm.backbones.{backbone}"
-    assert model.backbone.n_layers == config[backbone].n_layers
+    assert model.backbone.settings == backbones.settings_class(backbone)(**config[backbone])
+    assert set(config.optim) == set(backbones.NAMES)
     with pytest.raises(AttributeError):
         config.model.typo = 1
     with pytest.raises(AttributeError):
@@ -37,21 +41,67 @@ def test_every_variant_builds_validates_and_is_locked(dataset, backbone):
     assert config.dataset.path is None and config.tokenizer.path is None
 
 
-def test_model_block_has_exactly_the_teco_fields():
-    fields = {f.name for f in dataclasses.fields(Teco)} - {"backbone", "parent", "name"}
-    assert set(common.model().keys()) == fields
-    defaults = {f.name: f.default for f in dataclasses.fields(Teco) if f.name in fields}
-    for key, value in common.model().items():
-        assert tuple(value) == tuple(defaults[key]) if isinstance(value, tuple) else value == defaults[key], key
+def test_blocks_are_the_dataclasses_fields_and_defaults():
+    fields = {f.name: f.default for f in dataclasses.fields(Teco) if f.name not in ("backbone", "parent", "name")}
+    assert schema.model_block().to_dict() == fields
+    for name in backbones.NAMES:
+        defaults = dataclasses.asdict(backbones.settings_class(name)())
+        assert schema.backbone_block(name).to_dict() == defaults == backbones.default_config(name).to_dict()
+    optimizer_defaults = {f.name: f.default for f in dataclasses.fields(optim.OptimizerSettings)
+                          if f.name not in ("lr", "total_steps")}
+    assert schema.optimizer_block(lr=0.5).to_dict() == {"lr": 0.5, **optimizer_defaults}
+    with pytest.raises(ValueError, match="config.optim needs a value for lr"):
+        schema.optimizer_block()
+    with pytest.raises(ValueError, match="config.model has no field.s. drop_loss; valid fields: .*drop_loss_rate"):
+        schema.model_block(drop_loss=0.5)
+
+
+# Every variant's `config.to_dict()` before the optimiser became per backbone (written by the configs of that
+# time), as JSON, with one structural change applied to it: the single `optim` block is now `optim.<backbone>`,
+# one block per backbone (the variant's own block the old one; each other backbone's block the one of that
+# backbone's variant), and ssm_lr, which every config set equal to lr, is None (= lr).
+EXPECTED_DUMP = "tests/data/config_dump.json"
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+@pytest.mark.parametrize("backbone", backbones.NAMES)
+def test_every_value_is_the_one_of_before(dataset, backbone):
+    with open(EXPECTED_DUMP) as file:
+        expected = json.load(file)[f"{dataset}:{backbone}"]
+    got = json.loads(json.dumps(get_config(dataset, backbone).to_dict()))
+    assert got == expected
+
+
+def test_backbone_override_takes_that_backbones_optimiser():
+    """`--set backbone=s5` on a ConvS5 variant trains with S5's learning rate; one backbone's rate is overridden by
+    its name, and the SSM group follows it."""
+    convs5 = load_config("configs/dmlab.py:convs5")
+    assert optim.OptimizerSettings.of_experiment(convs5).lr == 5e-4
+    s5 = load_config("configs/dmlab.py:convs5", ["backbone=s5"])
+    validate(s5, check_paths=False)
+    assert optim.OptimizerSettings.of_experiment(s5).lr == 1e-3
+    assert optim.OptimizerSettings.of_experiment(s5) == optim.OptimizerSettings.of_experiment(get_config("dmlab", "s5"))
+    tuned = load_config("configs/dmlab.py:convs5", ["backbone=s5", "optim.s5.lr=3e-4"])
+    settings = optim.OptimizerSettings.of_experiment(tuned)
+    assert (settings.lr, settings.peak_ssm_lr) == (3e-4, 3e-4)
+    with pytest.raises(ValueError, match="no field optim.lr; fields of optim: convs5, convt3, s5, transformer"):
+        load_config("configs/dmlab.py:convs5", ["optim.lr=1e-3"])
+
+
+def test_the_library_does_not_import_configs():
+    code = ("import sys; import teco_ssm.config_check, teco_ssm.train, teco_ssm.schema, teco_ssm.teco; "
+            "print(sorted(m for m in sys.modules if m == 'configs' or m.startswith('configs.')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
 
 
 # The release's values, by config path. Every 3D-benchmark config of both releases shares these (NVlabs/ConvSSM
 # configs/3D_ENV_BENCHMARK/*/*_teco_*.yaml, wilson1yan/teco configs/{dmlab,minecraft,habitat}.yaml; the optimiser
 # is train_utils.get_optimizer in both: optax.adamw(b1=0.9, b2=0.95), no clipping, weight decay on everything).
 RELEASE_SHARED = {
-    "seq_len": 300, "seed": 1, "optim.warmup_steps": 5000, "optim.weight_decay": 1e-5, "optim.schedule": "cosine",
-    "optim.end_lr_factor": 0.0, "optim.b1": 0.9, "optim.b2": 0.95, "optim.grad_clip": float("inf"),
-    "optim.ssm_weight_decay": 1e-5,
+    "seq_len": 300, "seed": 1, "optim.{backbone}.warmup_steps": 5000, "optim.{backbone}.weight_decay": 1e-5,
+    "optim.{backbone}.schedule": "cosine", "optim.{backbone}.end_lr_factor": 0.0, "optim.{backbone}.b1": 0.9,
+    "optim.{backbone}.b2": 0.95, "optim.{backbone}.grad_clip": float("inf"), "optim.{backbone}.ssm_weight_decay": 1e-5,
     "model.code_shape": (16, 16), "model.vqgan_embedding_dim": 256,  # TECO's VQGANs: 16x16 codes of 256 channels
     "model.encoder_depths": (256, 512), "model.decoder_depths": (256, 512), "model.latent_proj_dim": 32,
     "model.prior_token_dim": 256, "model.mask_schedule": "cosine", "model.prior_dropout": 0.0,
@@ -76,7 +126,7 @@ HABITAT_MODEL = {  # habitat_teco_convS5.yaml and TECO's configs/habitat.yaml (T
     "steps": 1_000_000, "model.vqgan_codes": 8192, "model.latent_dim": 256, "model.latent_codes": 2048,
     "model.encoder_blocks": 4, "model.decoder_blocks": 8, "model.prior_width": 1024, "model.prior_mlp_dim": 4096,
     "model.prior_heads": 16, "model.prior_layers": 16, "model.action_dropout": 0.5, "model.mask_future_frames": False,
-    "sampling.unconditioned.use_actions": False, "optim.lr": 1e-4}
+    "sampling.unconditioned.use_actions": False, "optim.{backbone}.lr": 1e-4}
 CONVS5_SHARED = {"d_model": 512, "B_kernel_size": 3, "C_kernel_size": 3, "D_kernel_size": 3, "dt_min": 0.001,
                  "dt_max": 0.1, "clip_eigs": False, "dropout": 0.0, "num_groups": 32, "D_term": False,
                  "ssm_init": "he_normal"}
@@ -94,19 +144,19 @@ def transformer(**values):
 
 RELEASE_VALUES = {
     # NVlabs/ConvSSM configs/3D_ENV_BENCHMARK/dmlab/dmlab_teco_convS5.yaml (ssm.blocks 32 is not in Table 18)
-    ("dmlab", "convs5"): {**DMLAB_MODEL, "optim.lr": 5e-4, **convs5(ssm_size=1024, blocks=32, n_layers=8)},
+    ("dmlab", "convs5"): {**DMLAB_MODEL, "optim.convs5.lr": 5e-4, **convs5(ssm_size=1024, blocks=32, n_layers=8)},
     # dmlab_teco_S5.yaml
-    ("dmlab", "s5"): {**DMLAB_MODEL, "optim.lr": 1e-3, "s5.d_model": 2048, "s5.ssm_size": 2048, "s5.blocks": 1,
+    ("dmlab", "s5"): {**DMLAB_MODEL, "optim.s5.lr": 1e-3, "s5.d_model": 2048, "s5.ssm_size": 2048, "s5.blocks": 1,
                       "s5.downsample": 8, "s5.n_layers": 8, "s5.out_dim": 64, "s5.dt_min": 0.001, "s5.dt_max": 0.1,
                       "s5.clip_eigs": False, "s5.dropout": 0.0},
     # dmlab_teco_transformer.yaml
-    ("dmlab", "transformer"): {**DMLAB_MODEL, "optim.lr": 1e-4,
+    ("dmlab", "transformer"): {**DMLAB_MODEL, "optim.transformer.lr": 1e-4,
                                **transformer(d_model=64, downsample=8, n_layers=8)},
     # NVlabs/ConvSSM configs/3D_ENV_BENCHMARK/minecraft/minecraft_teco_convS5.yaml
-    ("minecraft", "convs5"): {**MINECRAFT_MODEL, "optim.lr": 5e-4, "batch_size": 16,
+    ("minecraft", "convs5"): {**MINECRAFT_MODEL, "optim.convs5.lr": 5e-4, "batch_size": 16,
                               **convs5(ssm_size=512, blocks=1, n_layers=12)},
     # wilson1yan/teco configs/minecraft.yaml
-    ("minecraft", "transformer"): {**MINECRAFT_MODEL, "optim.lr": 1e-4, "batch_size": 8,
+    ("minecraft", "transformer"): {**MINECRAFT_MODEL, "optim.transformer.lr": 1e-4, "batch_size": 8,
                                    **transformer(d_model=128, downsample=8, n_layers=12)},
     # NVlabs/ConvSSM configs/3D_ENV_BENCHMARK/habitat/habitat_teco_convS5.yaml
     ("habitat", "convs5"): {**HABITAT_MODEL, "batch_size": 16, **convs5(ssm_size=512, blocks=1, n_layers=8)},
@@ -116,7 +166,9 @@ RELEASE_VALUES = {
 }
 # ConvT3 is TECO-ConvS5 with the structured state kernel; S5 has no release on Minecraft and Habitat and takes the
 # ConvS5 YAML's model and training values.
-RELEASE_VALUES.update({(d, "convt3"): RELEASE_VALUES[d, "convs5"] for d in ("dmlab", "minecraft", "habitat")})
+RELEASE_VALUES.update({(d, "convt3"): {k.replace("optim.convs5.", "optim.{backbone}."): v
+                                       for k, v in RELEASE_VALUES[d, "convs5"].items()}
+                       for d in ("dmlab", "minecraft", "habitat")})
 NO_RELEASE = {("minecraft", "s5"): ("minecraft", "convs5"), ("habitat", "s5"): ("habitat", "convs5")}
 
 
@@ -142,7 +194,7 @@ def test_release_values(dataset, backbone):
 @pytest.mark.parametrize("dataset, reference", [(d, r) for (d, _), (_, r) in NO_RELEASE.items()])
 def test_s5_without_a_release_takes_the_convs5_training_and_model_values(dataset, reference):
     s5, convs5_config = get_config(dataset, "s5"), get_config(dataset, reference)
-    assert s5.model == convs5_config.model and s5.optim == convs5_config.optim
+    assert s5.model == convs5_config.model and s5.optim.s5 == convs5_config.optim.convs5
     assert (s5.batch_size, s5.steps, s5.seq_len) == (convs5_config.batch_size, convs5_config.steps, 300)
     assert s5.s5.out_dim == s5.model.latent_dim and (s5.s5.d_model, s5.s5.ssm_size) == (2048, 2048)
 
@@ -155,13 +207,11 @@ def test_release_optimizer_is_adamw_without_clipping():
     import jax.numpy as jnp
     import optax
 
-    from teco_ssm import optim
-
     config = get_config("dmlab", "convs5")
     config.unlock()
-    config.steps, config.optim.warmup_steps = 10, 3
-    settings = optim.OptimizerSettings.from_config(config.optim, config.steps)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, config.optim.lr, 3, decay_steps=10 - 3)
+    config.steps, config.optim.convs5.warmup_steps = 10, 3
+    settings = optim.OptimizerSettings.of_experiment(config)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, config.optim.convs5.lr, 3, decay_steps=10 - 3)
     reference = optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=1e-5)
     ours = optim.build(settings)
     params = {"w": jnp.ones((3, 4)), "b": jnp.full((4,), 2.0), "diagonal": {"Lambda_re": jnp.full((4,), -0.5)}}
@@ -195,7 +245,7 @@ def test_dmlab_parameter_counts_match_the_paper(backbone):
 def test_ssm_parameter_group_matches_only_ssm_parameters():
     import re
 
-    pattern = re.compile(common.SSM_PARAMS)
+    pattern = re.compile(optim.SSM_PARAMS)
     for path in ("backbone/layers_0/ssm/diagonal/Lambda_re", "backbone/layer_3/diagonal/log_step",
                  "backbone/layers_1/ssm/diagonal/B", "backbone/layers_0/ssm/raw_b_H"):
         assert pattern.search(path), path

@@ -111,7 +111,7 @@ def test_each_stage_as_its_own_subcommand(workdir, tmp_path):
     overrides = [f"model.{k}={config['model'][k]!r}" for k in ("vqgan_codes", "vqgan_embedding_dim")]
     assert cli.main(["train", "--config", "configs/mazelab.py:convt3", "--data", str(encoded),
                      "--tokenizer", str(tokenizer), "--workdir", str(tmp_path / "train"), "--set", "steps=2",
-                     "--set", "optim.warmup_steps=1", "--set", "batch_size=4", "--set", "seq_len=8",
+                     "--set", "optim.convt3.warmup_steps=1", "--set", "batch_size=4", "--set", "seq_len=8",
                      "--set", "checkpoint_every=1", *[a for o in overrides for a in ("--set", o)]]) == 0
     assert sorted(p.name for p in (tmp_path / "train" / "checkpoints").iterdir()) == ["1", "2"]
     # --step restores an older checkpoint: other weights, so other rollouts from the same seed.

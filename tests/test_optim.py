@@ -3,10 +3,10 @@ import jax
 import numpy as np
 import pytest
 
-from configs import common, mazelab
+from configs import mazelab
 from teco_ssm import backbones, optim, teco
 
-SSM = common.SSM_PARAMS
+SSM = optim.SSM_PARAMS
 TREE = {  # a hand-made parameter tree with the names the models use
     "backbone": {"layer_0": {"ssm": {"diagonal": {"Lambda_re": (4,), "Lambda_im": (4,), "log_step": (4, 1),
                                                   "B": (4, 3), "C": (3, 4)},
@@ -124,13 +124,15 @@ def test_zero_gradients_show_each_groups_weight_decay_and_rate():
 
 def test_from_config_and_bad_settings():
     config = mazelab.get_config("convs5")
-    s = optim.OptimizerSettings.from_config(config.optim, config.steps)
+    s = optim.OptimizerSettings.of_experiment(config)
     assert (s.lr, s.warmup_steps, s.total_steps, s.peak_ssm_lr) == (3e-3, 50, 700, 3e-3)
-    config.optim.ssm_lr = 1e-3
-    assert optim.OptimizerSettings.from_config(config.optim, 100).peak_ssm_lr == 1e-3
+    config.optim.convs5.ssm_lr = 1e-3
+    assert optim.OptimizerSettings.from_config(config.optim.convs5, 100).peak_ssm_lr == 1e-3
     hash(s)  # static argument of the jitted train step
-    with pytest.raises(ValueError, match=r"config.optim has unknown field\(s\) momentum"):
-        optim.OptimizerSettings.from_config({**config.optim.to_dict(), "momentum": 0.9}, 10)
+    with pytest.raises(ValueError, match=r"config.optim.<backbone> has unknown field\(s\) momentum"):
+        optim.OptimizerSettings.from_config({**config.optim.convs5.to_dict(), "momentum": 0.9}, 10)
+    with pytest.raises(ValueError, match=r"lr must be > 0, got 0.0"):
+        settings(lr=0.0)
     with pytest.raises(ValueError, match=r"schedule 'step' is not one of cosine, constant"):
         settings(schedule="step")
     with pytest.raises(ValueError, match=r"warmup_steps \(20\) < total_steps \(20\)"):
@@ -152,7 +154,8 @@ def test_config_groups_catch_every_ssm_parameter_of_every_backbone(name):
                       decoder_blocks=1, latent_codes=8, latent_dim=4, latent_proj_dim=4, prior_width=8,
                       prior_mlp_dim=8, prior_heads=1, prior_layers=1, prior_token_dim=4)
     abstract = jax.eval_shape(lambda k: teco.init_variables(model, k), jax.random.key(0))["params"]
-    labels = flat(optim.param_labels(abstract, mazelab.get_config(name).optim.ssm_params))
+    settings_of_config = optim.OptimizerSettings.of_experiment(mazelab.get_config(name))
+    labels = flat(optim.param_labels(abstract, settings_of_config.ssm_params))
     ssm_names = ("Lambda_re", "Lambda_im", "log_step", "B", "raw_b_H", "raw_b_W")
     expected = {k for k in labels if ("/diagonal/" in k or "/raw_b_" in k) and k.rsplit("/", 1)[1] in ssm_names}
     assert {k for k, g in labels.items() if g == "ssm"} == expected

@@ -78,7 +78,7 @@ def test_one_and_four_devices_compute_the_same_step(monkeypatch):
     the matrices split over 'model': the same loss terms and gradient norms, and the same parameters."""
     config = toy_config("convs5", None, None)
     model = teco.build(config)
-    settings = optim.OptimizerSettings.from_config(config.optim, config.steps)
+    settings = optim.OptimizerSettings.of_experiment(config)
     one = sharding.make_mesh(1, jax.devices()[:1])
     state, constants = train.init_state(train.init_key(0), None, model=model, settings=settings,
                                         mesh=sharding.make_mesh(1))  # the compiled init of tests/test_train.py

@@ -89,7 +89,7 @@ def toy_config(backbone, data, tokenizer, **top):
     config.dataset.path, config.tokenizer.path = data, tokenizer
     config[backbone].update(TOY_BACKBONES[backbone])
     config.model.update(TOY_MODEL)
-    config.optim.update(dict(lr=3e-3, warmup_steps=5))
+    config.optim[backbone].update(dict(lr=3e-3, warmup_steps=5))
     config.sampling.update(dict(draft_steps=2, revise_steps=2, revise_rounds=1))
     settings = dict(batch_size=BATCH, seq_len=SEQ_LEN, steps=12, log_every=2, checkpoint_every=4,
                     keep_checkpoints=50, visualise_every=1000)
