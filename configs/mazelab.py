@@ -45,4 +45,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                              max_len=32)),
         optim={name: dict(lr=3e-3, warmup_steps=50) for name in backbones.NAMES},
         batch_size=4, seq_len=32, steps=700, log_every=20, checkpoint_every=200, keep_checkpoints=2,
-        visualise_every=300, sampling=sampling, seed=0)
+        visualise_every=300, eval_every=100, sampling=sampling, seed=0)

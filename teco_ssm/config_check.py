@@ -53,8 +53,10 @@ def _check_values(config: ml_collections.ConfigDict, errors: list[str]) -> None:
             errors.append(f"config.{name} must be a positive integer, got {value!r}")
 
     for name in ("batch_size", "seq_len", "steps", "log_every", "checkpoint_every", "keep_checkpoints",
-                 "visualise_every"):
+                 "visualise_every", "eval_batches"):
         positive(name, config[name])
+    if not isinstance(config.eval_every, int) or isinstance(config.eval_every, bool) or config.eval_every < 0:
+        errors.append(f"config.eval_every must be an integer >= 0 (0: no held-out loss), got {config.eval_every!r}")
     errors.extend(f"config.model.{error}" for error in teco.field_errors(model))
     if isinstance(config.seq_len, int) and config.seq_len <= model.condition_frames:
         errors.append(f"config.seq_len={config.seq_len} must exceed config.model.condition_frames="
@@ -103,7 +105,7 @@ def _check_paths(config: ml_collections.ConfigDict, errors: list[str]) -> None:
     name = config.dataset.name
     path = config.dataset.path
     if path is None or path == "":
-        errors.append(f"config.dataset.path is unset; pass --config.dataset.path=/path/to/{name} (a folder holding "
+        errors.append(f"config.dataset.path is unset; pass --data /path/to/{name} (a folder holding "
                       f"the {config.dataset.train_split!r} and {config.dataset.eval_split!r} splits)")
     elif not os.path.isdir(path):
         errors.append(f"config.dataset.path={path!r} is not a folder; expected the {name} dataset root holding the "
@@ -120,9 +122,16 @@ def _check_paths(config: ml_collections.ConfigDict, errors: list[str]) -> None:
             if info.kind == "codes" and tuple(info.code_shape) != tuple(config.model.code_shape):
                 errors.append(f"config.dataset.path={path!r} holds codes of shape {tuple(info.code_shape)}, but "
                               f"config.model.code_shape={tuple(config.model.code_shape)}")
+        if config.eval_every:
+            try:
+                inspect_dataset(path, config.dataset.eval_split, seq_len=config.seq_len)
+            except ValueError as error:
+                errors.append(f"config.dataset.path={path!r}: the held-out loss (config.eval_every="
+                              f"{config.eval_every}) reads split {config.dataset.eval_split!r}: {error}; set "
+                              "eval_every=0 to train without one")
     tokenizer = config.tokenizer.path
     if tokenizer is None or tokenizer == "":
-        errors.append("config.tokenizer.path is unset; pass --config.tokenizer.path=/path/to/vqgan (a TECO VQGAN "
+        errors.append("config.tokenizer.path is unset; pass --tokenizer /path/to/vqgan (a TECO VQGAN "
                       "checkpoint folder with args and checkpoints/, or a VQGAN workdir with config.json)")
     elif not os.path.isdir(tokenizer):
         errors.append(f"config.tokenizer.path={tokenizer!r} is not a folder; expected a TECO VQGAN checkpoint folder "

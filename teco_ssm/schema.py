@@ -39,6 +39,8 @@ from teco_ssm.teco import Teco
 # The run's own fields and their defaults (the 3D benchmarks' 300-frame clips and the DMLab schedule).
 RUN = dict(seed=1, batch_size=16, seq_len=300, steps=500_000, log_every=100, checkpoint_every=2000,
            keep_checkpoints=3, visualise_every=10_000,
+           eval_every=2000,  # steps between held-out losses on dataset.eval_split; 0: never
+           eval_batches=4,  # batches of the eval split (clips from frame 0) each held-out loss averages
            shard_params=False,  # True: large weight matrices split over the mesh's 'model' axis
            model_parallelism=1)  # size of the 'model' axis; the 'data' axis takes the remaining devices
 DATASET = ("name", "path", "train_split", "eval_split")

@@ -18,7 +18,9 @@ Read top to bottom, a run:
   7. every `log_every` steps writes interval means to TensorBoard and `metrics.jsonl` (`ScalarWriter`), shows them
      on the progress bar; every `checkpoint_every` steps saves asynchronously (orbax, last `keep_checkpoints`
      kept, `config.json` beside); every `visualise_every` steps writes `rollouts/step_<s>.gif`: ground truth on the
-     left, an open-loop rollout on the right (context frames, then generated frames given the true actions).
+     left, an open-loop rollout on the right (context frames, then generated frames given the true actions);
+     every `eval_every` steps (and at the last) the held-out loss: the model's terms with `train=False` on
+     `eval_batches` batches of `dataset.eval_split`, written as `eval/<term>` (and `eval_<term>` in the result).
 
 Checkpoint items: 'model' = the model variables ({'params', 'tokenizer'}, as `teco.init_variables` makes them;
 `teco_ssm.checkpoint.load_variables` reads this item alone) and 'train' = {'step', 'opt_state'}.
@@ -29,6 +31,7 @@ configuration in one process share their compiled code.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import os
 import time
@@ -176,6 +179,43 @@ def code_batches(ds: Any, tokenizer: Any, vqgan_codes: int) -> Iterator[dict[str
         yield {"codes": codes.astype(np.int32), "actions": np.asarray(batch["actions"], np.int32)}
 
 
+# ---------------------------------------------------------------------------------------------- held-out loss
+@functools.partial(jax.jit, static_argnames=("model",))
+def eval_step(variables: Mapping[str, Any], batch: Mapping[str, jax.Array], rng: jax.Array, *,
+              model: teco.Teco) -> dict[str, jax.Array]:
+    """The model's loss terms on one batch with `train=False`: every frame scored, the true actions given, no
+    dropout (`Teco.__call__`). batch: codes (B, T, H, W) int32, actions (B, T) int32; rng fixes the prior's masks.
+    Returns the scalar metrics of `train_step`'s model terms."""
+    _, metrics = model.apply(variables, batch["codes"], batch["actions"], train=False, rng=rng,
+                             rngs={"dropout": rng})
+    return metrics
+
+
+def held_out_batches(config: ml_collections.ConfigDict, tokenizer: Any, vqgan_codes: int, local_batch: int,
+                     action_dim: int | None) -> list[dict[str, np.ndarray]]:
+    """Up to `config.eval_batches` batches of `config.dataset.eval_split` (clips of seq_len from frame 0, in file
+    order) as codes, read once. Only batches that are full on every process are kept (each process owns a slice of
+    the split), so all processes evaluate the same number. Empty when eval_every is 0 or no batch is full."""
+    if not config.eval_every:
+        return []
+    ds = open_dataset(config.dataset.path, config.dataset.eval_split, seq_len=config.seq_len,
+                      batch_size=local_batch, shuffle=False, action_dim=action_dim)
+    full = min(config.eval_batches, ds.info.num_videos // jax.process_count() // local_batch)
+    return list(itertools.islice(code_batches(ds, tokenizer, vqgan_codes), full))
+
+
+def held_out_metrics(model: teco.Teco, variables: Mapping[str, Any], batches: Sequence[Mapping[str, np.ndarray]],
+                     rng: jax.Array, mesh: Mesh) -> dict[str, float]:
+    """Means of `eval_step`'s terms over `batches` (the same key for every call, so evaluations of one run differ
+    only by the parameters)."""
+    totals: dict[str, float] = {}
+    for batch in batches:
+        metrics = jax.device_get(eval_step(variables, sharding.global_batch(batch, mesh), rng, model=model))
+        for k, v in metrics.items():
+            totals[k] = totals.get(k, 0.0) + float(v) / len(batches)
+    return totals
+
+
 # ---------------------------------------------------------------------------------------------- visualising
 def rollout_video(model: teco.Teco, variables: Mapping[str, Any], codes: jax.Array, actions: jax.Array,
                   rng: jax.Array, tokenizer: Any, settings: sample.SamplerSettings, context: int) -> np.ndarray:
@@ -255,7 +295,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, tokenize
         # The data is opened (and checked) before anything is compiled.
         ds = open_dataset(config.dataset.path, config.dataset.train_split, start_step=start, **ds_kwargs)
         batches = code_batches(ds, tokenizer, model.vqgan_codes)
-        train_rng, vis_rng = jax.random.split(jax.random.key(config.seed))
+        eval_batches = held_out_batches(config, tokenizer, model.vqgan_codes, local_batch, ds_kwargs["action_dim"])
+        train_rng, vis_rng, eval_rng = jax.random.split(jax.random.key(config.seed), 3)
         if start == 0:
             state, constants = init_state(init_key(config.seed), np.asarray(tokenizer.codebook, np.float32), **static)
             logging.info("parameter values per optimiser group: %s",
@@ -299,6 +340,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, tokenize
                 if writer is not None:
                     writer.write(step, {k: v for k, v in summary.items() if k != "step"})
                 bar.update(step, summary)
+            if eval_batches and (step % config.eval_every == 0 or step == config.steps):
+                held_out = held_out_metrics(model, {"params": state["params"], **constants}, eval_batches, eval_rng,
+                                            mesh)
+                check_finite(step, {f"eval_{k}": v for k, v in held_out.items()})
+                summary.update({f"eval_{k}": v for k, v in held_out.items()})
+                if writer is not None:
+                    writer.write(step, held_out, prefix="eval/")
             if step % config.visualise_every == 0:
                 frames = rollout_video(model, {"params": state["params"], **constants}, batch["codes"],
                                        batch["actions"], jax.random.fold_in(vis_rng, step), tokenizer,

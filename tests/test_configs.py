@@ -3,6 +3,7 @@ with messages that list what was expected; the schema comes from the library's d
 import dataclasses
 import importlib
 import json
+import shutil
 import subprocess
 import sys
 
@@ -59,7 +60,8 @@ def test_blocks_are_the_dataclasses_fields_and_defaults():
 # Every variant's `config.to_dict()` before the optimiser became per backbone (written by the configs of that
 # time), as JSON, with one structural change applied to it: the single `optim` block is now `optim.<backbone>`,
 # one block per backbone (the variant's own block the old one; each other backbone's block the one of that
-# backbone's variant), and ssm_lr, which every config set equal to lr, is None (= lr).
+# backbone's variant), and ssm_lr, which every config set equal to lr, is None (= lr). Added since: eval_every and
+# eval_batches (the held-out loss during training).
 EXPECTED_DUMP = "tests/data/config_dump.json"
 
 
@@ -322,7 +324,7 @@ def test_paths_fail_fast_with_what_was_expected(tmp_path):
     with pytest.raises(ValueError) as error:
         validate(config)
     message = str(error.value)
-    assert "config.dataset.path is unset; pass --config.dataset.path=" in message
+    assert "config.dataset.path is unset; pass --data " in message
     assert "config.tokenizer.path is unset" in message
 
     config.dataset.path = str(tmp_path / "nowhere")
@@ -350,3 +352,9 @@ def test_paths_fail_fast_with_what_was_expected(tmp_path):
     (tmp_path / "args").write_bytes(b"")
     config.dataset.path = str(data)
     validate(config)  # a good dataset and a tokenizer folder of the TECO layout
+
+    shutil.rmtree(data / "test")  # the held-out loss needs the eval split, unless it is off
+    with pytest.raises(ValueError, match="held-out loss .config.eval_every=100. reads split 'test'.*eval_every=0"):
+        validate(config)
+    config.eval_every = 0
+    validate(config)

@@ -92,7 +92,7 @@ def toy_config(backbone, data, tokenizer, **top):
     config.optim[backbone].update(dict(lr=3e-3, warmup_steps=5))
     config.sampling.update(dict(draft_steps=2, revise_steps=2, revise_rounds=1))
     settings = dict(batch_size=BATCH, seq_len=SEQ_LEN, steps=12, log_every=2, checkpoint_every=4,
-                    keep_checkpoints=50, visualise_every=1000)
+                    keep_checkpoints=50, visualise_every=1000, eval_every=0)
     settings.update(top)
     for key, value in settings.items():
         config[key] = value
@@ -133,6 +133,33 @@ def test_every_backbone_learns(tmp_path, codes_path, tokenizer_path, tokenizer, 
     assert last["recon_loss"] < 0.33 * first["recon_loss"], (name, first, last)
     assert logged[-1]["recon_accuracy"] > 0.5, logged[-1]
     assert all(np.isfinite(r["grad_norm"]) and r["lr"] > 0 for r in logged)
+
+
+def test_held_out_loss_is_the_models_eval_loss_on_the_eval_split(tmp_path, tokenizer_path, tokenizer):
+    """eval_every: the eval split's loss (train=False: every frame, true actions) at the interval and the last step,
+    equal to the model applied by hand to the same clips with the final parameters; it falls as the model learns."""
+    videos = synthetic_videos(seed=3)
+    root = tmp_path / "codes"
+    for split, part in (("train", videos[:12]), ("test", videos[12:])):
+        with TfdsWriter(root, "toy", split, CODE_GRID, action_dim=3, examples_per_shard=8) as writer:
+            for codes, actions in part:
+                writer.write(codes, actions)
+    config = toy_config("convs5", str(root / "toy"), tokenizer_path, steps=30, eval_every=10, eval_batches=3,
+                        checkpoint_every=30, log_every=10)
+    result = train.train_and_evaluate(config, str(tmp_path / "run"), tokenizer)
+    held_out = [r for r in metrics(str(tmp_path / "run")) if "eval/loss" in r]
+    assert [r["step"] for r in held_out] == [10, 20, 30]
+    assert held_out[-1]["eval/loss"] == pytest.approx(result["eval_loss"])
+    assert held_out[-1]["eval/loss"] < 0.9 * held_out[0]["eval/loss"]
+
+    model = train.teco.build(config)
+    params, _ = saved_params(str(tmp_path / "run"), config)
+    eval_rng = jax.random.split(jax.random.key(config.seed), 3)[2]
+    codes = np.stack([c[:SEQ_LEN] for c, _ in videos[12:16]])  # the only full batch: 4 test videos, from frame 0
+    actions = np.stack([a[:SEQ_LEN] for _, a in videos[12:16]])
+    variables = {"params": params, "tokenizer": {"code_embeddings": np.asarray(tokenizer.codebook, np.float32)}}
+    _, terms = model.apply(variables, codes, actions, train=False, rng=eval_rng, rngs={"dropout": eval_rng})
+    assert float(terms["loss"]) == pytest.approx(held_out[-1]["eval/loss"], rel=1e-4)
 
 
 # --------------------------------------------------------------------------------------------------- resume
