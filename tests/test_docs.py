@@ -71,9 +71,9 @@ def test_no_document_teaches_a_removed_entry_point(path):
     assert not removed, f"{path.relative_to(ROOT)} still shows {sorted(set(removed))}"
 
 
-def test_scripts_hold_only_benchmarks():
+def test_scripts_hold_only_measurements():
     assert sorted(p.name for p in (ROOT / "scripts").glob("*.py")) == [
-        "bench_backbones.py", "bench_data.py", "bench_sampling.py", "bench_train.py"]
+        "bench_backbones.py", "bench_data.py", "bench_sampling.py", "bench_train.py", "diagnose_rollouts.py"]
 
 
 def test_the_finder_sees_continuation_lines_and_inline_commands(tmp_path):
