@@ -67,6 +67,8 @@ def parser() -> argparse.ArgumentParser:
                    help="Memory Maze cells per side (default 9)")
     p.add_argument("--num_train", type=int, default=1000)
     p.add_argument("--num_test", type=int, default=100)
+    p.add_argument("--num_valid", type=int, default=0,
+                   help="MazeLab: trajectories of a validation split OUT/valid (default none)")
     p.add_argument("--length", type=int, default=300, help="frames per trajectory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: every core)")

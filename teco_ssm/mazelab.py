@@ -411,9 +411,13 @@ def load_trajectory(path: str | os.PathLike) -> tuple[Maze, dict[str, np.ndarray
 
 # ------------------------------------------------------------------------------------------ dataset
 
+SPLITS = ('train', 'test', 'valid')
+
+
 def trajectory_seed(seed: int, split: str, index: int) -> tuple[int, int, int]:
-    """The seed of trajectory `index` of a split: independent streams for train and test."""
-    return (int(seed), {'train': 0, 'test': 1}[split], int(index))
+    """The seed of trajectory `index` of a split: independent streams for train, test and valid (the validation
+    split, for choosing settings without looking at the test split)."""
+    return (int(seed), SPLITS.index(split), int(index))
 
 
 def trajectory_path(root: Path, split: str, index: int, files_per_shard: int) -> Path:
@@ -443,9 +447,10 @@ def save_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray], *, compress
 
 
 def write_dataset(root: str | os.PathLike, num_train: int, num_test: int, length: int = 300, seed: int = 0, *,
-                  workers: int = 2, files_per_shard: int = 100, compress: bool = True,
+                  workers: int = 2, files_per_shard: int = 100, compress: bool = True, num_valid: int = 0,
                   progress: bool = True) -> dict[str, float]:
-    """Writes `<root>/{train,test}/<shard>/<index>.npz` trajectories and `<root>/metadata.json`.
+    """Writes `<root>/{train,test}/<shard>/<index>.npz` trajectories (and `<root>/valid/...` when `num_valid`: a
+    validation split, its own seed stream) and `<root>/metadata.json`.
 
     Files already present are kept (an interrupted run resumes). Returns timing figures:
     {'seconds', 'frames', 'frames_per_second', 'trajectories_per_second'} for the files written now.
@@ -454,7 +459,7 @@ def write_dataset(root: str | os.PathLike, num_train: int, num_test: int, length
     root.mkdir(parents=True, exist_ok=True)
     meta = {'generator': 'teco_ssm.mazelab', 'action_dim': ACTION_DIM, 'action_names': list(ACTION_NAMES),
             'image_size': IMAGE_SIZE, 'video_length': length, 'seed': seed, 'num_train': num_train,
-            'num_test': num_test, 'num_cells': NUM_CELLS, 'steps_per_block': STEPS_PER_BLOCK,
+            'num_test': num_test, 'num_valid': num_valid, 'num_cells': NUM_CELLS, 'steps_per_block': STEPS_PER_BLOCK,
             'turn_degrees': 360 // NUM_HEADINGS, 'files_per_shard': files_per_shard}
     meta_path = root / 'metadata.json'
     if meta_path.exists():
@@ -465,7 +470,8 @@ def write_dataset(root: str | os.PathLike, num_train: int, num_test: int, length
             raise ValueError(f'{meta_path}: existing dataset differs from this request (stored, asked): {clash}')
     meta_path.write_text(json.dumps(meta, indent=2))
     tasks = [(str(root), split, i, seed, length, files_per_shard, compress)
-             for split, count in (('train', num_train), ('test', num_test)) for i in range(count)]
+             for split, count in (('train', num_train), ('test', num_test), ('valid', num_valid))
+             for i in range(count)]
     from tqdm import tqdm
 
     start = time.perf_counter()

@@ -29,7 +29,8 @@ class RunSize:
     """What `run` builds. `default` finishes in under 20 minutes on 2 CPU cores, `quick` in under 3.
 
     The world model is `configs/mazelab.py:<backbone>` (its batch, clip length, steps and protocols) with
-    `model_overrides` applied, and then the run's own `--steps`.
+    `model_overrides` applied, and then the run's own `--steps`. `num_valid` MazeLab trajectories form a validation
+    split (generated and encoded, never scored by the run) for choosing settings without the test split.
     """
 
     num_train: int
@@ -38,11 +39,13 @@ class RunSize:
     tokenizer_variant: str
     tokenizer_steps: int
     model_overrides: tuple[str, ...] = ()
+    num_valid: int = 0
 
 
 SIZES = {
-    "default": RunSize(num_train=200, num_test=32, length=96, tokenizer_variant="", tokenizer_steps=TOKENIZER_STEPS),
-    "quick": RunSize(num_train=24, num_test=4, length=48, tokenizer_variant="quick", tokenizer_steps=30,
+    "default": RunSize(num_train=200, num_test=32, length=96, tokenizer_variant="", tokenizer_steps=TOKENIZER_STEPS,
+                       num_valid=32),
+    "quick": RunSize(num_train=24, num_test=4, length=48, tokenizer_variant="quick", tokenizer_steps=30, num_valid=4,
                      model_overrides=(
                          "steps=30", "seq_len=16", *(f"optim.{name}.warmup_steps=5" for name in backbones.NAMES),
                          "checkpoint_every=30",
@@ -132,15 +135,17 @@ def run(*, dataset: str = "mazelab", backbone: str = "convt3", quick: bool = Fal
     _claim_workdir(root, {"dataset": dataset, "size": size_name, "train_steps": reference.steps})
     stages = Stages(root)
     data, tokenizer, encoded = root / "data", root / "tokenizer", root / "encoded"
+    num_valid = size.num_valid if bench.source == "mazelab" else 0
 
     stages("data", lambda: stage_fns.make_dataset(
         str(data), source=bench.source, maze_size=bench.maze_size, num_train=size.num_train,
-        num_test=size.num_test, length=size.length, seed=0, workers=os.cpu_count() or 1))
+        num_test=size.num_test, length=size.length, seed=0, workers=os.cpu_count() or 1, num_valid=num_valid))
     variant = f":{size.tokenizer_variant}" if size.tokenizer_variant else ""
     tok = stages("tokenizer", lambda: stage_fns.train_tokenizer(
         str(data), str(tokenizer), config=f"configs/vqgan_{bench.name}.py{variant}",
         overrides=[f"num_steps={size.tokenizer_steps}", f"loss.disc_start={size.tokenizer_steps}"]))
-    stages("encode", lambda: stage_fns.encode(str(tokenizer), str(data), str(encoded), name=bench.name))
+    stages("encode", lambda: stage_fns.encode(str(tokenizer), str(data), str(encoded), name=bench.name,
+                                              splits=("train", "test", "valid")[:3 if num_valid else 2]))
 
     real_features: dict[Any, Any] = {}  # every evaluation scores the same test videos: I3D embeds them once
     results = {name: _run_backbone(stages, root, name, size, steps, encoded / bench.name, tokenizer,

@@ -42,17 +42,22 @@ def require_source(source: str) -> None:
 
 def make_dataset(out: str, *, source: str = "mazelab", num_train: int = 1000, num_test: int = 100,
                  length: int = 300, seed: int = 0, workers: int = 2, maze_size: int | None = None,
-                 files_per_shard: int = 100, compress: bool = True, sheet_rows: int = 4) -> dict[str, Any]:
+                 files_per_shard: int = 100, compress: bool = True, sheet_rows: int = 4,
+                 num_valid: int = 0) -> dict[str, Any]:
     """Writes `out/{train,test}/<shard>/*.npz` trajectories (video (T, 64, 64, 3) uint8, actions (T,), poses (T, 3)),
     `out/metadata.json` and `out/contact_sheet.png` (the first `sheet_rows` training videos). Files already there are
     kept, so an interrupted call resumes.
 
     source: 'mazelab' (`teco_ssm.mazelab`) or 'memory-maze' (`teco_ssm.memory_maze`, the memory-maze extra; maze_size
     9, 11, 13 or 15 cells per side, default 9). compress: np.savez_compressed (MazeLab; Memory Maze always compresses).
+    num_valid: MazeLab only, trajectories of a validation split `out/valid` (its own seed stream), for choosing
+    settings without looking at the test split.
     Returns the generator's figures (videos, seconds, frames/s). Raises StageError for an unknown source, a missing
     extra, or maze_size given for MazeLab.
     """
     require_source(source)
+    if num_valid and source != "mazelab":
+        raise StageError("num_valid applies to source mazelab")
     if source == "memory-maze":
         from teco_ssm import memory_maze
 
@@ -67,7 +72,7 @@ def make_dataset(out: str, *, source: str = "mazelab", num_train: int = 1000, nu
         if maze_size is not None:
             raise StageError("maze_size applies to source memory-maze (MazeLab mazes are 7x7 cells)")
         figures = mazelab.write_dataset(out, num_train, num_test, length, seed, workers=max(1, workers),
-                                        files_per_shard=files_per_shard, compress=compress)
+                                        files_per_shard=files_per_shard, compress=compress, num_valid=num_valid)
     _contact_sheet(Path(out), sheet_rows)
     return figures
 

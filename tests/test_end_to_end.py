@@ -28,6 +28,8 @@ def test_every_stage_leaves_its_artifacts(workdir):
     assert (workdir / "tokenizer" / "config.json").exists() and any((workdir / "tokenizer" / "checkpoints").iterdir())
     encoded = data.inspect_dataset(workdir / "encoded" / "mazelab", "test")
     assert encoded.kind == "codes" and encoded.num_videos == run.SIZES["quick"].num_test
+    valid = data.inspect_dataset(workdir / "encoded" / "mazelab", "valid")  # generated and encoded, never scored
+    assert valid.kind == "codes" and valid.num_videos == run.SIZES["quick"].num_valid > 0
     assert any((workdir / "models" / "convt3" / "checkpoints").iterdir())
 
     with np.load(sorted((workdir / "samples" / "convt3" / "trained").glob("*.npz"))[0]) as sample:

@@ -325,3 +325,28 @@ def test_repeat_last_frame_baseline_files(tmp_path):
     expected = np.mean([10 * np.log10(1 / np.mean((real[b, t] / 255.0 - real[b, 3] / 255.0) ** 2))
                         for b in range(2) for t in (4, 5)])
     assert abs(numbers["psnr"]["mean"] - expected) < 1e-3
+
+
+def test_revisit_score_on_an_agent_that_returns_to_its_start_pose(tmp_path):
+    """A MazeLab agent walks two blocks east, turns round, walks back and faces its first heading again: with 4
+    context frames, only the generated frames at poses the context showed count as seen, the return to the start
+    among them; a model exact on those frames and off elsewhere scores the cap there and less on the rest."""
+    from teco_ssm import mazelab
+
+    poses = np.array([(1, 1, 0), (2, 1, 0), (3, 1, 0), (3, 1, 4),      # context: east, then a quarter turn
+                      (3, 1, 8), (2, 1, 8), (1, 1, 8), (1, 1, 4),      # round, back west, turning
+                      (1, 1, 0), (2, 1, 0)])                           # the start pose again, then the second
+    seen = evaluate.seen_in_context(poses, 4)
+    np.testing.assert_array_equal(seen, [True] * 4 + [False, False, False, False, True, True])
+    assert mazelab.revisit_mask(poses)[8] and not mazelab.revisit_mask(poses)[7]
+
+    rng = np.random.default_rng(11)
+    real = rng.integers(0, 256, (2, len(poses), 16, 16, 3), dtype=np.uint8)
+    fake = np.where(seen[None, :, None, None, None], real, 255 - real).astype(np.uint8)
+    np.savez(tmp_path / "batch_0.npz", real=real, fake=fake, context=np.int64(4),
+             seen=np.repeat(seen[None], 2, axis=0))
+    numbers = evaluate.evaluate_samples(tmp_path, None, lpips=lambda a, b: np.zeros(len(a)), i3d=tiny_i3d)
+    revisit = numbers["revisit_psnr"]
+    assert revisit["seen"] == evaluate.PSNR_CAP_DB and (revisit["num_seen"], revisit["num_unseen"]) == (4, 8)
+    unseen = np.asarray(metrics.psnr(real[:, 4:8], fake[:, 4:8]), np.float64)
+    assert revisit["unseen"] == pytest.approx(unseen.mean(), rel=1e-6) and revisit["unseen"] < 10

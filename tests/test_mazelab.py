@@ -114,6 +114,23 @@ def test_revisit_helpers_and_identical_frames(trajectory):
     np.testing.assert_array_equal(video, video[first])  # a pose seen again renders the same bytes
 
 
+def test_the_validation_split_is_its_own_and_disjoint_from_the_test_split(tmp_path):
+    """num_valid writes `valid/`, drawn from its own seed stream: no maze and no trajectory of it is one of the test
+    split's (nor the training split's), so choosing settings on it never looks at the test videos."""
+    ml.write_dataset(tmp_path, 4, 6, length=16, seed=3, workers=1, num_valid=6, progress=False)
+    splits = {split: [ml.load_trajectory(p)[1] for p in sorted((tmp_path / split).rglob('*.npz'))]
+              for split in ('train', 'test', 'valid')}
+    assert [len(splits[s]) for s in ('train', 'test', 'valid')] == [4, 6, 6]
+    mazes = {s: {t['maze_walls'].tobytes() for t in splits[s]} for s in splits}
+    assert len(mazes['valid']) == 6 and not mazes['valid'] & mazes['test'] and not mazes['valid'] & mazes['train']
+    videos = {s: {t['video'].tobytes() for t in splits[s]} for s in splits}
+    assert not videos['valid'] & videos['test']
+    expected = ml.make_trajectory(ml.trajectory_seed(3, 'valid', 5), 16)
+    np.testing.assert_array_equal(splits['valid'][5]['video'], expected['video'])
+    assert ml.trajectory_seed(3, 'valid', 5) != ml.trajectory_seed(3, 'test', 5)
+    assert open_dataset(tmp_path, 'valid', seq_len=16, batch_size=2).info.num_videos == 6
+
+
 def test_written_dataset_loads_and_rebuilds_mazes(tmp_path):
     stats = ml.write_dataset(tmp_path / 'a', 3, 2, length=12, seed=5, workers=2, files_per_shard=2,
                              progress=False)
