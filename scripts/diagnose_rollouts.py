@@ -22,6 +22,7 @@ Prints one table and writes it as JSON to `--out` (default <workdir>/diagnosis_<
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -32,7 +33,7 @@ import ml_collections
 import numpy as np
 
 import vqgan
-from teco_ssm import checkpoint, evaluate, metrics, sample, teco
+from teco_ssm import checkpoint, config_io, evaluate, metrics, sample, teco
 from teco_ssm.data import batch_codes, open_dataset
 from teco_ssm.teco import Teco
 
@@ -80,10 +81,14 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a sampler setting for this diagnosis, e.g. --set sampling.temperature=0.5")
     args = parser.parse_args()
 
     model_dir = os.path.join(args.workdir, "models", args.backbone)
     config = ml_collections.ConfigDict(checkpoint.read_config(model_dir))
+    for item in args.overrides:
+        config_io.apply_override(config, item)
     tokenizer = vqgan.load(os.path.join(args.workdir, "tokenizer"))
     model = teco.build(config)
     variables = checkpoint.load_variables(config, model_dir, args.step)
@@ -129,6 +134,7 @@ def main() -> None:
     spread = np.stack([np.concatenate(rows["rollout"][s::args.seeds]).mean(axis=0) for s in range(args.seeds)])
     table["rollout_seed_std"] = spread.std(axis=0).tolist()
     summary = {"workdir": args.workdir, "backbone": args.backbone, "split": args.split, "videos": seen,
+               "settings": dataclasses.asdict(settings),
                "seeds": args.seeds, "context": context, "horizon": horizon, "seconds": time.perf_counter() - start,
                "per_frame": table, "mean": {k: float(np.mean(v)) for k, v in table.items()}}
     out = args.out or os.path.join(args.workdir, f"diagnosis_{args.backbone}.json")
