@@ -2,7 +2,12 @@
 
 `sample_dataset` (or `sample_workdir`, from a training workdir alone) restores the model (`checkpoint.load_variables`),
 splits each batch over every device (`teco_ssm.sharding`), rolls it out (`sample.rollout`) and writes one file per
-batch, `out_dir/batch_<k>.npz`:
+batch, `out_dir/batch_<k>.npz`, or one per batch and process, `batch_<k>_p<i>.npz`, when launched as several
+processes (`jax.distributed`, initialised here as for training). Batch k is the global batch of the dataset's
+evaluation order (`teco_ssm.data.pipeline`): videos `[k G, (k + 1) G)` with G = batch_size * process_count, process
+i holding rows `[i batch_size, (i + 1) batch_size)`, sampled with one key. So the folder holds each of the first
+num_videos videos once, and N processes of batch_size rows write the same samples as one process of
+N * batch_size rows on as many devices. Each file holds:
   real     (B, T, H, W, 3) uint8   ground truth, T = context + horizon
   fake     (B, T, H, W, 3) uint8   the sample; its first `context` frames are the context's codes decoded by the
                                    tokenizer (its reconstruction), the rest generated
@@ -39,6 +44,13 @@ PathLike = Union[str, os.PathLike]
 def to_uint8(frames: np.ndarray) -> np.ndarray:
     """Frames float in [-1, 1] (..., H, W, 3) -> uint8 [0, 255], round((x + 1) * 127.5), clipped."""
     return np.clip(np.round((np.asarray(frames, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def _decode(tokenizer: Any, codes: np.ndarray) -> np.ndarray:
+    """uint8 frames (N, T, H, W, 3) of codes (N, T, h, w); N may be 0 (a process's share of the last batch)."""
+    if len(codes) == 0:
+        return np.zeros((0, codes.shape[1], *tokenizer.frame_shape), np.uint8)
+    return to_uint8(tokenizer.decode(codes))
 
 
 def _write_npz_atomic(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
@@ -85,6 +97,7 @@ def sample_dataset(config: ml_collections.ConfigDict, workdir_or_variables: Path
     Returns {'files': all batch files, 'written': count, 'skipped': count, 'num_videos': videos in the files,
     'protocol': Protocol, 'settings': SamplerSettings}.
     """
+    sharding.maybe_initialize_distributed()
     sampling = config.sampling
     chosen = resolve_protocol(protocol, sampling)
     settings = SamplerSettings.from_config(sampling) if settings is None else settings
@@ -99,19 +112,32 @@ def sample_dataset(config: ml_collections.ConfigDict, workdir_or_variables: Path
         raise ValueError(f"{_FILE}: batch_size={batch_size} must be a multiple of the {jax.local_device_count()} "
                          f"local devices (the batch is split over every device, `teco_ssm.sharding`)")
     split = split or config.dataset.eval_split
-    dataset = open_dataset(data_path, split, seq_len=chosen.num_frames, batch_size=batch_size, shuffle=False)
+    mesh = sharding.make_mesh()
+    count = jax.process_count()
+    rows = sharding.process_rows(batch_size * count, mesh)  # this process's rows of each batch
+    data_kwargs = dict(seq_len=chosen.num_frames, batch_size=batch_size, shuffle=False,
+                       process_index=rows.start // batch_size, process_count=count)
+    dataset = open_dataset(data_path, split, **data_kwargs)
     num_videos = min(num_videos, dataset.info.num_videos)
-    per_process = math.ceil(num_videos / jax.process_count())
-    num_batches = min(len(dataset), math.ceil(per_process / batch_size))
+    num_batches = min(len(dataset), math.ceil(num_videos / (batch_size * count)))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    suffix = f"_p{jax.process_index()}" if jax.process_count() > 1 else ""
-    paths = [out_dir / f"batch_{k:05d}{suffix}.npz" for k in range(num_batches)]
+
+    def share(k: int, process: int) -> Path | None:
+        """The file of `process`'s rows of batch k; None when they hold none of the first num_videos videos."""
+        if (k * count + process) * batch_size >= num_videos:
+            return None
+        return out_dir / (f"batch_{k:05d}_p{process}.npz" if count > 1 else f"batch_{k:05d}.npz")
+
+    shares = [[share(k, process) for process in range(count)] for k in range(num_batches)]
+    paths = [files[rows.start // batch_size] for files in shares]
     expected = dict(context=chosen.context, horizon=chosen.horizon, use_actions=chosen.use_actions, seed=seed,
                     **dataclasses.asdict(settings))
-    finished = [p.exists() for p in paths]
-    for path, done in zip(paths, finished):
-        if done:
+    # A batch is finished when every process's file of it is: the same answer on every process (one folder), so
+    # they all sample the same batches together.
+    finished = [all(path is None or path.exists() for path in files) for files in shares]
+    for path in (path for files in shares for path in files):
+        if path is not None and path.exists():
             _check_finished(path, expected)
     first = next((k for k, done in enumerate(finished) if not done), num_batches)
     written = 0
@@ -123,37 +149,40 @@ def sample_dataset(config: ml_collections.ConfigDict, workdir_or_variables: Path
         if "tokenizer" in variables:  # frozen code embeddings: the tokenizer's codebook, checked for shape
             variables = teco.set_code_embeddings(variables, tokenizer.codebook)
         written = _sample_batches(model, variables, tokenizer, dataset, paths, finished, first, chosen,
-                                  per_process=per_process, seed=seed, expected=expected, settings=settings,
-                                  batches=open_dataset(data_path, split, seq_len=chosen.num_frames,
-                                                       batch_size=batch_size, shuffle=False, start_step=first))
+                                  num_videos=num_videos, seed=seed, expected=expected, settings=settings,
+                                  mesh=mesh, batches=open_dataset(data_path, split, start_step=first, **data_kwargs))
+    paths = [path for path in paths if path is not None]
     total = sum(formats.npz_header(str(path))["real"][0][0] for path in paths)
-    return dict(files=[str(p) for p in paths], written=written, skipped=num_batches - written,
+    return dict(files=[str(p) for p in paths], written=written, skipped=len(paths) - written,
                 num_videos=int(total), protocol=chosen, settings=settings)
 
 
-def _sample_batches(model: Teco, variables: dict[str, Any], tokenizer: Any, dataset: Any, paths: list[Path],
-                    finished: list[bool], first: int, protocol: Protocol, *, per_process: int, seed: int,
-                    expected: dict[str, Any], settings: SamplerSettings, batches: Any) -> int:
-    """Samples and writes the unfinished batch files from `first` on; returns how many it wrote."""
-    mesh = sharding.make_mesh()
-    variables = jax.device_put(variables, sharding.replicated(mesh))
+def _sample_batches(model: Teco, variables: dict[str, Any], tokenizer: Any, dataset: Any, paths: list[Path | None],
+                    finished: list[bool], first: int, protocol: Protocol, *, num_videos: int, seed: int,
+                    expected: dict[str, Any], settings: SamplerSettings, mesh: Any, batches: Any) -> int:
+    """Samples the unfinished batches from `first` on (every process takes part) and writes this process's file of
+    each (`paths[k]`, None when it holds no row to keep); returns how many it wrote."""
+    # Through host memory: every process places its copy (JAX moves no arrays between hosts).
+    variables = jax.device_put(jax.device_get(variables), sharding.replicated(mesh))
     batches = iter(batches)
     written = 0
     for k in tqdm(range(first, len(paths)), desc="sampling", unit="batch", initial=first, total=len(paths)):
         batch = next(batches)
         if finished[k]:
             continue
-        keep = np.flatnonzero(batch["valid"])[:per_process - k * dataset.batch_size]
+        keep = np.flatnonzero(batch["valid"] & (batch["index"] < num_videos))  # the first num_videos videos
         codes = batch_codes(batch, tokenizer)
-        real = to_uint8(batch["frames"] if "frames" in batch else tokenizer.decode(codes))
+        real = to_uint8(batch["frames"][keep]) if "frames" in batch else _decode(tokenizer, codes[keep])
         actions = np.asarray(batch["actions"], np.int32)
         rng = jax.random.fold_in(jax.random.key(seed), k)
         inputs = sharding.global_batch(dict(codes=codes[:, :protocol.context], actions=actions), mesh)
         sampled = rollout(model, variables, inputs["codes"], inputs["actions"] if protocol.use_actions else None, rng,
                           horizon=protocol.horizon, use_actions=protocol.use_actions, settings=settings)
         sampled = sharding.local_rows(mesh, sampled)[keep]
-        fake = to_uint8(tokenizer.decode(sampled))
-        arrays = dict(real=real[keep], fake=fake, actions=actions[keep], index=batch["index"][keep],
+        if paths[k] is None or paths[k].exists():  # nothing of this process's to keep, or kept from before
+            continue
+        fake = _decode(tokenizer, sampled)
+        arrays = dict(real=real, fake=fake, actions=actions[keep], index=batch["index"][keep],
                       batch=np.asarray(k), **{name: np.asarray(value) for name, value in expected.items()})
         seen = evaluate.seen_mask(dataset, batch["index"][keep], np.asarray(batch["start"])[keep], protocol.context,
                                   protocol.num_frames)
@@ -174,6 +203,7 @@ def sample_workdir(workdir: PathLike, out_dir: PathLike, *,
     (None: the latest). Raises ValueError naming the missing field."""
     import vqgan
 
+    sharding.maybe_initialize_distributed()  # before the tokenizer touches a device
     config = ml_collections.ConfigDict(checkpoint.read_config(os.fspath(workdir)))
     source = os.path.join(os.fspath(workdir), checkpoint.CONFIG_FILE)
     data_path = data_path if data_path is not None else config.dataset.path

@@ -1,7 +1,8 @@
 """Devices for training: one mesh ('data', 'model') over every device of every host, and the shardings on it.
 
-    maybe_initialize_distributed()                 # jax.distributed.initialize() on a multi-host launch
+    maybe_initialize_distributed()                 # jax.distributed.initialize(...) when launched as several processes
     mesh = make_mesh(model_parallelism=1)          # (num_devices // 1, 1) devices, axes ('data', 'model')
+    rows = process_rows(global_batch_size, mesh)   # the rows of the global batch this process loads
     batch = global_batch(local_numpy_batch, mesh)  # rows split over every device of every host
     shardings = param_shardings(abstract_params, mesh, shard_params=False)   # replicated by default
 
@@ -27,24 +28,94 @@ BATCH_AXES = ("data", "model")
 MIN_SHARDED_SIZE = 2 ** 18
 
 
-def _multi_host_launch() -> bool:
-    """True when the environment describes a launch of several processes (explicit JAX variables, SLURM,
-    Open MPI, or a multi-host TPU slice)."""
-    env = os.environ
-    if env.get("JAX_COORDINATOR_ADDRESS"):
-        return True
-    for name in ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
-        if env.get(name, "1").isdigit() and int(env.get(name, "1")) > 1:
-            return True
-    return "," in env.get("TPU_WORKER_HOSTNAMES", "") or bool(env.get("MEGASCALE_COORDINATOR_ADDRESS"))
+LAUNCH_VARIABLES = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+# The variables JAX's own cluster detection reads (jax/_src/clusters/{slurm,ompi}_cluster.py).
+SLURM_VARIABLES = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+OMPI_VARIABLES = ("OMPI_MCA_orte_hnp_uri", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK",
+                  "OMPI_COMM_WORLD_LOCAL_RANK")
+
+
+class LaunchError(ValueError):
+    """The environment describes a launch of several processes inconsistently (a variable missing, not a number,
+    or a process id outside [0, count))."""
+
+
+def _count_and_id(env: Mapping[str, str], count_name: str, id_name: str) -> tuple[int, int]:
+    values = []
+    for name in (count_name, id_name):
+        text = env[name].strip()
+        if not text.isdigit():
+            raise LaunchError(f"{_FILE}: {name}={env[name]!r} is not a non-negative integer")
+        values.append(int(text))
+    count, index = values
+    if count < 1 or index >= count:
+        raise LaunchError(f"{_FILE}: {id_name}={index} must lie in [0, {count_name}={count}); number the processes "
+                          f"0 .. {max(count, 1) - 1}")
+    return count, index
+
+
+def _cluster(env: Mapping[str, str], names: Sequence[str], count_name: str, id_name: str,
+             launcher: str) -> dict[str, Any] | None:
+    """{} (JAX detects the rest) when `env` holds a launch of several processes by `launcher`, else None."""
+    if count_name not in env or not env[count_name].strip().isdigit() or int(env[count_name]) <= 1:
+        return None  # an allocation of one task: one process
+    missing = [name for name in names if name not in env]
+    if missing:
+        raise LaunchError(f"{_FILE}: {count_name}={env[count_name]} asks for several processes but "
+                          f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set; start each process "
+                          f"with {launcher}")
+    _count_and_id(env, count_name, id_name)
+    return {}
+
+
+CLUSTERS = ((SLURM_VARIABLES, "SLURM_NTASKS", "SLURM_PROCID", "srun"),
+            (OMPI_VARIABLES, "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "mpirun"))
+
+
+def distributed_arguments(env: Mapping[str, str] | None = None) -> dict[str, Any] | None:
+    """The keyword arguments of `jax.distributed.initialize` for the launch `env` (default `os.environ`) describes,
+    or None for a single process.
+
+    - Explicit: JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID, all three
+      or none -> {'coordinator_address', 'num_processes', 'process_id'}.
+    - SLURM (`srun`, SLURM_NTASKS > 1), Open MPI (`mpirun`, OMPI_COMM_WORLD_SIZE > 1), a multi-host TPU slice -> {}:
+      JAX detects the address, count and id itself.
+    Raises LaunchError naming the variable when one is missing, not a number, or the id is outside [0, count).
+    """
+    env = os.environ if env is None else env
+    given = [name for name in LAUNCH_VARIABLES if env.get(name)]
+    if given:
+        missing = [name for name in LAUNCH_VARIABLES if not env.get(name)]
+        if missing:
+            raise LaunchError(f"{_FILE}: {', '.join(given)} set but {', '.join(missing)} not: a launch of several "
+                              f"processes sets all of {', '.join(LAUNCH_VARIABLES)} on every process")
+        address = env["JAX_COORDINATOR_ADDRESS"]
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise LaunchError(f"{_FILE}: JAX_COORDINATOR_ADDRESS={address!r} is not HOST:PORT (process 0's host "
+                              f"and a free port, e.g. 10.0.0.1:12355)")
+        count, index = _count_and_id(env, "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+        return dict(coordinator_address=address, num_processes=count, process_id=index)
+    for cluster in CLUSTERS:
+        arguments = _cluster(env, *cluster)
+        if arguments is not None:
+            return arguments
+    if "," in env.get("TPU_WORKER_HOSTNAMES", "") or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+        return {}
+    return None
 
 
 def maybe_initialize_distributed() -> bool:
-    """Calls `jax.distributed.initialize()` (which reads the cluster's variables) when launched on several hosts
-    and not yet initialised; call it before anything touches the devices. Returns whether it initialised."""
-    if not _multi_host_launch() or jax.distributed.is_initialized():
+    """Calls `jax.distributed.initialize` with `distributed_arguments()` when launched as several processes and not
+    yet initialised; call it before anything touches the devices. CPU collectives across processes use gloo (unless
+    JAX_CPU_COLLECTIVES_IMPLEMENTATION chooses otherwise). Returns whether it initialised; raises LaunchError
+    (before any work) for inconsistent launch variables."""
+    arguments = distributed_arguments()
+    if arguments is None or jax.distributed.is_initialized():
         return False
-    jax.distributed.initialize()
+    if not os.environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**arguments)
     logging.info("jax.distributed: process %d of %d, %d local of %d devices", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
     return True
@@ -80,6 +151,23 @@ def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
         raise ValueError(f"{_FILE}: config.batch_size={global_batch_size} must be divisible by the number of devices "
                          f"{mesh.size} (the batch is split over every device)")
     return global_batch_size // jax.process_count()
+
+
+def process_rows(global_batch_size: int, mesh: Mesh) -> range:
+    """The rows of a global batch of `global_batch_size` that `batch_sharding(mesh)` places on this process's
+    devices: one contiguous range of global_batch_size / process_count rows (process p: rows [p B, (p + 1) B) when
+    the mesh lists the devices process by process, as `jax.devices()` does). The data pipeline loads exactly these
+    rows (`open_dataset(process_index=rows.start // len(rows))`), so the global batch is the same examples in the
+    same order whatever the number of processes and devices. ValueError when the rows are not contiguous."""
+    size = local_batch_size(global_batch_size, mesh)
+    held = set()
+    for index in batch_sharding(mesh).addressable_devices_indices_map((global_batch_size,)).values():
+        held.update(range(*index[0].indices(global_batch_size)))
+    rows = range(min(held), min(held) + size)
+    if sorted(held) != list(rows):
+        raise ValueError(f"{_FILE}: this process's devices hold rows {sorted(held)} of the global batch, not one "
+                         f"contiguous range of {size}: list each process's devices together in the mesh")
+    return rows
 
 
 def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

@@ -8,8 +8,10 @@ Read top to bottom, a run:
   3. restores the latest complete checkpoint of `<workdir>/checkpoints`, or initialises the state (sharded init of
      `jax.eval_shape`'s layout) with the model's code embeddings copied from the tokenizer's codebook;
   4. streams the training split from the checkpoint's step on (`open_dataset(..., start_step=step)`: the same
-     batches as an uninterrupted run). A dataset of frames goes through `tokenizer.encode`; a dataset of codes is
-     used as it is; which one is decided by what the dataset holds (`ds.info.kind`);
+     batches as an uninterrupted run). Step s trains on the same global batch of `config.batch_size` examples
+     whatever the number of processes and devices: each process loads its rows of it (`sharding.process_rows`).
+     A dataset of frames goes through `tokenizer.encode`; a dataset of codes is used as it is; which one is
+     decided by what the dataset holds (`ds.info.kind`);
   5. runs one jitted, state-donating train step per batch. Step s (counting from 1) draws its randomness from
      `fold_in(key(seed), s - 1)`, so a resumed run draws the same numbers;
   6. checks every step's loss terms, gradient norm and new parameters' norm for NaN/Inf (one step behind, so the
@@ -277,11 +279,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, tokenize
     settings = optim.OptimizerSettings.of_experiment(config)
     shard_params = bool(config.shard_params)
     mesh = sharding.make_mesh(int(config.model_parallelism))
-    local_batch = sharding.local_batch_size(config.batch_size, mesh)
+    rows = sharding.process_rows(config.batch_size, mesh)  # this process's rows of every global batch
     static = dict(model=model, settings=settings, mesh=mesh, shard_params=shard_params)
     lead = jax.process_index() == 0
 
-    ds_kwargs = dict(seq_len=config.seq_len, batch_size=local_batch, shuffle=True, seed=config.seed,
+    ds_kwargs = dict(seq_len=config.seq_len, batch_size=len(rows), shuffle=True, seed=config.seed,
+                     process_index=rows.start // len(rows), process_count=config.batch_size // len(rows),
                      image_size=tuple(tokenizer.frame_shape[:2]),
                      action_dim=model.num_actions if model.use_actions else None)
     mngr = ckpt.manager(workdir, config=config if lead else None, keep=config.keep_checkpoints,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from teco_ssm.data import DataError, TfdsWriter, inspect_dataset, open_dataset, process_slice
+from teco_ssm.data import DataError, TfdsWriter, inspect_dataset, open_dataset
 from teco_ssm.data import pipeline, tfds_folder
 
 ONE = dict(process_index=0, process_count=1)
@@ -122,7 +122,7 @@ def test_order_of_a_training_step_does_not_depend_on_the_process_count(tmp_path)
                 np.testing.assert_array_equal(np.concatenate([part[step][key] for part in parts]), one[step][key])
     index = np.concatenate([b['index'] for b in one])  # 20 examples: every video of the first two epochs
     assert sorted(index[:7]) == list(range(7)) and sorted(index[7:14]) == list(range(7))
-    assert [list(pipeline.train_rows(3, 2, p, 2)) for p in range(2)] == [[12, 13], [14, 15]]
+    assert [list(pipeline.batch_rows(3, 2, p, 2)) for p in range(2)] == [[12, 13], [14, 15]]
 
 
 @pytest.mark.parametrize('ending', ['return', 'raise'])
@@ -143,22 +143,26 @@ def test_a_process_that_stops_reading_part_way_exits(tmp_path, ending):
     assert ('RuntimeError: stopped' in done.stderr) == (ending == 'raise')
 
 
-def test_two_processes_see_disjoint_files_covering_all(tmp_path):
+def test_evaluation_batches_are_global_batches_split_over_processes(tmp_path):
+    """Evaluation batch k holds videos [k G, (k + 1) G) whatever the process count; every video read once by one
+    process; every process yields the same number of batches, padding marked invalid."""
     write_npz_dataset(tmp_path, [9] * 7)
-    seen, counts = [], []
-    for p in range(2):
-        ds = open_dataset(tmp_path, 'test', seq_len=9, batch_size=2, process_index=p, process_count=2)
-        batches = list(ds)
-        counts.append(len(batches))
-        index = np.concatenate([b['index'] for b in batches])
-        seen.append(set(index[index >= 0].tolist()))
+    one = list(open_dataset(tmp_path, 'test', seq_len=9, batch_size=4, **ONE))
+    assert [b['index'].tolist() for b in one] == [[0, 1, 2, 3], [4, 5, 6, -1]]
+    assert [b['valid'].tolist() for b in one] == [[True] * 4, [True] * 3 + [False]]
+    for count in (2, 4):
+        parts = [list(open_dataset(tmp_path, 'test', seq_len=9, batch_size=4 // count, process_index=p,
+                                   process_count=count)) for p in range(count)]
+        assert [len(part) for part in parts] == [2] * count
+        for k in range(2):
+            for key in ('frames', 'actions', 'index', 'valid'):
+                np.testing.assert_array_equal(np.concatenate([part[k][key] for part in parts]), one[k][key])
+    parts = [list(open_dataset(tmp_path, 'test', seq_len=9, batch_size=2, process_index=p, process_count=2))
+             for p in range(2)]
+    seen = [np.concatenate([b['index'] for b in part]) for part in parts]
+    seen = [set(s[s >= 0].tolist()) for s in seen]
     assert seen[0].isdisjoint(seen[1]) and seen[0] | seen[1] == set(range(7))
-    assert counts == [2, 2]  # the same number of batches on every process (3 and 4 videos)
-    for count in (1, 2, 3, 5, 8):
-        slices = [process_slice(11, p, count) for p in range(count)]
-        assert slices[0][0] == 0 and slices[-1][1] == 11
-        assert all(a[1] == b[0] for a, b in zip(slices, slices[1:]))
-        assert max(b - a for a, b in slices) - min(b - a for a, b in slices) <= 1
+    assert [len(part) for part in parts] == [2, 2]  # 4 and 3 videos, the same number of batches
 
 
 # ----------------------------------------------------------------------------------------- mp4

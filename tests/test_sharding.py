@@ -38,19 +38,47 @@ def test_param_specs():
     assert sharding.param_spec((1024, 512), 1, shard=True) == P()       # no model axis
 
 
-def test_distributed_initialisation_only_on_multi_host_launches(monkeypatch):
-    calls = []
-    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
-    for name in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE",
-                 "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("SLURM_NTASKS", "1")
-    assert sharding.maybe_initialize_distributed() is False and calls == []
-    monkeypatch.setenv("SLURM_NTASKS", "4")
-    assert sharding.maybe_initialize_distributed() is True and len(calls) == 1
-    monkeypatch.delenv("SLURM_NTASKS")
-    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
-    assert sharding.maybe_initialize_distributed() is True and len(calls) == 2
+SLURM = dict(SLURM_JOB_ID="7", SLURM_STEP_NODELIST="node[01-02]", SLURM_NTASKS="2", SLURM_PROCID="1",
+             SLURM_LOCALID="0")
+OMPI = dict(OMPI_MCA_orte_hnp_uri="1234.0;tcp://10.0.0.1:5000", OMPI_COMM_WORLD_SIZE="2", OMPI_COMM_WORLD_RANK="0",
+            OMPI_COMM_WORLD_LOCAL_RANK="0")
+EXPLICIT = dict(JAX_COORDINATOR_ADDRESS="10.0.0.1:12355", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID="1")
+
+
+def test_launch_variables_become_the_arguments_of_jax_distributed():
+    """The explicit variables are passed on; SLURM and Open MPI are left to JAX's detection; one process (no
+    variables, an allocation of one task) initialises nothing."""
+    assert sharding.distributed_arguments(EXPLICIT) == dict(coordinator_address="10.0.0.1:12355", num_processes=2,
+                                                            process_id=1)
+    assert sharding.distributed_arguments(SLURM) == {} and sharding.distributed_arguments(OMPI) == {}
+    assert sharding.distributed_arguments({"TPU_WORKER_HOSTNAMES": "a,b"}) == {}
+    for single in ({}, dict(SLURM, SLURM_NTASKS="1"), dict(SLURM_JOB_ID="7", SLURM_NTASKS="1"),
+                   dict(OMPI, OMPI_COMM_WORLD_SIZE="1", OMPI_COMM_WORLD_RANK="0")):
+        assert sharding.distributed_arguments(single) is None
+
+
+@pytest.mark.parametrize("env, message", [
+    (dict(EXPLICIT, JAX_PROCESS_ID="2"), r"JAX_PROCESS_ID=2 must lie in \[0, JAX_NUM_PROCESSES=2\)"),
+    ({k: v for k, v in EXPLICIT.items() if k != "JAX_NUM_PROCESSES"},
+     "JAX_NUM_PROCESSES not: a launch of several processes sets all of"),
+    (dict(JAX_COORDINATOR_ADDRESS="10.0.0.1:12355"), "JAX_NUM_PROCESSES, JAX_PROCESS_ID not"),
+    (dict(EXPLICIT, JAX_COORDINATOR_ADDRESS="10.0.0.1"), "JAX_COORDINATOR_ADDRESS='10.0.0.1' is not HOST:PORT"),
+    (dict(EXPLICIT, JAX_NUM_PROCESSES="two"), "JAX_NUM_PROCESSES='two' is not a non-negative integer"),
+    (dict(EXPLICIT, JAX_PROCESS_ID="-1"), "JAX_PROCESS_ID='-1' is not a non-negative integer"),
+    (dict(SLURM, SLURM_PROCID="2"), r"SLURM_PROCID=2 must lie in \[0, SLURM_NTASKS=2\)"),
+    ({k: v for k, v in SLURM.items() if k != "SLURM_PROCID"}, "SLURM_PROCID is not set; start each process with srun"),
+    (dict(OMPI, OMPI_COMM_WORLD_RANK="3"), r"OMPI_COMM_WORLD_RANK=3 must lie in \[0, OMPI_COMM_WORLD_SIZE=2\)"),
+])
+def test_inconsistent_launch_variables_are_named(env, message):
+    with pytest.raises(sharding.LaunchError, match=message):
+        sharding.distributed_arguments(env)
+
+
+def test_each_process_loads_one_contiguous_block_of_the_global_batch():
+    mesh = sharding.make_mesh(1)
+    assert sharding.process_rows(8, mesh) == range(0, 8)  # one process holds every row
+    with pytest.raises(ValueError, match="divisible by the number of devices 4"):
+        sharding.process_rows(6, mesh)
 
 
 def _batch():

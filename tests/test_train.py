@@ -3,12 +3,9 @@ the NaN guard, frames and codes giving the same run, the rollout GIF, and bad co
 
 Compiled steps are shared between runs of the same configuration (the jitted functions take the model as a static
 argument), so the tests reuse a few configurations."""
-import argparse
 import json
 import os
-import pickle
 
-import flax.serialization
 import jax
 import numpy as np
 import pytest
@@ -27,8 +24,7 @@ NUM_VIDEOS, VIDEO_LENGTH, SEQ_LEN, BATCH = 16, 12, 8, 4
 TOY_BACKBONES = dict(toy.TOY_BACKBONES, transformer=dict(toy.TOY_BACKBONES["transformer"], max_len=SEQ_LEN))
 TOY_MODEL = dict(toy.TOY_MODEL, code_shape=CODE_GRID, vqgan_codes=CODES, vqgan_embedding_dim=4, drop_loss_rate=0.5,
                  mask_future_after=SEQ_LEN)
-VQGAN_FIELDS = dict(ch=4, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), z_channels=4, resolution=FRAME,
-                    n_embed=CODES, embed_dim=4, num_groups=2)
+VQGAN_FIELDS = dict(toy.TOY_VQGAN, resolution=FRAME, n_embed=CODES)
 
 
 def test_toy_backbones_cover_the_registry():
@@ -58,20 +54,8 @@ def write_codes(root, videos, name="toy"):
 
 @pytest.fixture(scope="module")
 def tokenizer_path(tmp_path_factory):
-    """A tiny VQGAN in TECO's checkpoint layout (args + checkpoints/checkpoint_<step>), read by `vqgan.load`."""
-    folder = tmp_path_factory.mktemp("vqgan")
-    model = vqgan.VQGAN(**VQGAN_FIELDS)
-    variables = vqgan.init_variables(model, 0)
-    args = argparse.Namespace(**{k: list(v) if isinstance(v, tuple) else v for k, v in VQGAN_FIELDS.items()},
-                              double_z=False, dropout=0.0)
-    with open(folder / "args", "wb") as f:
-        pickle.dump(args, f)
-    (folder / "checkpoints").mkdir()
-    tree = {"step": 1, "params": jax.tree_util.tree_map(np.asarray, variables["params"]), "opt_state": None,
-            "model_state": {"stats": {"quantize": {"embeddings": np.asarray(
-                variables["stats"]["quantize"]["embeddings"])}}}}
-    (folder / "checkpoints" / "checkpoint_1").write_bytes(flax.serialization.msgpack_serialize(tree))
-    return str(folder)
+    """A tiny VQGAN in TECO's checkpoint layout, read by `vqgan.load`."""
+    return toy.write_tokenizer(tmp_path_factory.mktemp("vqgan") / "tokenizer", VQGAN_FIELDS)
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,7 @@
 `TfdsWriter` writes encoded datasets in the TFDS layout the same loader reads.
 """
 from teco_ssm.data.formats import DataError, DatasetInfo
-from teco_ssm.data.pipeline import Dataset, batch_codes, inspect_dataset, open_dataset, process_slice
+from teco_ssm.data.pipeline import Dataset, batch_codes, inspect_dataset, open_dataset
 from teco_ssm.data.tfds_folder import TfdsWriter
 
-__all__ = ['DataError', 'Dataset', 'DatasetInfo', 'TfdsWriter', 'batch_codes', 'inspect_dataset', 'open_dataset',
-           'process_slice']
+__all__ = ['DataError', 'Dataset', 'DatasetInfo', 'TfdsWriter', 'batch_codes', 'inspect_dataset', 'open_dataset']

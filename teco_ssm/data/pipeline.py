@@ -7,9 +7,11 @@ Order arithmetic (pure functions, the basis of exact resume and of multi-process
   `np.random.default_rng([seed, e])`. Process p loads rows `[p * batch_size, (p + 1) * batch_size)` of it by
   random access. The examples of step s therefore depend on (seed, s, global_batch) only, not on the number of
   processes, and `start_step=k` resumes without reading the first k batches.
-- Evaluation: each process owns a contiguous, balanced slice of the split's videos (`process_slice`) and reads
-  each of them once, in file order, from frame 0; all processes yield the same number of batches (the largest
-  slice decides), the missing rows padded and `valid=False`.
+- Evaluation follows the same rule without the permutation: global batch k holds videos `[k * global_batch,
+  (k + 1) * global_batch)` in file order, from frame 0, and process p loads rows `[p * batch_size, (p + 1) *
+  batch_size)` of it, so each video is read once by one process and batch k is the same videos whatever the
+  number of processes; all processes yield `ceil(n / global_batch)` batches, rows past the last video padded and
+  `valid=False`.
 
 Loading runs on `grain`: a `MapDataset` of local batch numbers mapped to a function that reads and stacks one
 batch, read ahead in order by threads; no Python generator feeds tf.data.
@@ -29,13 +31,6 @@ from teco_ssm.data.formats import DataError, DatasetInfo, ExampleSpec
 
 # ------------------------------------------------------------------------------------- arithmetic
 
-def process_slice(num_items: int, process_index: int, process_count: int) -> tuple[int, int]:
-    """[start, stop) of the items owned by one process: contiguous, sizes differ by at most one."""
-    if not 0 <= process_index < process_count:
-        raise ValueError(f'process_index {process_index} outside [0, {process_count})')
-    return (num_items * process_index) // process_count, (num_items * (process_index + 1)) // process_count
-
-
 @functools.lru_cache(maxsize=8)
 def epoch_order(seed: int, epoch: int, num_items: int) -> tuple[np.ndarray, np.ndarray]:
     """Permutation (num_items,) int64 and crop fractions (num_items,) float64 in [0, 1) of one training epoch."""
@@ -51,8 +46,9 @@ def train_example(seed: int, num_items: int, example: int) -> tuple[int, float]:
     return item, float(fractions[item])
 
 
-def train_rows(step: int, batch_size: int, process_index: int, process_count: int) -> range:
-    """Global example indices of the rows process `process_index` loads at `step` (`batch_size` per process)."""
+def batch_rows(step: int, batch_size: int, process_index: int, process_count: int) -> range:
+    """Global row indices of the rows process `process_index` loads at `step` (`batch_size` per process): training
+    example numbers (see `train_example`), or video indices in evaluation."""
     if not 0 <= process_index < process_count:
         raise ValueError(f'process_index {process_index} outside [0, {process_count})')
     first = (step * process_count + process_index) * batch_size
@@ -60,9 +56,9 @@ def train_rows(step: int, batch_size: int, process_index: int, process_count: in
 
 
 def eval_num_batches(num_items: int, process_count: int, batch_size: int) -> int:
-    """Batches every process yields in evaluation: enough for the largest process slice."""
-    largest = max(b - a for a, b in (process_slice(num_items, p, process_count) for p in range(process_count)))
-    return max(1, math.ceil(largest / batch_size))
+    """Batches every process yields in evaluation: enough global batches of `batch_size * process_count` rows for
+    every video."""
+    return max(1, math.ceil(num_items / (batch_size * process_count)))
 
 
 def crop_start(length: int, seq_len: int, fraction: float) -> int:
@@ -258,8 +254,6 @@ class Dataset:
         self.start_step = start_step
         self.process_index, self.process_count = process_index, process_count
         self._source = source
-        self._start, self._stop = process_slice(source.num_items, process_index, process_count)
-        self.num_local_videos = self._stop - self._start
         self.num_batches = None if shuffle else eval_num_batches(source.num_items, process_count, batch_size)
         self.num_parallel_reads = num_parallel_reads or 2
         self.prefetch = max(prefetch or self.num_parallel_reads, self.num_parallel_reads)
@@ -282,11 +276,10 @@ class Dataset:
 
     def plan(self, step: int) -> list[tuple[int, float]]:
         """(global item index, or -1 for padding; crop fraction) of every row of local batch `step`."""
+        rows = batch_rows(step, self.batch_size, self.process_index, self.process_count)
         if self.shuffle:
-            rows = train_rows(step, self.batch_size, self.process_index, self.process_count)
             return [train_example(self.seed, self._source.num_items, g) for g in rows]
-        rows = range(step * self.batch_size, (step + 1) * self.batch_size)
-        return [(self._start + pos if pos < self.num_local_videos else -1, 0.0) for pos in rows]
+        return [(g if g < self._source.num_items else -1, 0.0) for g in rows]
 
     def _example(self, item: int, fraction: float) -> tuple[np.ndarray, np.ndarray, int]:
         """Checked (seq_len, ...) crop of one item's video and int32 actions, and its start; zeros for padding."""
@@ -351,7 +344,7 @@ def open_dataset(path: str | Path, split: str, *, seq_len: int, batch_size: int,
       path: dataset root (`<root>/{train,test}/...`) or TFDS folder (`<root>/<name>` or its version dir).
       split: 'train', 'test', ...
       seq_len: frames per example.
-      batch_size: examples per batch on this process; training draws global batches of
+      batch_size: examples per batch on this process; training and evaluation are defined on global batches of
         `batch_size * process_count` examples and this process reads its rows of each (see the module docstring).
       shuffle: training mode (endless, permuted, random crops); defaults to split == 'train'.
         Otherwise one deterministic pass over every video once, from frame 0.
