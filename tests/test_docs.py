@@ -18,12 +18,13 @@ _COMMAND = re.compile(r"(?:^|[`\s&;(])(?:\.venv/bin/)?(teco-ssm\s(?:[^`\n\\]|\\\
 
 
 def documented_commands() -> list[tuple[str, str]]:
-    """(where, command) for every `teco-ssm ...` line, continuation lines joined, comments dropped."""
+    """(where, command) for every `teco-ssm ...` line, continuation lines joined, comments and a trailing `&` (a
+    process started in the background) dropped."""
     found = []
     for path in DOCUMENTS:
         text = path.read_text()
         for match in _COMMAND.finditer(text):
-            command = match.group(1).replace("\\\n", " ").split(" #")[0].strip()
+            command = match.group(1).replace("\\\n", " ").split(" #")[0].split(" &")[0].strip()
             line = text[:match.start(1)].count("\n") + 1
             found.append((f"{path.relative_to(ROOT)}:{line}", command))
     return found
