@@ -193,16 +193,18 @@ def eval_step(variables: Mapping[str, Any], batch: Mapping[str, jax.Array], rng:
     return metrics
 
 
-def held_out_batches(config: ml_collections.ConfigDict, tokenizer: Any, vqgan_codes: int, local_batch: int,
+def held_out_batches(config: ml_collections.ConfigDict, tokenizer: Any, vqgan_codes: int, rows: range,
                      action_dim: int | None) -> list[dict[str, np.ndarray]]:
-    """Up to `config.eval_batches` batches of `config.dataset.eval_split` (clips of seq_len from frame 0, in file
-    order) as codes, read once. Only batches that are full on every process are kept (each process owns a slice of
-    the split), so all processes evaluate the same number. Empty when eval_every is 0 or no batch is full."""
+    """Up to `config.eval_batches` global batches of `config.dataset.eval_split` (clips of seq_len from frame 0, in
+    file order; batch k holds videos [k G, (k + 1) G), G = config.batch_size) as codes, read once: this process's
+    `rows` of each. Only full batches are kept, so the held-out loss is the same for any number of processes. Empty
+    when eval_every is 0 or the split holds fewer than G videos."""
     if not config.eval_every:
         return []
     ds = open_dataset(config.dataset.path, config.dataset.eval_split, seq_len=config.seq_len,
-                      batch_size=local_batch, shuffle=False, action_dim=action_dim)
-    full = min(config.eval_batches, ds.info.num_videos // jax.process_count() // local_batch)
+                      batch_size=len(rows), shuffle=False, action_dim=action_dim,
+                      process_index=rows.start // len(rows), process_count=config.batch_size // len(rows))
+    full = min(config.eval_batches, ds.info.num_videos // config.batch_size)
     return list(itertools.islice(code_batches(ds, tokenizer, vqgan_codes), full))
 
 
@@ -298,7 +300,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, tokenize
         # The data is opened (and checked) before anything is compiled.
         ds = open_dataset(config.dataset.path, config.dataset.train_split, start_step=start, **ds_kwargs)
         batches = code_batches(ds, tokenizer, model.vqgan_codes)
-        eval_batches = held_out_batches(config, tokenizer, model.vqgan_codes, local_batch, ds_kwargs["action_dim"])
+        eval_batches = held_out_batches(config, tokenizer, model.vqgan_codes, rows, ds_kwargs["action_dim"])
         train_rng, vis_rng, eval_rng = jax.random.split(jax.random.key(config.seed), 3)
         if start == 0:
             state, constants = init_state(init_key(config.seed), np.asarray(tokenizer.codebook, np.float32), **static)

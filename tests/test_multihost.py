@@ -123,7 +123,7 @@ def setup(tmp_path_factory):
     tokenizer = toy.write_tokenizer(root / "tokenizer")
     model = dict(toy.TOY_MODEL, code_shape=GRID, vqgan_codes=CODES, vqgan_embedding_dim=toy.TOY_VQGAN["embed_dim"])
     top = dict(batch_size=4, seq_len=8, steps=STEPS, log_every=1, checkpoint_every=1, keep_checkpoints=10,
-               visualise_every=1000)
+               visualise_every=1000, eval_every=1000, eval_batches=1)
     config = root / "toy_config.py"
     config.write_text(CONFIG.format(backbone=BACKBONE, backbone_fields=toy.TOY_BACKBONES[BACKBONE], model=model,
                                     top=top))
@@ -153,8 +153,12 @@ def trained(setup):
 
 
 def losses(workdir):
+    """step -> the logged values of that step (training terms, and 'eval/...' at the last step)."""
+    logged = {}
     with open(Path(workdir) / "metrics.jsonl") as f:
-        return {record["step"]: record for record in map(json.loads, f)}
+        for record in map(json.loads, f):
+            logged.setdefault(record["step"], {}).update(record)
+    return logged
 
 
 @functools.lru_cache(maxsize=1)
@@ -181,6 +185,8 @@ def assert_same_run(workdir, reference, steps):
     for step in steps:
         for key in ("loss", "recon_loss", "prior_loss", "grad_norm", "param_norm"):
             np.testing.assert_allclose(got[step][key], expected[step][key], rtol=1e-5, err_msg=f"step {step} {key}")
+    # The held-out loss of the last step: the same global batches of the test split, whoever reads them.
+    np.testing.assert_allclose(got[STEPS]["eval/loss"], expected[STEPS]["eval/loss"], rtol=1e-5)
     saved = sorted(int(p.name) for p in (Path(workdir) / "checkpoints").iterdir() if p.name.isdigit())
     assert saved == list(range(1, STEPS + 1))
     for path, a in jax.tree_util.tree_leaves_with_path(params(reference, STEPS)):
