@@ -94,8 +94,8 @@ def sample_dataset(config: ml_collections.ConfigDict, workdir_or_variables: Path
     Resumable: a batch whose file exists is skipped (files are written to a temporary name and renamed, so a
     file that exists is complete); a finished file from another protocol, seed or sampler settings is a ValueError
     naming the file and field.
-    Returns {'files': all batch files, 'written': count, 'skipped': count, 'num_videos': videos in the files,
-    'protocol': Protocol, 'settings': SamplerSettings}.
+    Returns {'files': this process's batch files, 'written': count, 'skipped': count, 'num_videos': videos in the
+    files, 'protocol': Protocol, 'settings': SamplerSettings}.
     """
     sharding.maybe_initialize_distributed()
     sampling = config.sampling
