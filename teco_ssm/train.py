@@ -265,7 +265,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, tokenize
         and decode); default `vqgan.load(config.tokenizer.path)`.
       hooks: called with the step count after every step (e.g. to stop a run from outside by raising).
     Returns:
-      the last logged interval means of the metrics (see `train_step`) with 'step' and 'steps_per_second'.
+      the last logged interval means of the metrics (see `train_step`) with 'step' and 'steps_per_second', and
+      'num_params' and 'num_processes' (the processes that trained together) once a step has run.
     Raises:
       ValueError for a bad config (before compilation), DataError for bad data, FloatingPointError for a
       non-finite training term, naming the step and the term.
@@ -362,6 +363,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, tokenize
             for hook in hooks:
                 hook(step)
         summary["num_params"] = int(sum(np.size(x) for x in jax.tree_util.tree_leaves(state["params"])))
+        summary["num_processes"] = jax.process_count()
         return summary
     finally:
         if bar is not None:

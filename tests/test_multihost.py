@@ -149,6 +149,8 @@ def trained(setup):
     both = start(launch, root / "two.log")  # the block's `wait` returns 0 whatever the processes did: check the run
     finish(reference, both)
     assert (two / "checkpoints" / str(STEPS)).is_dir(), (root / "two.log").read_text()[-3000:]
+    assert (root / "two.log").read_text().count('"num_processes": 2') == 2  # one run of two processes
+    assert '"num_processes": 1' in (root / "one.log").read_text()
     return one, two
 
 
@@ -205,12 +207,18 @@ def test_two_processes_train_as_one_process_of_two_devices(trained):
 
 
 def truncated_copy(workdir, target, step):
-    """A copy of `workdir` as it was after `step`: later checkpoints removed."""
+    """A copy of `workdir` as it was after `step`: later checkpoints and logged steps removed."""
     shutil.copytree(workdir, target)
     for path in (target / "checkpoints").iterdir():
         if path.name.isdigit() and int(path.name) > step:
             shutil.rmtree(path)
+    lines = (target / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (target / "metrics.jsonl").write_text("".join(line for line in lines if json.loads(line)["step"] <= step))
     return target
+
+
+def logged_steps(workdir):
+    return [json.loads(line)["step"] for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_a_checkpoint_resumes_with_another_number_of_processes(setup, trained):
@@ -231,7 +239,10 @@ def test_a_checkpoint_resumes_with_another_number_of_processes(setup, trained):
         log = root / f"to_two_{task}.log"
         processes.append(start(command, log, SLURM_PROCID=str(task), SLURM_LOCALID=str(task), **slurm))
     finish(*processes)
+    for task in range(2):
+        assert '"num_processes": 2' in (root / f"to_two_{task}.log").read_text()
     for resumed in (to_one, to_two):
+        assert logged_steps(resumed) == logged_steps(one)  # resumed at step 3, not trained again from step 1
         assert_same_run(resumed, one, [STEPS])
 
 
