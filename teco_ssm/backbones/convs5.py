@@ -34,6 +34,27 @@ def _identity(x: jax.Array) -> jax.Array:
     return x
 
 
+def input_conv(u: jax.Array, kernel: jax.Array) -> jax.Array:
+    """B_bar (*) u for a real input as ONE real convolution with 2P outputs: [Re B_bar, Im B_bar] (*) u.
+
+    u: (N, H, W, U) real; kernel: (k, k, U, P) complex64 -> (N, H, W, P) complex64. Equals the complex convolution
+    `conv2d(u, kernel)` (four real ones) to float32 rounding, with half its work.
+    """
+    P = kernel.shape[-1]
+    y = conv2d(u.astype(jnp.float32), jnp.concatenate([kernel.real, kernel.imag], axis=-1))
+    return jax.lax.complex(y[..., :P], y[..., P:])
+
+
+def output_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """2 Re(C_tilde (*) x) as ONE real convolution over [Re x, Im x] with kernel [Re C_tilde; -Im C_tilde].
+
+    x: (N, H, W, P) complex64; kernel: (k, k, P, U) complex64 -> (N, H, W, U) float32. Equals
+    `2 * conv2d(x, kernel).real` to float32 rounding without computing the imaginary part.
+    """
+    y = conv2d(jnp.concatenate([x.real, x.imag], axis=-1), jnp.concatenate([kernel.real, -kernel.imag], axis=2))
+    return 2.0 * y
+
+
 @dataclasses.dataclass(frozen=True)
 class ConvS5Settings(SSMSettings):
     """TECO-ConvS5 on DMLab (ConvS5 paper, Table 18; release `dmlab_teco_convS5.yaml`) are the defaults: the
@@ -76,11 +97,11 @@ class ConvS5SSM(nn.Module):
         P = lam_bar.shape[0]
         B_kernel = B_bar.reshape(P, kB, kB, U).transpose(1, 2, 3, 0)  # (kB, kB, U, P)
         C_kernel = C_tilde.reshape(kC, kC, U, P).transpose(0, 1, 3, 2)  # (kC, kC, P, U)
-        bu = over_frames(lambda f: conv2d(f.astype(jnp.float32), B_kernel), u)
+        bu = over_frames(lambda f: input_conv(f, B_kernel), u)
         decay, to_basis, from_basis = self.state_basis(lam_bar, u.shape[2:4])
         x0 = None if x0 is None else to_basis(x0)
         xs = from_basis(scan.scan(decay, to_basis(bu), x0, mode=s.scan_mode))
-        return 2.0 * over_frames(lambda f: conv2d(f, C_kernel), xs).real, xs
+        return over_frames(lambda f: output_conv(f, C_kernel), xs), xs
 
 
 class ConvS5Layer(nn.Module):
