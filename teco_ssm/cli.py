@@ -187,15 +187,14 @@ def _exit_now(code: int, line: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line `argv` (default: the process's own). As the `teco-ssm` command (argv None), an error
     prints its traceback and then its cause on one last line (`cause`) and ends the process at once, whatever
-    threads are still alive (exit status 1; 130 on Ctrl-C); called with argv, errors propagate to the caller."""
+    threads are still alive (exit status 1; 130 on Ctrl-C); a StageError (raised before any work) exits with its
+    message alone. Called with argv, errors propagate to the caller."""
     as_command = argv is None
     kwargs = vars(parser().parse_args(argv))
     command, stage = kwargs.pop("command"), kwargs.pop("stage")
     try:
         result = stage(**kwargs)
-    except stages.StageError as error:
-        if as_command:
-            _exit_now(2, f"teco-ssm {command}: {error}")
+    except stages.StageError as error:  # raised before any work starts: a plain exit
         raise SystemExit(f"teco-ssm {command}: {error}") from None
     except KeyboardInterrupt:
         if not as_command:
