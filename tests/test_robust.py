@@ -369,5 +369,5 @@ def test_a_full_disk_ends_train_promptly_with_the_cause_last(chain, tmp_path):
     proc = teco_ssm(stage_args(chain, "train", workdir), extra=FULL_DISK, timeout=180)
     assert proc.returncode == 1 and time.monotonic() - start < 180
     assert re.fullmatch(r"teco-ssm train: error: no space left on device writing \S+ \(OSError\)", last_line(proc)), \
-        last_line(proc)
+        (last_line(proc), len(proc.stderr.splitlines()))
     assert ckpt.complete_steps(ckpt.manager(str(workdir), read_only=True)) == []
