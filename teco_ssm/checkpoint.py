@@ -2,14 +2,18 @@
 
 A checkpoint is a dict of named items (e.g. {'model': variables, 'train': optimiser state and step}); each item is
 saved with `StandardSave` so one item can be restored without the others (a tokenizer needs only 'model').
-Saves are asynchronous; orbax writes each step into a temporary folder and renames it when complete, so an
-interrupted write is never listed or restored.
+Saves are asynchronous; orbax writes each step into a temporary folder, writes its commit marker
+(`commit_success.txt`) and renames it when complete, so an interrupted write is never listed or restored. A step folder
+without the marker (an interrupted copy or sync of a workdir) is not complete either: `complete_steps` and
+`latest_step` skip it, and a writing manager moves it aside to `<workdir>/incomplete_checkpoints/` so the step is
+written again.
 
   mngr = manager(workdir, config=config, keep=3, save_every=1000)
   state = restore_or_none(mngr, {'model': abstract_vars, 'train': abstract_train}) or fresh
   save(mngr, step, {'model': vars, 'train': train})      # skipped unless step % save_every == 0 (force=True saves)
   close(mngr)
   variables = load_variables(config, workdir, step=None)   # a training workdir's TECO model, latest step
+  check_resume(workdir, config, ('model', ...))            # before writing: the fields a resumed run keeps
 
 A checkpoint whose item has other leaves or shapes than the target (one written by another model structure) is
 refused before anything is read: CheckpointMismatchError names the missing, unexpected and reshaped leaf paths.
@@ -17,8 +21,10 @@ refused before anything is read: CheckpointMismatchError names the missing, unex
 from __future__ import annotations
 
 import json
+import logging
 import os
-from typing import Any, Mapping
+import time
+from typing import Any, Mapping, Sequence
 
 import jax
 import orbax.checkpoint as ocp
@@ -26,6 +32,7 @@ from etils import epath
 
 CONFIG_FILE = 'config.json'
 CHECKPOINT_DIR = 'checkpoints'
+INCOMPLETE_DIR = 'incomplete_checkpoints'
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
@@ -72,14 +79,80 @@ def has_checkpoints(workdir: str) -> bool:
             and os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)))
 
 
+def _lookup(tree: Any, dotted: str) -> Any:
+    for key in dotted.split('.'):
+        if not isinstance(tree, Mapping) or key not in tree:
+            return '<absent>'
+        tree = tree[key]
+    return tree
+
+
+def _first_difference(saved: Any, wanted: Any, prefix: str) -> tuple[str, Any, Any] | None:
+    """(dotted field, saved value, wanted value) of the first leaf where two plain trees differ, or None."""
+    if isinstance(saved, Mapping) and isinstance(wanted, Mapping):
+        for key in sorted(set(saved) | set(wanted)):
+            found = _first_difference(saved.get(key, '<absent>'), wanted.get(key, '<absent>'), f'{prefix}.{key}')
+            if found:
+                return found
+        return None
+    return None if saved == wanted else (prefix, saved, wanted)
+
+
+def check_resume(workdir: str, config: Any, fields: Sequence[str]) -> None:
+    """Refuses, before anything is written, to resume a workdir whose config.json differs from `config` in one of
+    `fields` (dotted names: the settings its checkpoints were trained with, e.g. 'model', 'convt3', 'seq_len').
+
+    Does nothing for a workdir without checkpoints. Raises ValueError naming config.json, the first differing field
+    and both values.
+    """
+    if not has_checkpoints(workdir):
+        return
+    saved, wanted = read_config(workdir), config_to_dict(config)
+    for field in fields:
+        found = _first_difference(_lookup(saved, field), _lookup(wanted, field), field)
+        if found:
+            name, there, asked = found
+            raise ValueError(f'{os.path.join(workdir, CONFIG_FILE)}: field {name} is {there!r} there, {asked!r} in '
+                             'this request; the checkpoints were trained with the stored value and nothing was '
+                             'changed; use the stored value or a new workdir')
+
+
+def _committed(step_dir: str) -> bool:
+    """Whether a step folder holds orbax's commit marker (`commit_success.txt`, written last by every save)."""
+    return ocp.path.step.is_path_finalized(step_dir, temporary_path_cls=ocp.path.atomicity.CommitFileTemporaryPath)
+
+
+def _step_dir(mngr: ocp.CheckpointManager, step: int) -> str:
+    return os.path.join(os.fspath(mngr.directory), str(step))
+
+
+def _move_incomplete(workdir: str) -> None:
+    """Moves step folders without the commit marker out of `<workdir>/checkpoints` (to `incomplete_checkpoints/`),
+    so that the step is written again rather than refused as existing; nothing is deleted."""
+    folder = os.path.join(workdir, CHECKPOINT_DIR)
+    if not os.path.isdir(folder):
+        return
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if name.isdigit() and os.path.isdir(path) and not _committed(path):
+            aside = os.path.join(workdir, INCOMPLETE_DIR, f'{name}.{time.strftime("%Y%m%d-%H%M%S")}')
+            os.makedirs(os.path.dirname(aside), exist_ok=True)
+            os.replace(path, aside)
+            logging.warning('%s: no commit marker (an interrupted write or copy); moved to %s', path, aside)
+
+
 def manager(workdir: str, config: Any = None, *, keep: int = 3, save_every: int = 1,
             async_save: bool = True, read_only: bool = False) -> ocp.CheckpointManager:
-    """A CheckpointManager over `<workdir>/checkpoints`, writing `<workdir>/config.json` when `config` is given.
+    """A CheckpointManager over `<workdir>/checkpoints`, writing `<workdir>/config.json` when `config` is given
+    (call `check_resume` first).
 
     keep: how many most recent checkpoints to keep; save_every: steps between saves (`save` with force=True
-    always saves); async_save: write in a background thread (call `wait` or `close` before reading).
+    always saves); async_save: write in a background thread (call `wait` or `close` before reading). A writing
+    manager first moves incomplete step folders aside (`_move_incomplete`).
     """
     workdir = os.path.abspath(workdir)
+    if not read_only and jax.process_index() == 0:
+        _move_incomplete(workdir)
     if config is not None and not read_only:
         write_config(workdir, config)
     options = ocp.CheckpointManagerOptions(
@@ -88,9 +161,15 @@ def manager(workdir: str, config: Any = None, *, keep: int = 3, save_every: int 
     return ocp.CheckpointManager(os.path.join(workdir, CHECKPOINT_DIR), options=options)
 
 
+def complete_steps(mngr: ocp.CheckpointManager) -> list[int]:
+    """The steps whose folders hold orbax's commit marker, ascending."""
+    return [s for s in mngr.all_steps() if _committed(_step_dir(mngr, s))]
+
+
 def latest_step(mngr: ocp.CheckpointManager) -> int | None:
-    """The newest fully written step, or None."""
-    return mngr.latest_step()
+    """The newest complete step (`complete_steps`), or None."""
+    steps = complete_steps(mngr)
+    return steps[-1] if steps else None
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Mapping[str, Any], *, force: bool = False) -> bool:
@@ -171,17 +250,20 @@ def restore(mngr: ocp.CheckpointManager, abstract_state: Mapping[str, Any], step
             ) -> dict[str, Any]:
     """Restores the items named in `abstract_state` (pytrees of arrays or jax.ShapeDtypeStruct) at `step`.
 
-    step None means the latest. Items of the checkpoint not named are not read; a named item is restored whole or
+    step None means the latest complete one. Items of the checkpoint not named are not read; a named item is restored whole or
     not at all.
-    Raises FileNotFoundError when there is no checkpoint, CheckpointMismatchError (a ValueError) when a saved item's
+    Raises FileNotFoundError when there is no complete checkpoint (of `step`), CheckpointMismatchError (a ValueError) when a saved item's
     leaves or shapes differ from `abstract_state`'s (`check_item`).
     """
     mngr.wait_until_finished()
     if step is None:
-        step = mngr.latest_step()
+        step = latest_step(mngr)
     if step is None:
-        raise FileNotFoundError(f'{mngr.directory}: no finished checkpoint to restore')
-    step_dir = os.path.join(os.fspath(mngr.directory), str(step))
+        raise FileNotFoundError(f'{mngr.directory}: no complete checkpoint to restore')
+    step_dir = _step_dir(mngr, step)
+    if step not in complete_steps(mngr):
+        raise FileNotFoundError(f'{step_dir}: no complete checkpoint of step {step} (missing, or without the commit '
+                                f'marker of a finished write); complete steps: {complete_steps(mngr)}')
     for name, item in abstract_state.items():
         check_item(step_dir, name, item)
     abstract = {name: jax.tree_util.tree_map(_restore_target, item) for name, item in abstract_state.items()}
@@ -193,9 +275,27 @@ def restore(mngr: ocp.CheckpointManager, abstract_state: Mapping[str, Any], step
 def restore_or_none(mngr: ocp.CheckpointManager, abstract_state: Mapping[str, Any]) -> dict[str, Any] | None:
     """The latest checkpoint's items named in `abstract_state`, or None when nothing has been saved yet."""
     mngr.wait_until_finished()
-    if mngr.latest_step() is None:
+    if latest_step(mngr) is None:
         return None
     return restore(mngr, abstract_state)
+
+
+def resolve_step(workdir: str | os.PathLike, step: int | None = None) -> int:
+    """`step`, or the latest complete step of a training workdir when None; FileNotFoundError naming the folder
+    when it holds no complete checkpoint (of that step)."""
+    if not has_checkpoints(os.fspath(workdir)):
+        raise FileNotFoundError(f"{workdir}: not a training workdir (expected config.json and checkpoints/)")
+    mngr = manager(os.fspath(workdir), read_only=True)
+    try:
+        steps = complete_steps(mngr)
+    finally:
+        mngr.close()
+    chosen = steps[-1] if step is None and steps else step
+    if chosen is None or chosen not in steps:
+        raise FileNotFoundError(f"{os.path.join(os.fspath(workdir), CHECKPOINT_DIR)}: no complete checkpoint"
+                                f"{'' if step is None else f' of step {step}'}; complete steps: {steps} (an "
+                                "interrupted `teco-ssm train` leaves none: run it again to finish)")
+    return int(chosen)
 
 
 def load_variables(config: Any, workdir: str | os.PathLike, step: int | None = None) -> dict[str, Any]:

@@ -15,9 +15,11 @@ per stage with its time.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
+import traceback
 from typing import Sequence
 
 from teco_ssm import metrics, stages
@@ -157,13 +159,52 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def cause(error: BaseException) -> str:
+    """One line naming what went wrong: "no space left on device" (and the file, when known) when a full disk is
+    anywhere in the exception's chain, else the error's type and message, newlines folded."""
+    seen, chain = set(), []
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    for item in chain:
+        full = (isinstance(item, OSError) and item.errno == errno.ENOSPC) or "No space left on device" in str(item)
+        if full:
+            where = getattr(item, "filename", None)
+            return f"no space left on device{f' writing {where}' if where else ''} ({type(item).__name__})"
+    top = chain[0]
+    return f"{type(top).__name__}: {' '.join(str(top).split())}"
+
+
+def _exit_now(code: int, line: str) -> None:
+    """Prints `line` last and ends the process at once: background threads (data readers, orbax writers) are
+    neither joined nor given the chance to print after it."""
+    sys.stdout.flush()
+    print(line, file=sys.stderr, flush=True)
+    os._exit(code)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command line `argv` (default: the process's own). As the `teco-ssm` command (argv None), an error
+    prints its traceback and then its cause on one last line (`cause`) and ends the process at once, whatever
+    threads are still alive (exit status 1; 130 on Ctrl-C); a StageError (raised before any work) exits with its
+    message alone. Called with argv, errors propagate to the caller."""
+    as_command = argv is None
     kwargs = vars(parser().parse_args(argv))
     command, stage = kwargs.pop("command"), kwargs.pop("stage")
     try:
         result = stage(**kwargs)
-    except stages.StageError as error:
+    except stages.StageError as error:  # raised before any work starts: a plain exit
         raise SystemExit(f"teco-ssm {command}: {error}") from None
+    except KeyboardInterrupt:
+        if not as_command:
+            raise
+        _exit_now(130, f"teco-ssm {command}: interrupted")
+    except Exception as error:  # noqa: BLE001  (the command's last word on any failure)
+        if not as_command:
+            raise
+        traceback.print_exc()
+        _exit_now(1, f"teco-ssm {command}: error: {cause(error)}")
     if command == "eval":
         _print_evaluation(result, kwargs["report"] or os.path.join(kwargs["samples"], "report"))
     elif command != "run":  # run prints its own stage lines and table

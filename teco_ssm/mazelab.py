@@ -37,6 +37,8 @@ from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
+from teco_ssm.data.formats import PARTIAL_SUFFIX
+
 NUM_CELLS = 7
 NUM_BLOCKS = 2 * NUM_CELLS + 1
 STEPS_PER_BLOCK = 2          # forward moves 1 / STEPS_PER_BLOCK of a block
@@ -431,19 +433,22 @@ def _write_one(task: tuple[str, str, int, int, int, int, bool]) -> int:
         return 0
     path.parent.mkdir(parents=True, exist_ok=True)
     trajectory = make_trajectory(trajectory_seed(seed, split, index), length)
-    tmp = path.with_name(path.stem + '.tmp.npz')
-    save_npz(tmp, trajectory, compress=compress)
-    os.replace(tmp, path)
+    partial = path.with_name(path.name + PARTIAL_SUFFIX)  # the loaders refuse it until it is renamed
+    save_npz(partial, trajectory, compress=compress)
+    os.replace(partial, path)
     return length
 
 
 def save_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray], *, compress: bool = True) -> None:
-    """`np.savez_compressed` with fast deflate (level 1): a third of the time, files about 1.3x larger."""
+    """`np.savez_compressed` with fast deflate (level 1): a third of the time, files about 1.3x larger. Members get
+    a fixed timestamp, so the same arrays always give the same bytes (a resumed run writes what one run would)."""
     method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
     with zipfile.ZipFile(path, 'w', compression=method, compresslevel=1 if compress else None) as archive:
         for key, value in arrays.items():
-            with archive.open(f'{key}.npy', 'w', force_zip64=True) as member:
-                np.lib.format.write_array(member, np.asarray(value), allow_pickle=False)
+            member = zipfile.ZipInfo(f'{key}.npy', date_time=(1980, 1, 1, 0, 0, 0))
+            member.compress_type = method
+            with archive.open(member, 'w', force_zip64=True) as out:
+                np.lib.format.write_array(out, np.asarray(value), allow_pickle=False)
 
 
 def write_dataset(root: str | os.PathLike, num_train: int, num_test: int, length: int = 300, seed: int = 0, *,

@@ -37,6 +37,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from teco_ssm import mazelab
+from teco_ssm.data.formats import PARTIAL_SUFFIX  # a file being written; the loaders refuse it
 
 NOOP, FORWARD, LEFT, RIGHT, FORWARD_LEFT, FORWARD_RIGHT = range(6)
 ACTION_DIM = 6
@@ -291,7 +292,6 @@ def make_trajectory(seed: Sequence[int] | int, length: int, maze_size: int = 9) 
 
 # ------------------------------------------------------------------------------------------- dataset
 
-PARTIAL_SUFFIX = '.partial'    # a file being written; never matches the loaders' *.npz
 
 
 def _write_one(task: tuple[str, str, int, int, int, int, int]) -> tuple[int, float]:

@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 import ml_collections
 
-from teco_ssm import backbones, stages as stage_fns
+from teco_ssm import backbones, lock, stages as stage_fns
 
 
 # ------------------------------------------------------------------------------------------------ sizes of `run`
@@ -118,8 +118,8 @@ def run(*, dataset: str = "mazelab", backbone: str = "convt3", quick: bool = Fal
     dataset: a key of `DATASETS`; backbone: a registered backbone or 'all' (every backbone, equal budgets); quick:
     the smoke-test size (`SIZES`); steps: TECO training steps (default the size's budget); workdir: default
     `runs/<dataset>[_quick]`. Returns the summary written to `report/summary.json`.
-    Raises ValueError for an unknown backbone or a workdir holding another run, and StageError for a missing extra,
-    all before any work.
+    Raises ValueError for an unknown backbone or a workdir holding another run, StageError for a missing extra, and
+    lock.Busy when another process runs in the workdir, all before any work.
     """
     size_name = "quick" if quick else "default"
     size = SIZES[size_name]
@@ -132,33 +132,34 @@ def run(*, dataset: str = "mazelab", backbone: str = "convt3", quick: bool = Fal
     stage_fns.require_source(bench.source)
     root = Path(workdir or f"runs/{bench.name}{'_quick' if quick else ''}")
     reference = world_model_config(names[0], size, steps, dataset=dataset)
-    _claim_workdir(root, {"dataset": dataset, "size": size_name, "train_steps": reference.steps})
-    stages = Stages(root)
-    data, tokenizer, encoded = root / "data", root / "tokenizer", root / "encoded"
-    num_valid = size.num_valid if bench.source == "mazelab" else 0
+    with lock.hold(root):
+        _claim_workdir(root, {"dataset": dataset, "size": size_name, "train_steps": reference.steps})
+        stages = Stages(root)
+        data, tokenizer, encoded = root / "data", root / "tokenizer", root / "encoded"
+        num_valid = size.num_valid if bench.source == "mazelab" else 0
 
-    stages("data", lambda: stage_fns.make_dataset(
-        str(data), source=bench.source, maze_size=bench.maze_size, num_train=size.num_train,
-        num_test=size.num_test, length=size.length, seed=0, workers=os.cpu_count() or 1, num_valid=num_valid))
-    variant = f":{size.tokenizer_variant}" if size.tokenizer_variant else ""
-    tok = stages("tokenizer", lambda: stage_fns.train_tokenizer(
-        str(data), str(tokenizer), config=f"configs/vqgan_{bench.name}.py{variant}",
-        overrides=[f"num_steps={size.tokenizer_steps}", f"loss.disc_start={size.tokenizer_steps}"]))
-    stages("encode", lambda: stage_fns.encode(str(tokenizer), str(data), str(encoded), name=bench.name,
-                                              splits=("train", "test", "valid")[:3 if num_valid else 2]))
+        stages("data", lambda: stage_fns.make_dataset(
+            str(data), source=bench.source, maze_size=bench.maze_size, num_train=size.num_train,
+            num_test=size.num_test, length=size.length, seed=0, workers=os.cpu_count() or 1, num_valid=num_valid))
+        variant = f":{size.tokenizer_variant}" if size.tokenizer_variant else ""
+        tok = stages("tokenizer", lambda: stage_fns.train_tokenizer(
+            str(data), str(tokenizer), config=f"configs/vqgan_{bench.name}.py{variant}",
+            overrides=[f"num_steps={size.tokenizer_steps}", f"loss.disc_start={size.tokenizer_steps}"]))
+        stages("encode", lambda: stage_fns.encode(str(tokenizer), str(data), str(encoded), name=bench.name,
+                                                  splits=("train", "test", "valid")[:3 if num_valid else 2]))
 
-    real_features: dict[Any, Any] = {}  # every evaluation scores the same test videos: I3D embeds them once
-    results = {name: _run_backbone(stages, root, name, size, steps, encoded / bench.name, tokenizer,
-                                   real_features, dataset) for name in names}
-    protocols = {p: (reference.sampling[p].context, reference.sampling[p].horizon)
-                 for p in ("action_conditioned", "unconditioned")}
-    summary = {"dataset": bench.title, "size": size_name, "train_steps": reference.steps, "protocols": protocols,
-               "stage_seconds": {k: v["seconds"] for k, v in stages.records.items()},
-               "tokenizer": tok, "backbones": results}
-    path = write_run_report(root / "report", summary)
-    print_summary(summary)
-    print(f"\nreport: {path}")
-    return summary
+        real_features: dict[Any, Any] = {}  # every evaluation scores the same test videos: I3D embeds them once
+        results = {name: _run_backbone(stages, root, name, size, steps, encoded / bench.name, tokenizer,
+                                       real_features, dataset) for name in names}
+        protocols = {p: (reference.sampling[p].context, reference.sampling[p].horizon)
+                     for p in ("action_conditioned", "unconditioned")}
+        summary = {"dataset": bench.title, "size": size_name, "train_steps": reference.steps, "protocols": protocols,
+                   "stage_seconds": {k: v["seconds"] for k, v in stages.records.items()},
+                   "tokenizer": tok, "backbones": results}
+        path = write_run_report(root / "report", summary)
+        print_summary(summary)
+        print(f"\nreport: {path}")
+        return summary
 
 
 def _claim_workdir(workdir: Path, settings: dict[str, Any]) -> None:

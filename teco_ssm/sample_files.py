@@ -15,12 +15,16 @@ N * batch_size rows on as many devices. Each file holds:
   context, horizon  int; use_actions bool; seed int (the run's seed; batch k samples with fold_in(key(seed), k));
   draft_steps, revise_steps, revise_rounds int; temperature, top_p float; draft_schedule str: the sampler's settings
   batch    int, this file's batch index; index (B,) int32, the dataset's video indices
+  checkpoint_step int (-1 when variables were given); tokenizer_sha256, tokenizer_source str (the tokenizer's
+           fingerprint, `vqgan.Tokenizer.fingerprint`, and where it was loaded from); data_path, split str: what
+           produced the file. A resumed run refuses finished files of another origin, naming the field.
   seen     (B, T) bool, when the dataset holds MazeLab `poses` (its npz files, or the `poses` feature that
            `vqgan/encode.py` keeps when encoding them): `evaluate.seen_mask`, True where the frame's pose was first
            visited during the context, i.e. a generated frame at a place the context showed.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -32,8 +36,8 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from teco_ssm import checkpoint, evaluate, sharding, teco
-from teco_ssm.data import batch_codes, formats, open_dataset
+from teco_ssm import checkpoint, evaluate, lock, sharding, teco
+from teco_ssm.data import batch_codes, check_tokenizer, formats, open_dataset
 from teco_ssm.sample import Protocol, SamplerSettings, resolve_protocol, rollout
 from teco_ssm.teco import Teco
 
@@ -54,16 +58,23 @@ def _decode(tokenizer: Any, codes: np.ndarray) -> np.ndarray:
 
 
 def _write_npz_atomic(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """An uncompressed npz, written under a temporary name and renamed: the same arrays give the same bytes."""
+    from teco_ssm import mazelab
+
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
+    mazelab.save_npz(tmp, dict(arrays), compress=False)
     os.replace(tmp, path)
+
+
+NOT_COMPARED = ("tokenizer_source",)  # recorded for the reader; the same tokenizer may be loaded from elsewhere
 
 
 def _check_finished(path: Path, expected: Mapping[str, Any]) -> None:
     """A finished batch file must come from the same request; ValueError naming the file and field otherwise."""
     with np.load(path) as data:
         for field, value in expected.items():
+            if field in NOT_COMPARED:
+                continue
             if field not in data or data[field].item() != value:
                 found = data[field].item() if field in data else "absent"
                 raise ValueError(f"{path}: field '{field}' is {found}, this run asks for {value}; use another "
@@ -92,8 +103,10 @@ def sample_dataset(config: ml_collections.ConfigDict, workdir_or_variables: Path
       settings: the MaskGit sampler's settings (default `SamplerSettings.from_config(config.sampling)`), e.g.
         `dataclasses.replace(SamplerSettings.from_config(config.sampling), temperature=0.5)`.
     Resumable: a batch whose file exists is skipped (files are written to a temporary name and renamed, so a
-    file that exists is complete); a finished file from another protocol, seed or sampler settings is a ValueError
-    naming the file and field.
+    file that exists is complete); a finished file from another protocol, seed, sampler settings, checkpoint step,
+    tokenizer or dataset is a ValueError naming the file and field. One process writes `out_dir` at a time
+    (`teco_ssm.lock`, held by process 0; lock.Busy names the other); codes made by another tokenizer are a
+    DataError.
     Returns {'files': this process's batch files, 'written': count, 'skipped': count, 'num_videos': videos in the
     files, 'protocol': Protocol, 'settings': SamplerSettings}.
     """
@@ -118,9 +131,24 @@ def sample_dataset(config: ml_collections.ConfigDict, workdir_or_variables: Path
     data_kwargs = dict(seq_len=chosen.num_frames, batch_size=batch_size, shuffle=False,
                        process_index=rows.start // batch_size, process_count=count)
     dataset = open_dataset(data_path, split, **data_kwargs)
+    check_tokenizer(dataset.info, tokenizer)
+    from_workdir = not isinstance(workdir_or_variables, Mapping)
+    step = checkpoint.resolve_step(workdir_or_variables, step) if from_workdir else -1
+    out_dir = Path(out_dir)
+    with lock.hold(out_dir) if jax.process_index() == 0 else contextlib.nullcontext():
+        return _sample_dataset(config, model, workdir_or_variables, tokenizer, data_path, dataset, out_dir,
+                               chosen=chosen, num_videos=num_videos, batch_size=batch_size, seed=seed, step=step,
+                               split=split, settings=settings, mesh=mesh, data_kwargs=data_kwargs)
+
+
+def _sample_dataset(config: ml_collections.ConfigDict, model: Teco,
+                    workdir_or_variables: PathLike | Mapping[str, Any], tokenizer: Any, data_path: PathLike,
+                    dataset: Any, out_dir: Path, *, chosen: Protocol, num_videos: int, batch_size: int, seed: int,
+                    step: int, split: str, settings: SamplerSettings, mesh: Any,
+                    data_kwargs: dict[str, Any]) -> dict[str, Any]:
+    count = jax.process_count()
     num_videos = min(num_videos, dataset.info.num_videos)
     num_batches = min(len(dataset), math.ceil(num_videos / (batch_size * count)))
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     def share(k: int, process: int) -> Path | None:
@@ -130,9 +158,12 @@ def sample_dataset(config: ml_collections.ConfigDict, workdir_or_variables: Path
         return out_dir / (f"batch_{k:05d}_p{process}.npz" if count > 1 else f"batch_{k:05d}.npz")
 
     shares = [[share(k, process) for process in range(count)] for k in range(num_batches)]
-    paths = [files[rows.start // batch_size] for files in shares]
+    paths = [files[data_kwargs["process_index"]] for files in shares]
     expected = dict(context=chosen.context, horizon=chosen.horizon, use_actions=chosen.use_actions, seed=seed,
-                    **dataclasses.asdict(settings))
+                    **dataclasses.asdict(settings), checkpoint_step=step,
+                    tokenizer_sha256=getattr(tokenizer, "fingerprint", ""),
+                    tokenizer_source=str(getattr(tokenizer, "source", "")),
+                    data_path=os.path.abspath(os.fspath(data_path)), split=split)
     # A batch is finished when every process's file of it is: the same answer on every process (one folder), so
     # they all sample the same batches together.
     finished = [all(path is None or path.exists() for path in files) for files in shares]

@@ -53,28 +53,31 @@ def make_dataset(out: str, *, source: str = "mazelab", num_train: int = 1000, nu
     num_valid: MazeLab only, trajectories of a validation split `out/valid` (its own seed stream), for choosing
     settings without looking at the test split.
     Returns the generator's figures (videos, seconds, frames/s). Raises StageError for an unknown source, a missing
-    extra, or maze_size given for MazeLab.
+    extra, or maze_size given for MazeLab; lock.Busy when another process writes `out`.
     """
     require_source(source)
     if num_valid and source != "mazelab":
         raise StageError("num_valid applies to source mazelab")
-    if source == "memory-maze":
-        from teco_ssm import memory_maze
+    if maze_size is not None and source == "mazelab":
+        raise StageError("maze_size applies to source memory-maze (MazeLab mazes are 7x7 cells)")
+    from teco_ssm import lock
 
-        try:
-            figures = memory_maze.write_dataset(out, num_train, num_test, length, seed, maze_size=maze_size or 9,
-                                                workers=max(1, workers), files_per_shard=files_per_shard)
-        except memory_maze.MemoryMazeUnavailable as error:
-            raise StageError(str(error)) from None
-    else:
-        from teco_ssm import mazelab
+    with lock.hold(out):
+        if source == "memory-maze":
+            from teco_ssm import memory_maze
 
-        if maze_size is not None:
-            raise StageError("maze_size applies to source memory-maze (MazeLab mazes are 7x7 cells)")
-        figures = mazelab.write_dataset(out, num_train, num_test, length, seed, workers=max(1, workers),
-                                        files_per_shard=files_per_shard, compress=compress, num_valid=num_valid)
-    _contact_sheet(Path(out), sheet_rows)
-    return figures
+            try:
+                figures = memory_maze.write_dataset(out, num_train, num_test, length, seed, maze_size=maze_size or 9,
+                                                    workers=max(1, workers), files_per_shard=files_per_shard)
+            except memory_maze.MemoryMazeUnavailable as error:
+                raise StageError(str(error)) from None
+        else:
+            from teco_ssm import mazelab
+
+            figures = mazelab.write_dataset(out, num_train, num_test, length, seed, workers=max(1, workers),
+                                            files_per_shard=files_per_shard, compress=compress, num_valid=num_valid)
+        _contact_sheet(Path(out), sheet_rows)
+        return figures
 
 
 def _contact_sheet(root: Path, rows: int) -> None:

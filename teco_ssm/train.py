@@ -32,6 +32,7 @@ configuration in one process share their compiled code.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import logging
@@ -47,8 +48,8 @@ import optax
 from jax.sharding import Mesh
 
 from teco_ssm import checkpoint as ckpt
-from teco_ssm import config_check, optim, sample, sample_files, sharding, teco
-from teco_ssm.data import DataError, batch_codes, open_dataset
+from teco_ssm import config_check, lock, optim, sample, sample_files, sharding, teco
+from teco_ssm.data import DataError, batch_codes, check_tokenizer, inspect_dataset, open_dataset
 from teco_ssm.progress import ProgressBar, ScalarWriter, check_finite
 
 _FILE = "teco_ssm/train.py"
@@ -268,17 +269,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, tokenize
       the last logged interval means of the metrics (see `train_step`) with 'step' and 'steps_per_second', and
       'num_params' and 'num_processes' (the processes that trained together) once a step has run.
     Raises:
-      ValueError for a bad config (before compilation), DataError for bad data, FloatingPointError for a
-      non-finite training term, naming the step and the term.
+      ValueError for a bad config (before compilation) or a request to resume `workdir` with other settings than
+      its checkpoints' (`resume_fields`; before anything is written, naming the field), DataError for bad data or
+      codes another tokenizer made, FloatingPointError for a non-finite training term, naming the step and the
+      term, lock.Busy when another process trains in `workdir`.
     """
     sharding.maybe_initialize_distributed()
     config_check.validate(config)
+    ckpt.check_resume(workdir, config, resume_fields(config))
     if tokenizer is None:
         import vqgan
 
         tokenizer = vqgan.load(config.tokenizer.path)
     model = teco.build(config)
     _check_tokenizer(model, tokenizer)
+    check_tokenizer(inspect_dataset(config.dataset.path, config.dataset.train_split), tokenizer)
+    with lock.hold(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
+        return _train(config, workdir, tokenizer, model, hooks)
+
+
+def resume_fields(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The config fields a resumed run must share with its checkpoints (`ckpt.check_resume`): the model, the
+    active backbone and its optimiser block, and what decides the batches (clip length, batch size, seed, split)."""
+    return ("backbone", "model", config.backbone, f"optim.{config.backbone}", "seq_len", "batch_size", "seed",
+            "dataset.train_split")
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, tokenizer: Any, model: teco.Teco,
+           hooks: Sequence[Callable[[int], None]]) -> dict[str, float]:
     settings = optim.OptimizerSettings.of_experiment(config)
     shard_params = bool(config.shard_params)
     mesh = sharding.make_mesh(int(config.model_parallelism))

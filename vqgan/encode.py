@@ -18,40 +18,22 @@ folder and replaces it only once every split is complete, so a failed run never 
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-import jax
 import numpy as np
 from tqdm.auto import tqdm
 
 from teco_ssm.data import DataError, TfdsWriter, inspect_dataset
+from teco_ssm import lock
 from teco_ssm.data import formats
-from teco_ssm.data.tfds_folder import find_version_dir, open_builder
+from teco_ssm.data.tfds_folder import ENCODING_FILE, find_version_dir, open_builder, read_encoding
 from vqgan.tokenizer import Tokenizer, load
 
 VERSION = '1.0.0'
-ENCODING_FILE = 'encoding.json'
-
-
-def tokenizer_fingerprint(tok: Tokenizer) -> str:
-    """sha256 over the model's hyperparameters and every variable (names, shapes, float32 bytes), hex."""
-    digest = hashlib.sha256()
-    fields = {f: getattr(tok.model, f) for f in ('resolution', 'ch', 'ch_mult', 'num_res_blocks',
-                                                 'attn_resolutions', 'z_channels', 'n_embed', 'embed_dim',
-                                                 'num_groups')}
-    digest.update(json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()},
-                             sort_keys=True).encode())
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tok.variables)[0]:
-        value = np.ascontiguousarray(np.asarray(leaf, np.float32))
-        digest.update(jax.tree_util.keystr(path).encode())
-        digest.update(str(value.shape).encode())
-        digest.update(value.tobytes())
-    return digest.hexdigest()
 
 
 def list_split(data_path: str | os.PathLike, split: str, tok: Tokenizer) -> tuple[list[str], str, int | None]:
@@ -120,13 +102,7 @@ def _prefetched(items: Sequence[str], read) -> Iterable[tuple[str, Any]]:
 
 
 def _read_record(version_dir: Path) -> dict[str, Any] | None:
-    path = version_dir / ENCODING_FILE
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except ValueError as e:
-        raise DataError(f'{path}: expected JSON describing the encoding ({e})') from None
+    return read_encoding(version_dir)
 
 
 def _write_record(version_dir: Path, record: dict[str, Any]) -> None:
@@ -196,7 +172,8 @@ def encode_dataset(tokenizer: str | os.PathLike | Tokenizer, data_path: str | os
 
     Raises:
       FileExistsError naming the folder when the output is complete or was produced by another tokenizer or
-      input and `overwrite` is False; DataError naming the file for a bad input video.
+      input and `overwrite` is False; DataError naming the file for a bad input video; lock.Busy when another
+      process writes into `out_root`.
     """
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load(tokenizer, chunk_size=chunk_size)
     out_root, data_path = Path(out_root).absolute(), Path(data_path).absolute()
@@ -211,45 +188,47 @@ def encode_dataset(tokenizer: str | os.PathLike | Tokenizer, data_path: str | os
                  for s, p in poses.items()}
         raise DataError(f'{data_path}: splits {list(splits)} disagree on the per-frame poses, first files hold '
                         f'{found}; every split needs the same fields')
-    record = {'tokenizer_sha256': tokenizer_fingerprint(tok), 'tokenizer_source': tok.source,
+    record = {'tokenizer_sha256': tok.fingerprint, 'tokenizer_source': tok.source,
               'data_path': str(data_path), 'code_shape': list(tok.latent_shape), 'n_codes': tok.n_codes,
               'frame_shape': list(tok.frame_shape)}
     counts = {s: len(files) for s, (files, _, _) in listed.items()}
 
-    final = out_root / name
-    existing = find_version_dir(final) if final.exists() else None
-    staging_root = out_root / f'.{name}.overwrite'
-    if existing is not None:
-        old = _read_record(existing)
-        stored = _stored_counts(existing, splits)
-        complete = all(stored[s] >= counts[s] for s in splits)
-        if not overwrite:
-            if not _compatible(old, record):
-                raise FileExistsError(
-                    f'{final}: holds a dataset not produced by this tokenizer from {data_path} (see '
-                    f'{existing / ENCODING_FILE}); pass overwrite=True to replace it')
-            if complete:
-                raise FileExistsError(f'{final}: already holds the encoded splits {list(splits)} '
-                                      f'({stored}); pass overwrite=True to replace it')
-    elif final.exists() and any(final.iterdir()) and not overwrite:
-        raise FileExistsError(f'{final}: exists and is not an encoded dataset; pass overwrite=True to replace it')
+    with lock.hold(out_root):
+        final = out_root / name
+        existing = find_version_dir(final) if final.exists() else None
+        staging_root = out_root / f'.{name}.overwrite'
+        if existing is not None:
+            old = _read_record(existing)
+            stored = _stored_counts(existing, splits)
+            complete = all(stored[s] >= counts[s] for s in splits)
+            if not overwrite:
+                if not _compatible(old, record):
+                    raise FileExistsError(
+                        f'{final}: holds a dataset not produced by this tokenizer from {data_path} (see '
+                        f'{existing / ENCODING_FILE}); pass overwrite=True to replace it')
+                if complete:
+                    raise FileExistsError(f'{final}: already holds the encoded splits {list(splits)} '
+                                          f'({stored}); pass overwrite=True to replace it')
+        elif final.exists() and any(final.iterdir()) and not overwrite:
+            raise FileExistsError(f'{final}: exists and is not an encoded dataset; pass overwrite=True to replace it')
 
-    replace = overwrite and final.exists()
-    root = staging_root if replace else out_root
-    version_dir = root / name / VERSION
-    if replace and staging_root.exists() and not _compatible(_read_record(version_dir), record):
-        shutil.rmtree(staging_root)
-    old = _read_record(version_dir)
-    _write_record(version_dir, {**record, 'splits': {**(old or {}).get('splits', {}), **counts}})
-    for split, (files, fmt, split_dim) in listed.items():
-        _encode_split(tok, root, name, split, files, fmt, action_dim if split_dim is None else split_dim,
-                      poses[split], examples_per_shard, progress)
-    if replace:
-        trash = out_root / f'.{name}.replaced'
-        if trash.exists():
+        replace = overwrite and final.exists()
+        root = staging_root if replace else out_root
+        version_dir = root / name / VERSION
+        if replace and staging_root.exists() and not _compatible(_read_record(version_dir), record):
+            shutil.rmtree(staging_root)
+        old = _read_record(version_dir)
+        _write_record(version_dir, {**record, 'splits': {**(old or {}).get('splits', {}), **counts}})
+        for split, (files, fmt, split_dim) in listed.items():
+            _encode_split(tok, root, name, split, files, fmt, action_dim if split_dim is None else split_dim,
+                          poses[split], examples_per_shard, progress)
+        if replace:
+            trash = out_root / f'.{name}.replaced'
+            if trash.exists():
+                shutil.rmtree(trash)
+            os.replace(final, trash)
+            os.replace(staging_root / name, final)
             shutil.rmtree(trash)
-        os.replace(final, trash)
-        os.replace(staging_root / name, final)
-        shutil.rmtree(trash)
-        shutil.rmtree(staging_root)
+            shutil.rmtree(staging_root)
+    final = out_root / name
     return {'path': str(final), 'splits': counts, 'code_shape': tok.latent_shape, 'n_codes': tok.n_codes}

@@ -8,6 +8,9 @@ Layouts recognised (by their files, never by the path's name):
 """
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import os
 import re
 from typing import Any, Callable
@@ -54,6 +57,22 @@ def check_variables(variables: Variables, model: VQGAN, source: str) -> Variable
     return jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), variables)
 
 
+def fingerprint(model: VQGAN, variables: Variables) -> str:
+    """sha256 (hex) over the model's hyperparameters and every variable (names, shapes, float32 bytes): what
+    encoding.json records as `tokenizer_sha256` and what readers of codes compare."""
+    digest = hashlib.sha256()
+    fields = {f: getattr(model, f) for f in ('resolution', 'ch', 'ch_mult', 'num_res_blocks', 'attn_resolutions',
+                                             'z_channels', 'n_embed', 'embed_dim', 'num_groups')}
+    digest.update(json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()},
+                             sort_keys=True).encode())
+    for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
+        value = np.ascontiguousarray(np.asarray(leaf, np.float32))
+        digest.update(jax.tree_util.keystr(path).encode())
+        digest.update(str(value.shape).encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -72,6 +91,11 @@ class Tokenizer:
         self.source = source
         self._encode = jax.jit(lambda v, x: model.apply(v, x, method=VQGAN.encode))
         self._decode = jax.jit(lambda v, c: jnp.clip(model.apply(v, c, method=VQGAN.decode_codes), -1.0, 1.0))
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """sha256 of the hyperparameters and weights (`fingerprint`): which tokenizer made a set of codes."""
+        return fingerprint(self.model, self.variables)
 
     @property
     def n_codes(self) -> int:
@@ -196,10 +220,11 @@ def load_project(path: str, chunk_size: int = 64) -> Tokenizer:
     model = VQGAN(**model_fields(config['model'], f'{source} [model]'))
     mngr = ckpt.manager(path, read_only=True)
     try:
-        if mngr.latest_step() is None:
-            raise FileNotFoundError(f'{os.path.join(path, ckpt.CHECKPOINT_DIR)}: no finished checkpoint')
-        restored = ckpt.restore(mngr, {'model': abstract_variables(model)})['model']
-        step = mngr.latest_step()
+        step = ckpt.latest_step(mngr)
+        if step is None:
+            raise FileNotFoundError(f'{os.path.join(path, ckpt.CHECKPOINT_DIR)}: no complete checkpoint (an '
+                                    'interrupted `teco-ssm tokenizer` leaves none: run it again to finish)')
+        restored = ckpt.restore(mngr, {'model': abstract_variables(model)}, step)['model']
     finally:
         mngr.close()
     return Tokenizer(model, restored, chunk_size,

@@ -19,11 +19,13 @@ import numpy as np
 import optax
 
 from teco_ssm import checkpoint as ckpt
+from teco_ssm import lock
 from teco_ssm.progress import ProgressBar, ScalarWriter, check_finite
 from vqgan import losses
 from vqgan.model import VQGAN, abstract_variables, host_init, model_fields
 
 State = dict[str, Any]
+TRAINED_WITH = ('model',)  # the config fields a resumed run must share with its checkpoints (`ckpt.check_resume`)
 
 
 def build_model(config: ml_collections.ConfigDict) -> VQGAN:
@@ -224,30 +226,26 @@ def save_grid(path: str, frames: np.ndarray, recon: np.ndarray, count: int = 8) 
     Image.fromarray(grid).save(path)
 
 
-def _check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
-    """Refuses to resume a workdir whose saved model hyperparameters differ from `config.model`."""
-    if not ckpt.has_checkpoints(workdir):
-        return
-    saved = ckpt.read_config(workdir).get('model')
-    wanted = ckpt.config_to_dict(config.model)
-    if saved != wanted:
-        raise ValueError(f'{os.path.join(workdir, ckpt.CONFIG_FILE)}: field model differs from the requested '
-                         f'config ({saved} vs {wanted}); use a new workdir')
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains (resuming from `workdir` when it holds checkpoints) and returns the final held-out metrics.
 
     Writes config.json, orbax checkpoints, TensorBoard events + metrics.jsonl and recon/step_<k>.png to workdir.
     Returns {'psnr', 'l1', 'perplexity', 'codes_used', 'step', 'seconds'}.
+    Raises ValueError, before anything is written, when `workdir` holds checkpoints of another `config.model`
+    (naming the field), and lock.Busy when another process trains in `workdir`.
     """
-    from teco_ssm.data import open_dataset
-    from teco_ssm import lpips as lpips_lib
-
     if not config.data.path:
         raise ValueError('config.data.path: required (a video dataset root, e.g. a MazeLab or TECO npz folder)')
     workdir = os.path.abspath(workdir)
-    _check_workdir(workdir, config)
+    with lock.hold(workdir):
+        ckpt.check_resume(workdir, config, TRAINED_WITH)
+        return _train(config, workdir)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    from teco_ssm.data import open_dataset
+    from teco_ssm import lpips as lpips_lib
+
     t0 = time.time()
     model, disc = build_model(config), build_discriminator(config)
     opt_model = make_optimizer(config, config.optim.learning_rate)

@@ -44,6 +44,8 @@ class DatasetInfo:
       frame_shape: (H, W, 3) for frames, else None.
       code_shape: (h, w) for codes, else None.
       action_dim: number of action ids when the dataset states it (metadata.json) or the caller gave it.
+      tokenizer_sha256, tokenizer_source: for codes, the fingerprint and source of the tokenizer that made them, as
+        the dataset's encoding.json records them (None when it has none).
     """
 
     path: str
@@ -55,6 +57,8 @@ class DatasetInfo:
     frame_shape: Optional[tuple[int, int, int]] = None
     code_shape: Optional[tuple[int, int]] = None
     action_dim: Optional[int] = None
+    tokenizer_sha256: Optional[str] = None
+    tokenizer_source: Optional[str] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,21 +92,49 @@ def split_dir(root: Path, split: str) -> Path:
     return folder
 
 
+PARTIAL_SUFFIX = '.partial'  # a file being written by `teco-ssm data`; renamed when complete
+
+
 def list_videos(root: Path, split: str) -> tuple[str, list[str]]:
     """Format ('npz' or 'mp4') and sorted video files of `<root>/<split>/<shard>/`.
 
-    A folder holding mp4 files is an mp4 dataset (its npz files are action sidecars); otherwise npz.
+    A split of mp4 files may hold `<stem>.npz` action sidecars beside them; npz files that are no mp4's sidecar
+    make it a mixed split. Raises DataError naming the files for a mixed split, for files of any other kind
+    (a half-written `*.partial` of an interrupted `teco-ssm data` included), for an empty split, and, when
+    `<root>/metadata.json` gives `num_<split>`, for a split holding fewer videos than that (an interrupted write).
     """
     folder = split_dir(root, split)
-    mp4 = sorted(str(p) for p in folder.glob('*/*.mp4'))
-    if mp4:
-        return 'mp4', mp4
-    npz = sorted(str(p) for p in folder.glob('*/*.npz'))
-    if not npz:
+    files = sorted(p for p in folder.glob('*/*') if p.is_file())
+    mp4 = [str(p) for p in files if p.suffix == '.mp4']
+    npz = [str(p) for p in files if p.suffix == '.npz']
+    other = [str(p) for p in files if p.suffix not in ('.mp4', '.npz')]
+    if other:
+        partial = [p for p in other if p.endswith(PARTIAL_SUFFIX)]
+        why = (f'{len(partial)} half-written {PARTIAL_SUFFIX} file(s) of an interrupted `teco-ssm data` (run it '
+               f'again with the same --out to finish)' if partial else 'expected only *.npz or *.mp4 videos')
+        raise DataError(f'{folder}: {len(other)} file(s) of another kind: {_some(other)}; {why}')
+    sidecars = {mp4_actions_path(p) for p in mp4}
+    trajectories = [p for p in npz if p not in sidecars]
+    if mp4 and trajectories:
+        raise DataError(f'{folder}: mixed split of {len(mp4)} mp4 video(s) ({_some(mp4)}) and {len(trajectories)} '
+                        f'npz trajectories that are no mp4 action sidecar ({_some(trajectories)}); a split holds '
+                        'one format: move one kind to its own dataset')
+    fmt, videos = ('mp4', mp4) if mp4 else ('npz', npz)
+    if not videos:
         loose = sorted(p.name for p in folder.glob('*.*'))[:3]
         hint = f' (files directly under the split folder: {loose}; expected one level of shard folders)' if loose else ''
         raise DataError(f'{folder}: empty dataset, no <shard>/*.npz or <shard>/*.mp4 files{hint}')
-    return 'npz', npz
+    expected = read_metadata(root).get(f'num_{split}')
+    if isinstance(expected, int) and len(videos) < expected:
+        raise DataError(f'{folder}: holds {len(videos)} of the {expected} videos {Path(root) / METADATA_FILE} '
+                        f'lists (num_{split}); an interrupted `teco-ssm data` leaves this: run it again with the '
+                        'same --out to finish')
+    return fmt, videos
+
+
+def _some(paths: list[str], limit: int = 3) -> str:
+    shown = ', '.join(os.path.basename(p) for p in paths[:limit])
+    return shown if len(paths) <= limit else f'{shown} and {len(paths) - limit} more'
 
 
 def _npy_header(member) -> tuple[tuple[int, ...], np.dtype]:

@@ -106,7 +106,16 @@ class _TfdsSource(_Source):
     def __init__(self, version_dir: Path, split: str):
         self.fmt, self.kind = 'tfds', 'codes'
         self.version_dir = version_dir
-        self.features, self.shards = tfds_folder.split_shards(version_dir, split)
+        self.encoding = tfds_folder.read_encoding(version_dir)
+        expected = (self.encoding or {}).get('splits', {}).get(split)
+        unfinished = (f"; {version_dir / tfds_folder.ENCODING_FILE} lists {expected} videos for it: an interrupted "
+                      "`teco-ssm encode` leaves this, run it again with the same arguments to finish")
+        try:
+            self.features, self.shards = tfds_folder.split_shards(version_dir, split)
+        except DataError as error:
+            if expected:
+                raise DataError(f'{error}{unfinished}') from None
+            raise
         where = version_dir / 'features.json'
         for key, rank in (('video', 3), ('actions', 1)):
             if key not in self.features:
@@ -119,6 +128,8 @@ class _TfdsSource(_Source):
         self.code_shape = tuple(self.features['video'].shape[1:])
         self.starts = np.cumsum([0] + [n for _, n in self.shards])
         self.num_items = int(self.starts[-1])
+        if expected is not None and self.num_items < expected:
+            raise DataError(f'{version_dir}: split {split!r} holds {self.num_items} videos{unfinished}')
         self._index: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()
 
@@ -214,10 +225,28 @@ def _inspect(path: str | Path, split: str, source: _Source, *, image_size: Any =
                             f'configuration (image_size={image_size})')
         if seq_len is not None and length < seq_len:
             raise DataError(f'{where}: video has {length} frames, shorter than seq_len={seq_len}')
+    encoding = getattr(source, 'encoding', None) or {}
     return DatasetInfo(path=str(path), split=split, format=source.fmt, kind=source.kind,
                        num_videos=source.num_items, video_length=min(lengths),
                        frame_shape=shape if source.kind == 'frames' else None,
-                       code_shape=shape if source.kind == 'codes' else None, action_dim=action_dim)
+                       code_shape=shape if source.kind == 'codes' else None, action_dim=action_dim,
+                       tokenizer_sha256=encoding.get('tokenizer_sha256'),
+                       tokenizer_source=encoding.get('tokenizer_source'))
+
+
+def check_tokenizer(info: DatasetInfo, tokenizer: Any) -> None:
+    """Raises DataError when a dataset of codes records (in its encoding.json) a tokenizer other than `tokenizer`
+    (compared by `tokenizer.fingerprint`, `vqgan.Tokenizer`'s sha256 of its hyperparameters and weights): codes
+    mean something else to another tokenizer, even one of the same size. Does nothing for frames, a dataset without
+    a record, or a tokenizer without a fingerprint."""
+    fingerprint = getattr(tokenizer, 'fingerprint', None)
+    if info.kind != 'codes' or info.tokenizer_sha256 is None or fingerprint is None:
+        return
+    if fingerprint != info.tokenizer_sha256:
+        raise DataError(f'{info.path}: codes made by the tokenizer {info.tokenizer_source} (sha256 '
+                        f'{info.tokenizer_sha256[:12]}, {tfds_folder.ENCODING_FILE}), but this run uses the tokenizer '
+                        f"{getattr(tokenizer, 'source', '?')} (sha256 {fingerprint[:12]}); use the tokenizer that "
+                        'encoded the dataset, or encode it again with this one')
 
 
 def inspect_dataset(path: str | Path, split: str, *, seq_len: Optional[int] = None, image_size: Any = None,

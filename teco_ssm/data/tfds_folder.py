@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import re
 import struct
@@ -31,6 +32,7 @@ import numpy as np
 from teco_ssm.data.formats import DataError, ExampleSpec, check_example, read_metadata
 
 DEFAULT_TEMPLATE = '{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}'
+ENCODING_FILE = 'encoding.json'  # what produced a folder of codes (`vqgan.encode`): tokenizer, input, split sizes
 VERSION_RE = re.compile(r'^\d+\.\d+\.\d+$')
 
 
@@ -46,6 +48,18 @@ def find_version_dir(path: Path) -> Optional[Path]:
     if not versions:
         return None
     return max(versions, key=lambda p: tuple(int(x) for x in p.name.split('.')))
+
+
+def read_encoding(version_dir: Path) -> Optional[dict]:
+    """`<version_dir>/encoding.json` (`vqgan.encode` writes it before the first shard: the tokenizer's fingerprint
+    and source, the input, and the number of videos every split will hold), or None when absent."""
+    path = Path(version_dir) / ENCODING_FILE
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise DataError(f'{path}: expected JSON describing the encoding ({e})') from None
 
 
 def open_builder(version_dir: Path):
@@ -321,7 +335,9 @@ class TfdsWriter:
         example = self._tfds_features.serialize_example({
             'video': video.astype(self.code_dtype), 'actions': actions.astype(np.int32),
             **{key: value.astype(np.int32) for key, value in extra.items()}})
-        self._writer.write(example)
+        # features in key order: the same trajectory always gives the same bytes (a resumed run writes what one run
+        # would); TFDS serialises the features map in no fixed order
+        self._writer.write(tf.train.Example.FromString(example).SerializeToString(deterministic=True))
         self._pending += 1
         if self._pending >= self.examples_per_shard:
             self.flush()
