@@ -59,7 +59,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="TECO training steps (default: the size's budget)")
 
     p = sub.add_parser(allow_abbrev=False, name="data", help="generate MazeLab or Memory Maze trajectories",
-                       description="Writes OUT/{train,test}/<shard>/*.npz (video, actions, poses), metadata.json and "
+                       description="Writes OUT/{train,test[,valid]}/<shard>/*.npz (video, actions, poses), metadata.json and "
                                    "a contact sheet OUT/contact_sheet.png. Existing files are kept (resumable).")
     p.set_defaults(stage=stages.make_dataset)
     p.add_argument("--out", required=True, help="output folder")
@@ -176,6 +176,16 @@ def cause(error: BaseException) -> str:
     return f"{type(top).__name__}: {' '.join(str(top).split())}"
 
 
+def is_request_error(error: BaseException) -> bool:
+    """Errors that name what is wrong with the request or its inputs (a config field, a file, a workdir held by
+    another process): the command prints their message alone. Anything else is unexpected and keeps its traceback;
+    TECO_SSM_TRACEBACK=1 prints the traceback for every error."""
+    from teco_ssm import lock
+
+    return isinstance(error, (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError,
+                              lock.Busy))
+
+
 def _exit_now(code: int, line: str) -> None:
     """Prints `line` last and ends the process at once: background threads (data readers, orbax writers) are
     neither joined nor given the chance to print after it."""
@@ -186,9 +196,10 @@ def _exit_now(code: int, line: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line `argv` (default: the process's own). As the `teco-ssm` command (argv None), an error
-    prints its traceback and then its cause on one last line (`cause`) and ends the process at once, whatever
-    threads are still alive (exit status 1; 130 on Ctrl-C); a StageError (raised before any work) exits with its
-    message alone. Called with argv, errors propagate to the caller."""
+    ends the process at once, whatever threads are still alive (exit status 1; 130 on Ctrl-C), with its cause on
+    one last line (`cause`): alone for an error in the request or its inputs (`is_request_error`: a bad config
+    field, a missing or malformed file, a busy workdir), after the traceback for anything unexpected. A StageError
+    (raised before any work) exits with its message alone. Called with argv, errors propagate to the caller."""
     as_command = argv is None
     kwargs = vars(parser().parse_args(argv))
     command, stage = kwargs.pop("command"), kwargs.pop("stage")
@@ -203,7 +214,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:  # noqa: BLE001  (the command's last word on any failure)
         if not as_command:
             raise
-        traceback.print_exc()
+        if os.environ.get("TECO_SSM_TRACEBACK") == "1" or not is_request_error(error):
+            traceback.print_exc()
         _exit_now(1, f"teco-ssm {command}: error: {cause(error)}")
     if command == "eval":
         _print_evaluation(result, kwargs["report"] or os.path.join(kwargs["samples"], "report"))

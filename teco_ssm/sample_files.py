@@ -231,12 +231,18 @@ def sample_workdir(workdir: PathLike, out_dir: PathLike, *,
                    settings: SamplerSettings | None = None) -> dict[str, Any]:
     """`sample_dataset` from a training workdir alone: its config.json gives the model, the sampler settings
     (unless `settings` is given) and, unless given here, the dataset and tokenizer paths; `step` the checkpoint
-    (None: the latest). Raises ValueError naming the missing field."""
+    (None: the latest). Raises FileNotFoundError when `workdir` is not a TECO training workdir, ValueError naming
+    the missing field."""
     import vqgan
 
     sharding.maybe_initialize_distributed()  # before the tokenizer touches a device
-    config = ml_collections.ConfigDict(checkpoint.read_config(os.fspath(workdir)))
     source = os.path.join(os.fspath(workdir), checkpoint.CONFIG_FILE)
+    held = checkpoint.read_config(os.fspath(workdir)) if checkpoint.has_checkpoints(os.fspath(workdir)) else {}
+    missing = [k for k in ("backbone", "model", "dataset", "tokenizer", "sampling") if k not in held]
+    if missing:
+        raise FileNotFoundError(f"{workdir}: not a TECO training workdir (expected config.json with fields "
+                                f"{', '.join(missing)} and checkpoints/, as `teco-ssm train` writes them)")
+    config = ml_collections.ConfigDict(held)
     data_path = data_path if data_path is not None else config.dataset.path
     tokenizer_path = tokenizer_path if tokenizer_path is not None else config.tokenizer.path
     for field, value in (("dataset.path", data_path), ("tokenizer.path", tokenizer_path)):

@@ -371,3 +371,26 @@ def test_a_full_disk_ends_train_promptly_with_the_cause_last(chain, tmp_path):
     assert re.fullmatch(r"teco-ssm train: error: no space left on device writing \S+ \(OSError\)", last_line(proc)), \
         (last_line(proc), len(proc.stderr.splitlines()))
     assert ckpt.complete_steps(ckpt.manager(str(workdir), read_only=True)) == []
+
+
+def _cli(args, tmp_path, extra_env=None):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", **(extra_env or {}))
+    return subprocess.run([sys.executable, "-m", "teco_ssm.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_a_bad_request_ends_with_one_line_and_no_traceback(tmp_path):
+    """Errors in the request or its inputs print their cause alone, as the last line; TECO_SSM_TRACEBACK=1 adds the
+    traceback. Nothing is written for the refused requests."""
+    result = _cli(["train", "--config", "configs/mazelb.py:convt3", "--workdir", str(tmp_path / "w")], tmp_path)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert lines[-1].startswith("teco-ssm train: error: FileNotFoundError: config file configs/mazelb.py does not")
+    (tmp_path / "not_a_run").mkdir()
+    result = _cli(["sample", "--workdir", str(tmp_path / "not_a_run"), "--out", str(tmp_path / "s")], tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "not a TECO training workdir" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "s").exists() and not (tmp_path / "w").exists()
+    result = _cli(["sample", "--workdir", str(tmp_path / "not_a_run"), "--out", str(tmp_path / "s")], tmp_path,
+                  {"TECO_SSM_TRACEBACK": "1"})
+    assert "Traceback" in result.stderr and "not a TECO training workdir" in result.stderr.strip().splitlines()[-1]

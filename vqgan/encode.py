@@ -20,6 +20,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -134,7 +135,7 @@ def _encode_split(tok: Tokenizer, root: Path, name: str, split: str, files: list
         done = writer.num_examples
         if done > len(files):
             raise DataError(f'{writer.folder}: split {split!r} holds {done} trajectories, the input has only '
-                            f'{len(files)}; use overwrite=True')
+                            f'{len(files)}; use overwrite=True (--overwrite)')
         bar = tqdm(total=len(files), initial=done, desc=f'encode {split}', unit='video', disable=not progress)
         try:
             def read(path: str) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
@@ -193,6 +194,9 @@ def encode_dataset(tokenizer: str | os.PathLike | Tokenizer, data_path: str | os
               'frame_shape': list(tok.frame_shape)}
     counts = {s: len(files) for s, (files, _, _) in listed.items()}
 
+    for what, value in (("dataset name", name), *(("split name", s) for s in splits)):
+        if not re.match(r'^[a-z0-9_]+$', value):  # checked before anything is written (TfdsWriter checks again)
+            raise ValueError(f'{what} {value!r}: use lowercase letters, digits and underscores')
     with lock.hold(out_root):
         final = out_root / name
         existing = find_version_dir(final) if final.exists() else None
@@ -205,7 +209,7 @@ def encode_dataset(tokenizer: str | os.PathLike | Tokenizer, data_path: str | os
                 if not _compatible(old, record):
                     raise FileExistsError(
                         f'{final}: holds a dataset not produced by this tokenizer from {data_path} (see '
-                        f'{existing / ENCODING_FILE}); pass overwrite=True to replace it')
+                        f'{existing / ENCODING_FILE}); pass overwrite=True (--overwrite) to replace it')
                 if complete:
                     raise FileExistsError(f'{final}: already holds the encoded splits {list(splits)} '
                                           f'({stored}); pass overwrite=True to replace it')

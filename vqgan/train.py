@@ -236,6 +236,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """
     if not config.data.path:
         raise ValueError('config.data.path: required (a video dataset root, e.g. a MazeLab or TECO npz folder)')
+    from teco_ssm.data import inspect_dataset
+
+    for split in (config.data.train_split, config.data.eval_split):  # a wrong path fails before anything is written
+        inspect_dataset(config.data.path, split)
     workdir = os.path.abspath(workdir)
     with lock.hold(workdir):
         ckpt.check_resume(workdir, config, TRAINED_WITH)
