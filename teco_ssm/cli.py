@@ -161,7 +161,7 @@ def parser() -> argparse.ArgumentParser:
 
 def cause(error: BaseException) -> str:
     """One line naming what went wrong: "no space left on device" (and the file, when known) when a full disk is
-    anywhere in the exception's chain, else the error's type and message, newlines folded."""
+    anywhere in the exception's chain, else the error's type and message, its lines joined by '; '."""
     seen, chain = set(), []
     while error is not None and id(error) not in seen:
         seen.add(id(error))
@@ -173,7 +173,11 @@ def cause(error: BaseException) -> str:
             where = getattr(item, "filename", None)
             return f"no space left on device{f' writing {where}' if where else ''} ({type(item).__name__})"
     top = chain[0]
-    return f"{type(top).__name__}: {' '.join(str(top).split())}"
+    lines = [" ".join(line.split()) for line in str(top).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    for line in lines[1:]:  # a message listing several problems keeps them apart on its one line
+        text += (" " if text.endswith(":") else "; ") + line
+    return f"{type(top).__name__}: {text}"
 
 
 def is_request_error(error: BaseException) -> bool:

@@ -394,3 +394,12 @@ def test_a_bad_request_ends_with_one_line_and_no_traceback(tmp_path):
     result = _cli(["sample", "--workdir", str(tmp_path / "not_a_run"), "--out", str(tmp_path / "s")], tmp_path,
                   {"TECO_SSM_TRACEBACK": "1"})
     assert "Traceback" in result.stderr and "not a TECO training workdir" in result.stderr.strip().splitlines()[-1]
+
+
+def test_the_one_line_cause_keeps_several_problems_apart():
+    from teco_ssm import cli
+
+    error = ValueError("invalid config:\n  config.a is wrong\n  config.b is missing")
+    assert cli.cause(error) == "ValueError: invalid config: config.a is wrong; config.b is missing"
+    assert cli.cause(OSError(28, "No space left on device", "/w/x")) == (
+        "no space left on device writing /w/x (OSError)")
