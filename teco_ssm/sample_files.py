@@ -36,7 +36,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from teco_ssm import checkpoint, evaluate, lock, sharding, teco
+from teco_ssm import checkpoint, config_io, evaluate, lock, sharding, teco
 from teco_ssm.data import batch_codes, check_tokenizer, formats, open_dataset
 from teco_ssm.sample import Protocol, SamplerSettings, resolve_protocol, rollout
 from teco_ssm.teco import Teco
@@ -228,10 +228,10 @@ def sample_workdir(workdir: PathLike, out_dir: PathLike, *,
                    protocol: str | Protocol | Sequence[Any] = "action_conditioned", data_path: PathLike | None = None,
                    tokenizer_path: PathLike | None = None, num_videos: int | None = None,
                    batch_size: int | None = None, seed: int | None = None, step: int | None = None,
-                   settings: SamplerSettings | None = None) -> dict[str, Any]:
+                   settings: SamplerSettings | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """`sample_dataset` from a training workdir alone: its config.json gives the model, the sampler settings
-    (unless `settings` is given) and, unless given here, the dataset and tokenizer paths; `step` the checkpoint
-    (None: the latest). Raises FileNotFoundError when `workdir` is not a TECO training workdir, ValueError naming
+    (unless `settings` is given; `overrides`, `field=value` as `--set` spells them, change the config's before they
+    are read) and, unless given here, the dataset and tokenizer paths; `step` the checkpoint (None: the latest). Raises FileNotFoundError when `workdir` is not a TECO training workdir, ValueError naming
     the missing field."""
     import vqgan
 
@@ -243,6 +243,8 @@ def sample_workdir(workdir: PathLike, out_dir: PathLike, *,
         raise FileNotFoundError(f"{workdir}: not a TECO training workdir (expected config.json with fields "
                                 f"{', '.join(missing)} and checkpoints/, as `teco-ssm train` writes them)")
     config = ml_collections.ConfigDict(held)
+    for item in overrides:
+        config_io.apply_override(config, item)
     data_path = data_path if data_path is not None else config.dataset.path
     tokenizer_path = tokenizer_path if tokenizer_path is not None else config.tokenizer.path
     for field, value in (("dataset.path", data_path), ("tokenizer.path", tokenizer_path)):

@@ -152,31 +152,18 @@ def sample(workdir: str, out: str, *, protocol: str = "action_conditioned", data
     an interrupted call resumes. Returns the protocol, the settings, the number of videos and the files.
     Raises StageError for a bad protocol or an override of another field.
     """
-    from teco_ssm import sample_files
-
-    return sample_files.sample_workdir(workdir, out, protocol=parse_protocol(protocol), data_path=data,
-                                       tokenizer_path=tokenizer, num_videos=num_videos, batch_size=batch_size,
-                                       seed=seed, step=step, settings=_sampler_settings(workdir, overrides))
-
-
-def _sampler_settings(workdir: str, overrides: Sequence[str]):
-    """The workdir's sampler settings with `overrides` applied, or None (the workdir's own) when there are none."""
-    if not overrides:
-        return None
     import dataclasses
 
-    import ml_collections
-
-    from teco_ssm import checkpoint, config_io
+    from teco_ssm import sample_files
     from teco_ssm.sample import SamplerSettings
 
     valid = [f"sampling.{f.name}" for f in dataclasses.fields(SamplerSettings)]
-    config = ml_collections.ConfigDict(checkpoint.read_config(workdir))
     for item in overrides:
         if item.partition("=")[0].removeprefix("--") not in valid:
             raise StageError(f"--set {item}: sample overrides only the sampler's settings: {', '.join(valid)}")
-        config_io.apply_override(config, item)
-    return SamplerSettings.from_config(config.sampling)
+    return sample_files.sample_workdir(workdir, out, protocol=parse_protocol(protocol), data_path=data,
+                                       tokenizer_path=tokenizer, num_videos=num_videos, batch_size=batch_size,
+                                       seed=seed, step=step, overrides=overrides)
 
 
 def evaluate(samples: str, report: str | None = None, *, lpips_network: str = "alexnet", i3d: str | None = None,

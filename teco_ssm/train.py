@@ -367,8 +367,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, tokenizer: Any, mode
             if eval_batches and (step % config.eval_every == 0 or step == config.steps):
                 held_out = held_out_metrics(model, {"params": state["params"], **constants}, eval_batches, eval_rng,
                                             mesh)
-                check_finite(step, {f"eval_{k}": v for k, v in held_out.items()})
-                summary.update({f"eval_{k}": v for k, v in held_out.items()})
+                named = {f"eval_{k}": v for k, v in held_out.items()}
+                check_finite(step, named)
+                summary.update(named)
                 if writer is not None:
                     writer.write(step, held_out, prefix="eval/")
             if step % config.visualise_every == 0:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -31,7 +30,7 @@ from tqdm.auto import tqdm
 from teco_ssm.data import DataError, TfdsWriter, inspect_dataset
 from teco_ssm import lock
 from teco_ssm.data import formats
-from teco_ssm.data.tfds_folder import ENCODING_FILE, find_version_dir, open_builder, read_encoding
+from teco_ssm.data.tfds_folder import ENCODING_FILE, check_name, find_version_dir, open_builder, read_encoding
 from vqgan.tokenizer import Tokenizer, load
 
 VERSION = '1.0.0'
@@ -195,8 +194,7 @@ def encode_dataset(tokenizer: str | os.PathLike | Tokenizer, data_path: str | os
     counts = {s: len(files) for s, (files, _, _) in listed.items()}
 
     for what, value in (("dataset name", name), *(("split name", s) for s in splits)):
-        if not re.match(r'^[a-z0-9_]+$', value):  # checked before anything is written (TfdsWriter checks again)
-            raise ValueError(f'{what} {value!r}: use lowercase letters, digits and underscores')
+        check_name(what, value)  # before anything is written (the writer checks each again)
     with lock.hold(out_root):
         final = out_root / name
         existing = find_version_dir(final) if final.exists() else None

@@ -156,6 +156,13 @@ def _locked(folder: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def check_name(what: str, value: str) -> None:
+    """Raises ValueError unless `value` (a dataset, split or feature name) is lowercase letters, digits and
+    underscores, as TFDS file names need."""
+    if not re.match(r'^[a-z0-9_]+$', value):
+        raise ValueError(f'{what} {value!r}: use lowercase letters, digits and underscores')
+
+
 class TfdsWriter:
     """Writes one split of an encoded dataset as a TFDS folder, incrementally and resumably.
 
@@ -188,10 +195,8 @@ class TfdsWriter:
                  action_dim: Optional[int] = None, codebook_size: Optional[int] = None,
                  code_dtype: str = 'int32', examples_per_shard: int = 64, description: str = '',
                  version: str = '1.0.0', extra_features: Optional[Mapping[str, Sequence[int]]] = None):
-        if not re.match(r'^[a-z0-9_]+$', name):
-            raise ValueError(f'dataset name {name!r}: use lowercase letters, digits and underscores')
-        if not re.match(r'^[a-z0-9_]+$', split):
-            raise ValueError(f'split name {split!r}: use lowercase letters, digits and underscores')
+        check_name('dataset name', name)
+        check_name('split name', split)
         self.folder = Path(root) / name / version
         self.name, self.split, self.version = name, split, version
         self.code_shape = tuple(int(d) for d in code_shape)
