@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import mazelab
-from teco_ssm import backbones, sample, teco
+from teco_ssm import backbones, host_memory, sample, teco
 from teco_ssm.backbones import transformer
 
 
@@ -184,6 +184,7 @@ def bench_backbone(name: str, args: argparse.Namespace) -> dict[str, float]:
 
 
 def main() -> None:
+    host_memory.configure()  # as the teco-ssm front end runs
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbones", default=",".join(backbones.NAMES))
     parser.add_argument("--size", choices=("mazelab", "toy"), default="mazelab")

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import dmlab, mazelab
-from teco_ssm import backbones, optim, sharding, teco, train
+from teco_ssm import backbones, host_memory, optim, sharding, teco, train
 
 
 def bench_config(name: str, use_dmlab: bool):
@@ -80,6 +80,7 @@ def measure(config, steps: int) -> dict[str, float]:
 
 
 def main() -> None:
+    host_memory.configure()  # as the teco-ssm front end runs
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbones", default=",".join(backbones.NAMES))
     parser.add_argument("--steps", type=int, default=10, help="timed steps per backbone")

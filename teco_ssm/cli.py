@@ -22,7 +22,7 @@ import sys
 import traceback
 from typing import Sequence
 
-from teco_ssm import metrics, stages
+from teco_ssm import host_memory, metrics, stages
 
 
 def _add_overrides(parser: argparse.ArgumentParser, example: str) -> None:
@@ -205,6 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     field, a missing or malformed file, a busy workdir), after the traceback for anything unexpected. A StageError
     (raised before any work) exits with its message alone. Called with argv, errors propagate to the caller."""
     as_command = argv is None
+    if as_command:
+        host_memory.configure()  # before XLA's threads allocate: buffers keep their pages between steps
     kwargs = vars(parser().parse_args(argv))
     command, stage = kwargs.pop("command"), kwargs.pop("stage")
     try:
