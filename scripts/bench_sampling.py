@@ -3,6 +3,7 @@
     python scripts/bench_sampling.py                          # MazeLab model sizes, every backbone
     python scripts/bench_sampling.py --size toy               # the test suite's tiny model
     python scripts/bench_sampling.py --backbones convs5 --repeats 1 --rerun_frames 10   # a quick look
+    python scripts/bench_sampling.py --stages runs/mazelab    # the sampling stages of a `teco-ssm run` workdir
 
 For each backbone (MazeLab config sizes; the Transformer with a 300-frame window, TECO's setting, unless
 --max_len), after compilation and with the model conditioned on `--context` frames:
@@ -21,14 +22,26 @@ For each backbone (MazeLab config sizes; the Transformer with a 300-frame window
 Each time is the fastest of --repeats rounds (--chunk_repeats for the chunks) in which the compared functions take
 turns, so that the load of a shared machine does not favour one of them.
 Targets: ratio <= 1.2 for the SSMs, cached/rerun >= 5, compiled/loop >= 2.
+
+--stages RUN_WORKDIR (a `teco-ssm run` workdir, e.g. one made with `teco-ssm run --quick --workdir ...`; read only)
+times the three sampling stages of `teco-ssm run` for its first model as `teco_ssm.run` calls them
+(`sample_files.sample_dataset` into a temporary folder: trained action-conditioned, unconditioned, untrained), in
+one process, after its imports, and then where a stage's time goes: imports, checkpoint restore, tokenizer load,
+compilation of the rollout's two parts, the context encoding, per generated frame the backbone step, the MaskGit
+passes and the decoder, the tokenizer's decoding to pixels, and writing a file.
 """
 from __future__ import annotations
+
+import time
+
+_START = time.perf_counter()  # before the heavy imports: --stages reports their time
 
 import argparse
 import dataclasses
 import os
 import platform
-import time
+import tempfile
+from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -183,6 +196,97 @@ def bench_backbone(name: str, args: argparse.Namespace) -> dict[str, float]:
     return row
 
 
+def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    return out, time.perf_counter() - start
+
+
+def bench_stages(run_dir: Path, repeats: int) -> None:
+    """Prints the sampling stages' times and where they go (module docstring, --stages)."""
+    import ml_collections
+
+    import vqgan
+    from teco_ssm import checkpoint, sample_files
+    from teco_ssm.data import batch_codes, open_dataset
+
+    imports = time.perf_counter() - _START
+    model_dir = sorted((run_dir / "models").iterdir())[0]
+    config = ml_collections.ConfigDict(checkpoint.read_config(str(model_dir)))
+    tokenizer, t_tokenizer = _timed(lambda: vqgan.load(config.tokenizer.path))
+    model = teco.build(config)
+    untrained = lambda: teco.set_code_embeddings(teco.init_variables(model, jax.random.key(config.seed)),
+                                                 tokenizer.codebook)
+    stages = {"trained": ("action_conditioned", lambda: str(model_dir)),
+              "unconditioned": ("unconditioned", lambda: str(model_dir)), "untrained": ("action_conditioned", untrained)}
+    print(f"## stages of {model_dir} (as teco_ssm.run calls them, one process)")
+    real_videos: dict[Any, np.ndarray] = {}
+    with tempfile.TemporaryDirectory() as out:
+        for label, (protocol, variables) in stages.items():
+            _, seconds = _timed(lambda: sample_files.sample_dataset(config, variables(), tokenizer, config.dataset.path,
+                                                                    Path(out) / label, protocol=protocol,
+                                                                    real_cache=real_videos))
+            print(f"| sample-{label} | {seconds:.1f} s |", flush=True)
+
+        print("## where the time goes")
+        variables, t_restore = _timed(lambda: checkpoint.load_variables(config, str(model_dir)))
+        variables = teco.set_code_embeddings(variables, tokenizer.codebook)
+        _, t_init = _timed(untrained)
+        rows = [("imports (jax, flax, teco_ssm, vqgan)", imports), ("tokenizer load", t_tokenizer),
+                ("checkpoint restore", t_restore), ("untrained variables (init, compiled per call)", t_init)]
+        settings = sample.SamplerSettings.from_config(config.sampling)
+        passes = settings.draft_steps + settings.revise_rounds * settings.revise_steps
+        for protocol_name in ("action_conditioned", "unconditioned"):
+            protocol = sample.resolve_protocol(protocol_name, config.sampling)
+            batch = next(iter(open_dataset(config.dataset.path, config.dataset.eval_split, seq_len=protocol.num_frames,
+                                           batch_size=config.sampling.batch_size, shuffle=False)))
+            codes = batch_codes(batch, tokenizer)
+            size = codes.shape[0]
+            actions = jnp.asarray(batch["actions"], jnp.int32) if protocol.use_actions else None
+            context = jnp.asarray(codes[:, :protocol.context])
+            use = protocol.use_actions
+            condition = jax.jit(lambda v, c, a: model.apply(v, c, a, method=teco.Teco.condition, use_actions=use))
+            generate = jax.jit(lambda v, c, a: sample.generate(model, v, c, a, jax.random.key(0),
+                                                               horizon=protocol.horizon, settings=settings))
+            past = None if actions is None else actions[:, :protocol.context]
+            future = None if actions is None else actions[:, protocol.context:]
+            condition_c, t_cc = _timed(lambda: condition.lower(variables, context, past).compile())
+            carry = condition_c(variables, context, past)
+            generate_c, t_gc = _timed(lambda: generate.lower(variables, carry, future).compile())
+            step = jax.jit(lambda v, c, a: model.apply(v, c, a, method=lambda m, c, a: m._advance(c, a)))
+            hidden, _ = step(variables, carry, None if future is None else future[:, 0])
+            latent = carry["latent"]
+            tokens = jnp.full((size,) + tuple(latent.shape[1:3]), model.latent_codes, jnp.int32)  # the prior's mask id
+            prior = jax.jit(lambda v, t, h: model.apply(v, t, h, method=lambda m, t, h: m.prior(t, h)))
+            decoder = jax.jit(lambda v, h, z: model.apply(v, h, z, method=lambda m, h, z: m._decode(h, z)))
+            fns = {"condition": lambda: condition_c(variables, context, past),
+                   "generate": lambda: generate_c(variables, carry, future),
+                   "backbone step": lambda: step(variables, carry, None if future is None else future[:, 0]),
+                   "prior pass": lambda: prior(variables, tokens, hidden),
+                   "decoder": lambda: decoder(variables, hidden, latent)}
+            times = interleaved_times(fns, repeats)
+            generated = np.asarray(generate_c(variables, carry, future)[1])
+            _, t_decode_first = _timed(lambda: tokenizer.decode(generated))
+            decode = interleaved_times({"decode": lambda: tokenizer.decode(codes)}, repeats)["decode"]
+            frames = sample_files.to_uint8(tokenizer.decode(codes))
+            _, t_write = _timed(lambda: sample_files._write_npz_atomic(Path(out) / "x.npz",
+                                                                       dict(real=frames, fake=frames)))
+            ms = lambda seconds: f"{1e3 * seconds / protocol.horizon:.1f} ms"
+            rows += [(f"{protocol_name}: compile condition / generate", f"{t_cc:.1f} s / {t_gc:.1f} s"),
+                     (f"{protocol_name}: condition on {protocol.context} frames, batch {size}", times["condition"]),
+                     (f"{protocol_name}: generate {protocol.horizon} frames", times["generate"]),
+                     ("  per generated frame", ms(times["generate"])),
+                     ("    backbone step", f"{1e3 * times['backbone step']:.1f} ms"),
+                     (f"    prior, {passes} passes", f"{1e3 * passes * times['prior pass']:.1f} ms"),
+                     ("    decoder", f"{1e3 * times['decoder']:.1f} ms"),
+                     (f"{protocol_name}: tokenizer decode of {codes.shape[0] * codes.shape[1]} frames "
+                      f"(chunks of {tokenizer.chunk_size})", decode),
+                     ("  first call (with compilation)", t_decode_first),
+                     ("write one sample file", t_write)]
+        for name, value in rows:
+            print(f"| {name} | {value if isinstance(value, str) else f'{value:.2f} s'} |")
+
+
 def main() -> None:
     host_memory.configure()  # as the teco-ssm front end runs
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -195,8 +299,16 @@ def main() -> None:
     parser.add_argument("--rerun_frames", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=3, help="rounds of the rollout timings")
     parser.add_argument("--chunk_repeats", type=int, default=7, help="rounds of the per-frame cost timings")
+    parser.add_argument("--stages", type=Path, default=None,
+                        help="a `teco-ssm run` workdir: time its sampling stages instead (module docstring)")
     args = parser.parse_args()
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    if args.stages is not None:
+        print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}, "
+              f"load at start {load}")
+        bench_stages(args.stages, args.repeats)
+        print(f"# load at end {os.getloadavg() if hasattr(os, 'getloadavg') else None}")
+        return
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} on "
           f"{jax.devices()[0].device_kind}, {args.size} size, batch {args.batch}, context {args.context}, "
           f"load at start {load}")

@@ -148,9 +148,11 @@ def run(*, dataset: str = "mazelab", backbone: str = "convt3", quick: bool = Fal
         stages("encode", lambda: stage_fns.encode(str(tokenizer), str(data), str(encoded), name=bench.name,
                                                   splits=("train", "test", "valid")[:3 if num_valid else 2]))
 
-        real_features: dict[Any, Any] = {}  # every evaluation scores the same test videos: I3D embeds them once
+        # Every stage samples and scores the same test videos: they are decoded once and I3D embeds them once.
+        real_videos: dict[Any, Any] = {}
+        real_features: dict[Any, Any] = {}
         results = {name: _run_backbone(stages, root, name, size, steps, encoded / bench.name, tokenizer,
-                                       real_features, dataset) for name in names}
+                                       real_videos, real_features, dataset) for name in names}
         protocols = {p: (reference.sampling[p].context, reference.sampling[p].horizon)
                      for p in ("action_conditioned", "unconditioned")}
         summary = {"dataset": bench.title, "size": size_name, "train_steps": reference.steps, "protocols": protocols,
@@ -180,7 +182,8 @@ def _claim_workdir(workdir: Path, settings: dict[str, Any]) -> None:
 
 
 def _run_backbone(stages: Stages, workdir: Path, name: str, size: RunSize, steps: int | None, data: Path,
-                  tokenizer: Path, real_features: dict[Any, Any], dataset: str = "mazelab") -> dict[str, Any]:
+                  tokenizer: Path, real_videos: dict[Any, Any], real_features: dict[Any, Any],
+                  dataset: str = "mazelab") -> dict[str, Any]:
     import jax
 
     import vqgan
@@ -202,7 +205,7 @@ def _run_backbone(stages: Stages, workdir: Path, name: str, size: RunSize, steps
     for label, (protocol, variables) in runs.items():
         sampled = stages(f"sample-{name}-{label}", lambda: sample_files.sample_dataset(
             config, str(model_dir) if variables is None else variables(), tok, data, samples / label,
-            protocol=protocol))
+            protocol=protocol, real_cache=real_videos))
         if label == "trained":
             seconds = stages.records[f"sample-{name}-{label}"]["seconds"]
             generated = sampled["num_videos"] * config.sampling[protocol].horizon

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import math
 import os
 from pathlib import Path
@@ -51,10 +52,31 @@ def to_uint8(frames: np.ndarray) -> np.ndarray:
 
 
 def _decode(tokenizer: Any, codes: np.ndarray) -> np.ndarray:
-    """uint8 frames (N, T, H, W, 3) of codes (N, T, h, w); N may be 0 (a process's share of the last batch)."""
-    if len(codes) == 0:
-        return np.zeros((0, codes.shape[1], *tokenizer.frame_shape), np.uint8)
+    """uint8 frames (N, T, H, W, 3) of codes (N, T, h, w); N may be 0 (a process's share of the last batch), T may
+    be 0 (no generated frames)."""
+    if 0 in codes.shape[:2]:
+        return np.zeros((*codes.shape[:2], *tokenizer.frame_shape), np.uint8)
     return to_uint8(tokenizer.decode(codes))
+
+
+def _decode_videos(tokenizer: Any, batch: Mapping[str, np.ndarray], codes: np.ndarray, sampled: np.ndarray,
+                   context: int, keep: np.ndarray,
+                   real_cache: dict[Any, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The `real` and `fake` uint8 videos (N, T, H, W, 3) of the kept rows `keep` of a batch: real from the batch's
+    frames, or decoded from its codes (N, T, h, w) for an encoded dataset (through `real_cache`, see
+    `sample_dataset`); fake decoded from `sampled` (N, T, h, w), whose first `context` frames are the real codes.
+    Each frame is decoded once: an encoded dataset's real context frames are also the sample's (the tokenizer
+    decodes every frame on its own, so a frame's pixels do not depend on the frames decoded with it)."""
+    if "frames" in batch:
+        return to_uint8(batch["frames"][keep]), _decode(tokenizer, sampled)
+    fingerprint = getattr(tokenizer, "fingerprint", None)  # without one, nothing tells two tokenizers apart
+    key = (fingerprint, codes.shape, hashlib.sha256(codes.tobytes()).hexdigest())
+    real = real_cache.get(key) if fingerprint else None
+    if real is None:
+        real = _decode(tokenizer, codes)
+        if fingerprint:
+            real_cache[key] = real
+    return real, np.concatenate([real[:, :context], _decode(tokenizer, sampled[:, context:])], axis=1)
 
 
 def _write_npz_atomic(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
@@ -85,7 +107,8 @@ def sample_dataset(config: ml_collections.ConfigDict, workdir_or_variables: Path
                    tokenizer: Any, data_path: PathLike, out_dir: PathLike, *,
                    protocol: str | Protocol | Sequence[Any] = "action_conditioned", num_videos: int | None = None,
                    batch_size: int | None = None, seed: int | None = None, step: int | None = None,
-                   split: str | None = None, settings: SamplerSettings | None = None) -> dict[str, Any]:
+                   split: str | None = None, settings: SamplerSettings | None = None,
+                   real_cache: dict[Any, np.ndarray] | None = None) -> dict[str, Any]:
     """Samples the evaluation split of a dataset under a protocol and writes `out_dir/batch_<k>.npz` files.
 
     Args:
@@ -102,6 +125,10 @@ def sample_dataset(config: ml_collections.ConfigDict, workdir_or_variables: Path
       split: the dataset split (default config.dataset.eval_split).
       settings: the MaskGit sampler's settings (default `SamplerSettings.from_config(config.sampling)`), e.g.
         `dataclasses.replace(SamplerSettings.from_config(config.sampling), temperature=0.5)`.
+      real_cache: a dict shared between calls: the `real` videos an encoded dataset's codes decode to are kept
+        there, keyed by the tokenizer's fingerprint and the codes' bytes, so calls that sample the same videos (a
+        model under both protocols, its untrained baseline: `teco_ssm.run`) decode them once. It holds every
+        batch's real videos (uint8) until the caller drops it.
     Resumable: a batch whose file exists is skipped (files are written to a temporary name and renamed, so a
     file that exists is complete); a finished file from another protocol, seed, sampler settings, checkpoint step,
     tokenizer or dataset is a ValueError naming the file and field. One process writes `out_dir` at a time
@@ -138,14 +165,15 @@ def sample_dataset(config: ml_collections.ConfigDict, workdir_or_variables: Path
     with lock.hold(out_dir) if jax.process_index() == 0 else contextlib.nullcontext():
         return _sample_dataset(config, model, workdir_or_variables, tokenizer, data_path, dataset, out_dir,
                                chosen=chosen, num_videos=num_videos, batch_size=batch_size, seed=seed, step=step,
-                               split=split, settings=settings, mesh=mesh, data_kwargs=data_kwargs)
+                               split=split, settings=settings, mesh=mesh, data_kwargs=data_kwargs,
+                               real_cache=real_cache)
 
 
 def _sample_dataset(config: ml_collections.ConfigDict, model: Teco,
                     workdir_or_variables: PathLike | Mapping[str, Any], tokenizer: Any, data_path: PathLike,
                     dataset: Any, out_dir: Path, *, chosen: Protocol, num_videos: int, batch_size: int, seed: int,
                     step: int, split: str, settings: SamplerSettings, mesh: Any,
-                    data_kwargs: dict[str, Any]) -> dict[str, Any]:
+                    data_kwargs: dict[str, Any], real_cache: dict[Any, np.ndarray] | None) -> dict[str, Any]:
     count = jax.process_count()
     num_videos = min(num_videos, dataset.info.num_videos)
     num_batches = min(len(dataset), math.ceil(num_videos / (batch_size * count)))
@@ -181,7 +209,8 @@ def _sample_dataset(config: ml_collections.ConfigDict, model: Teco,
             variables = teco.set_code_embeddings(variables, tokenizer.codebook)
         written = _sample_batches(model, variables, tokenizer, dataset, paths, finished, first, chosen,
                                   num_videos=num_videos, seed=seed, expected=expected, settings=settings,
-                                  mesh=mesh, batches=open_dataset(data_path, split, start_step=first, **data_kwargs))
+                                  mesh=mesh, batches=open_dataset(data_path, split, start_step=first, **data_kwargs),
+                                  real_cache={} if real_cache is None else real_cache)
     paths = [path for path in paths if path is not None]
     total = sum(formats.npz_header(str(path))["real"][0][0] for path in paths)
     return dict(files=[str(p) for p in paths], written=written, skipped=len(paths) - written,
@@ -190,7 +219,8 @@ def _sample_dataset(config: ml_collections.ConfigDict, model: Teco,
 
 def _sample_batches(model: Teco, variables: dict[str, Any], tokenizer: Any, dataset: Any, paths: list[Path | None],
                     finished: list[bool], first: int, protocol: Protocol, *, num_videos: int, seed: int,
-                    expected: dict[str, Any], settings: SamplerSettings, mesh: Any, batches: Any) -> int:
+                    expected: dict[str, Any], settings: SamplerSettings, mesh: Any, batches: Any,
+                    real_cache: dict[Any, np.ndarray]) -> int:
     """Samples the unfinished batches from `first` on (every process takes part) and writes this process's file of
     each (`paths[k]`, None when it holds no row to keep); returns how many it wrote."""
     # Through host memory: every process places its copy (JAX moves no arrays between hosts).
@@ -203,7 +233,6 @@ def _sample_batches(model: Teco, variables: dict[str, Any], tokenizer: Any, data
             continue
         keep = np.flatnonzero(batch["valid"] & (batch["index"] < num_videos))  # the first num_videos videos
         codes = batch_codes(batch, tokenizer)
-        real = to_uint8(batch["frames"][keep]) if "frames" in batch else _decode(tokenizer, codes[keep])
         actions = np.asarray(batch["actions"], np.int32)
         rng = jax.random.fold_in(jax.random.key(seed), k)
         inputs = sharding.global_batch(dict(codes=codes[:, :protocol.context], actions=actions), mesh)
@@ -212,7 +241,7 @@ def _sample_batches(model: Teco, variables: dict[str, Any], tokenizer: Any, data
         sampled = sharding.local_rows(mesh, sampled)[keep]
         if paths[k] is None or paths[k].exists():  # nothing of this process's to keep, or kept from before
             continue
-        fake = _decode(tokenizer, sampled)
+        real, fake = _decode_videos(tokenizer, batch, codes[keep], sampled, protocol.context, keep, real_cache)
         arrays = dict(real=real, fake=fake, actions=actions[keep], index=batch["index"][keep],
                       batch=np.asarray(k), **{name: np.asarray(value) for name, value in expected.items()})
         seen = evaluate.seen_mask(dataset, batch["index"][keep], np.asarray(batch["start"])[keep], protocol.context,

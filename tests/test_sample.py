@@ -368,3 +368,64 @@ def test_dataset_poses_from_an_encoded_dataset(tmp_path):
         writer.write(np.zeros((num_frames, 8, 8), np.int32), np.zeros(num_frames, np.int32))
     plain = open_dataset(tmp_path / "plain" / "codes", "test", seq_len=num_frames, batch_size=1, shuffle=False)
     assert evaluate.dataset_poses(plain, 0, 0, num_frames) is None
+
+
+class CountingTokenizer(Tokenizer):
+    """A tokenizer that counts the frames it decodes."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.decoded = 0
+
+    def decode(self, codes):
+        self.decoded += int(np.prod(np.shape(codes)[:2]))
+        return super().decode(codes)
+
+
+def test_sample_files_of_an_encoded_dataset_decode_each_frame_once(tmp_path):
+    """An encoded dataset's files hold what decoding whole videos gives (real: the codes, fake: the rollout),
+    while the sample's context frames are decoded once for both, and a `real_cache` shared between calls decodes
+    the real videos once for every call of the same tokenizer and videos (never for another tokenizer)."""
+    from vqgan.encode import encode_dataset
+
+    config, model = toy_config(), toy_model("convs5")
+    variables = toy_variables("convs5")
+    vq = VQGAN(**TOKENIZER_FIELDS, num_groups=2)
+    tokenizer = CountingTokenizer(vq, vqgan_init(vq, 3), chunk_size=16)
+    data, num_frames = tmp_path / "data", FILE_CONTEXT + FILE_HORIZON
+    write_dataset(data, num_videos=4, frames=num_frames)
+    encode_dataset(tokenizer, data, tmp_path / "codes", "maze", splits=("test",), progress=False)
+    encoded = tmp_path / "codes" / "maze"
+    codes = next(iter(open_dataset(encoded, "test", seq_len=num_frames, batch_size=4, shuffle=False)))["codes"]
+    protocol = (FILE_CONTEXT, FILE_HORIZON, True)
+    cache = {}
+
+    def run(out, protocol=protocol):
+        tokenizer.decoded = 0
+        result = sample_files.sample_dataset(config, variables, tokenizer, str(encoded), str(tmp_path / out),
+                                             protocol=protocol, num_videos=4, batch_size=4, seed=7, real_cache=cache)
+        with np.load(result["files"][0]) as f:
+            return dict(f)
+
+    first = run("first")
+    assert tokenizer.decoded == 4 * (num_frames + FILE_HORIZON)  # real videos, then the generated frames only
+    np.testing.assert_array_equal(first["real"], sample_files.to_uint8(tokenizer.decode(codes)))
+    loaded = {**variables, "tokenizer": {"code_embeddings": tokenizer.codebook}}
+    direct = sample.rollout(model, loaded, codes[:, :FILE_CONTEXT], first["actions"],
+                            jax.random.fold_in(jax.random.key(7), 0), horizon=FILE_HORIZON,
+                            settings=SamplerSettings.from_config(config.sampling))
+    np.testing.assert_array_equal(first["fake"], sample_files.to_uint8(tokenizer.decode(np.asarray(direct))))
+
+    again = run("again", protocol=(FILE_CONTEXT, FILE_HORIZON, False))  # the same videos: real from the cache
+    assert tokenizer.decoded == 4 * FILE_HORIZON
+    np.testing.assert_array_equal(again["real"], first["real"])
+    assert not np.array_equal(again["fake"], first["fake"])
+
+    # Another tokenizer (same shapes, other weights; the data layer refuses it for these codes, so the decoding
+    # step is called directly) does not reuse the cached videos.
+    other = CountingTokenizer(vq, vqgan_init(vq, 4), chunk_size=16)
+    other_real, _ = sample_files._decode_videos(other, {"codes": codes}, codes, np.asarray(direct), FILE_CONTEXT,
+                                                np.arange(4), cache)
+    assert other.decoded == 4 * (num_frames + FILE_HORIZON)
+    np.testing.assert_array_equal(other_real, sample_files.to_uint8(other.decode(codes)))
+    assert not np.array_equal(other_real, first["real"])
