@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import mazelab
-from teco_ssm import backbones, host_memory, sample, teco
+from teco_ssm import backbones, host_memory, sample, teco, train
 from teco_ssm.backbones import transformer
 
 
@@ -215,7 +215,7 @@ def bench_stages(run_dir: Path, repeats: int) -> None:
     config = ml_collections.ConfigDict(checkpoint.read_config(str(model_dir)))
     tokenizer, t_tokenizer = _timed(lambda: vqgan.load(config.tokenizer.path))
     model = teco.build(config)
-    untrained = lambda: teco.set_code_embeddings(teco.init_variables(model, jax.random.key(config.seed)),
+    untrained = lambda: teco.set_code_embeddings(teco.init_variables(model, train.init_key(config.seed)),
                                                  tokenizer.codebook)
     stages = {"trained": ("action_conditioned", lambda: str(model_dir)),
               "unconditioned": ("unconditioned", lambda: str(model_dir)), "untrained": ("action_conditioned", untrained)}

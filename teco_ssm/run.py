@@ -184,8 +184,6 @@ def _claim_workdir(workdir: Path, settings: dict[str, Any]) -> None:
 def _run_backbone(stages: Stages, workdir: Path, name: str, size: RunSize, steps: int | None, data: Path,
                   tokenizer: Path, real_videos: dict[Any, Any], real_features: dict[Any, Any],
                   dataset: str = "mazelab") -> dict[str, Any]:
-    import jax
-
     import vqgan
     from teco_ssm import evaluate, sample_files, teco, train
 
@@ -198,7 +196,7 @@ def _run_backbone(stages: Stages, workdir: Path, name: str, size: RunSize, steps
     out = {"train": stages(f"train-{name}", lambda: train.train_and_evaluate(config, str(model_dir)))}
     def untrained_variables() -> dict[str, Any]:
         model = teco.build(config)
-        return teco.set_code_embeddings(teco.init_variables(model, jax.random.key(config.seed)), tok.codebook)
+        return teco.set_code_embeddings(teco.init_variables(model, train.init_key(config.seed)), tok.codebook)
 
     runs = {"trained": ("action_conditioned", None), "unconditioned": ("unconditioned", None),
             "untrained": ("action_conditioned", untrained_variables)}

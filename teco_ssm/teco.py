@@ -412,13 +412,20 @@ def build(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Teco:
 
 def init_variables(model: Teco, rng: jax.Array, batch_size: int = 1, num_frames: int = 2) -> dict[str, Any]:
     """Initial variables: {'params': ..., 'tokenizer': {'code_embeddings': ...}} ('tokenizer' absent when the
-    code embeddings are learned). Shapes do not depend on batch_size or num_frames (> condition_frames)."""
-    num_frames = max(num_frames, model.condition_frames + 1)
+    code embeddings are learned). Shapes do not depend on batch_size or num_frames (> condition_frames).
+
+    Compiled once per model, key type and shapes in a process: training's initial state and the untrained
+    baseline of `teco-ssm run` (both from `train.init_key(seed)`) share one compiled initialiser."""
+    return dict(_init_variables(model, rng, batch_size, max(num_frames, model.condition_frames + 1)))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3))
+def _init_variables(model: Teco, rng: jax.Array, batch_size: int, num_frames: int) -> dict[str, Any]:
     codes = jnp.zeros((batch_size, num_frames) + tuple(model.code_shape), jnp.int32)
     actions = jnp.zeros((batch_size, num_frames), jnp.int32)
     param_rng, call_rng = jax.random.split(rng)
-    init = functools.partial(model.init, train=False, mutable=("params", "tokenizer"))
-    return dict(jax.jit(init)({"params": param_rng}, codes, actions, rng=call_rng))
+    return model.init({"params": param_rng}, codes, actions, train=False, rng=call_rng,
+                      mutable=("params", "tokenizer"))
 
 
 def set_code_embeddings(variables: Mapping[str, Any], table: jax.Array) -> dict[str, Any]:

@@ -327,3 +327,19 @@ def test_short_training_run_reduces_the_loss():
         losses.append(float(metrics["loss"]))
     start, end = np.mean(losses[:5]), np.mean(losses[-10:])
     assert end < 0.35 * start, (start, end)
+
+
+def test_init_variables_compiles_once_and_is_the_train_state_the_run_starts_from():
+    from teco_ssm import optim, sharding, teco, train
+    model = toy_model("convs5")
+    key = train.init_key(3)
+    compiled = teco._init_variables._cache_size()
+    first = init_variables(model, key)
+    again = init_variables(toy_model("convs5"), key)
+    assert teco._init_variables._cache_size() == compiled + 1  # an equal model reuses the compiled initialiser
+    jax.tree_util.tree_map(np.testing.assert_array_equal, first, again)
+    state, _ = train.init_state(key, None, model=model, settings=optim.OptimizerSettings(lr=1e-3, total_steps=10, warmup_steps=1),
+                                mesh=sharding.make_mesh(1, jax.devices()[:1]))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, first["params"], state["params"])
+    other = jax.tree_util.tree_leaves(init_variables(model, train.init_key(4))["params"])
+    assert any(not np.array_equal(a, b) for a, b in zip(other, jax.tree_util.tree_leaves(first["params"])))
