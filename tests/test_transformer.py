@@ -183,7 +183,7 @@ def reference_forward(params, x, cfg):
     frame = np.arange(length) // per_frame
     mask = (frame[None, :] <= frame[:, None]) & (frame[None, :] > frame[:, None] - window)
     for i in range(cfg["n_layers"]):
-        layer = p[f"layers_{i}"]
+        layer = jax.tree.map(lambda a: a[i], p["layers"])  # slice i of the stacked (n_layers, ...) leaves
         normed = _layer_norm(h, layer["attention_norm"])
         q, k, v = (np.einsum("ble,ehd->blhd", normed, layer[n]["kernel"]) + layer[n]["bias"]
                    for n in ("query", "key", "value"))
