@@ -160,8 +160,10 @@ def test_config_groups_catch_every_ssm_parameter_of_every_backbone(name):
     expected = {k for k in labels if ("/diagonal/" in k or "/raw_b_" in k) and k.rsplit("/", 1)[1] in ssm_names}
     assert {k for k, g in labels.items() if g == "ssm"} == expected
     assert bool(expected) == (name != "transformer")
-    # the layer stack's biases and norms, (n_layers, d), take no weight decay; its kernels do
-    stacked = {k: g for k, g in labels.items() if k.startswith("backbone/layers/")}
-    assert any(k.endswith("/bias") for k in stacked) and any(k.endswith("/kernel") for k in stacked)
-    assert all(g == "no_decay" for k, g in stacked.items() if k.rsplit("/", 1)[1] in ("bias", "scale"))
-    assert all(g == "decay" for k, g in stacked.items() if k.endswith("/kernel"))
+    # the layer stack's leaves, with their leading n_layers axis, fall in the groups one layer's leaves fall in
+    backbone = dict(abstract["backbone"])
+    backbone["layer_0"] = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
+                                                 backbone.pop("layers"))
+    one_layer = flat(optim.param_labels({**abstract, "backbone": backbone}, settings_of_config.ssm_params))
+    assert {k.replace("backbone/layers/", "backbone/layer_0/"): g for k, g in labels.items()} == one_layer
+    assert {"decay", "no_decay"} <= {g for k, g in labels.items() if k.startswith("backbone/layers/")}
