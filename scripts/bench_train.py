@@ -34,6 +34,7 @@ def bench_config(name: str, use_dmlab: bool):
     config = dmlab.get_config(name)
     config.batch_size, config.seq_len = 16, 300
     config.model.remat, config.model.dtype = True, "bfloat16"
+    config[name].remat, config[name].dtype = True, "bfloat16"  # the backbone's own settings
     return config
 
 
