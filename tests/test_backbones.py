@@ -189,7 +189,8 @@ def unrolled_layers(layer, n_layers, remat, in_axes, train_argnum):
     class Unrolled(layer):
         @nn.compact
         def __call__(self, carry, *xs):
-            fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(layer) if f.name not in ("parent", "name")}
+            fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(layer)
+                      if f.name not in ("parent", "name")}
             outputs = []
             for i in range(n_layers):
                 args = [x if axis is nn.broadcast else jax.tree_util.tree_map(lambda a: a[i], x)
