@@ -44,5 +44,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             transformer=dict(d_model=64, downsample=2, embed_dim=64, mlp_dim=128, num_heads=4, n_layers=2,
                              max_len=32)),
         optim={name: dict(lr=3e-3, warmup_steps=50) for name in backbones.NAMES},
-        batch_size=4, seq_len=32, steps=700, log_every=20, checkpoint_every=200, keep_checkpoints=2,
+        batch_size=4, seq_len=32, steps=2000, log_every=20, checkpoint_every=200, keep_checkpoints=2,
         visualise_every=300, eval_every=100, sampling=sampling, seed=0)

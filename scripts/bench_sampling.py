@@ -2,6 +2,7 @@
 
     python scripts/bench_sampling.py                          # MazeLab model sizes, every backbone
     python scripts/bench_sampling.py --size toy               # the test suite's tiny model
+    python scripts/bench_sampling.py --size dmlab --context 36   # the paper's DMLab model (for a GPU)
     python scripts/bench_sampling.py --backbones convs5 --repeats 1 --rerun_frames 10   # a quick look
     python scripts/bench_sampling.py --stages runs/mazelab    # the sampling stages of a `teco-ssm run` workdir
 
@@ -48,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs import mazelab
+from configs import dmlab, mazelab
 from teco_ssm import backbones, host_memory, sample, teco, train
 from teco_ssm.backbones import transformer
 
@@ -113,8 +114,9 @@ TOY_BACKBONES = {
 
 
 def build(name: str, size: str, max_len: int) -> tuple[Any, teco.Teco]:
-    """The MazeLab config of backbone `name` (shrunk to the toy model for size 'toy'), and its model."""
-    config = mazelab.get_config(name)
+    """The MazeLab config of backbone `name` (shrunk to the toy model for size 'toy'; the DMLab config, the paper's
+    model, for size 'dmlab'), and its model."""
+    config = dmlab.get_config(name) if size == "dmlab" else mazelab.get_config(name)
     if size == "toy":
         config.model.update(TOY_MODEL)
         config[name].update(TOY_BACKBONES[name])
@@ -291,7 +293,7 @@ def main() -> None:
     host_memory.configure()  # as the teco-ssm front end runs
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbones", default=",".join(backbones.NAMES))
-    parser.add_argument("--size", choices=("mazelab", "toy"), default="mazelab")
+    parser.add_argument("--size", choices=("mazelab", "toy", "dmlab"), default="mazelab")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--context", type=int, default=16, help="MazeLab's action-conditioned context")
     parser.add_argument("--chunk", type=int, default=20, help="frames per chunk for the per-frame cost")
