@@ -4,13 +4,12 @@
     tx = build(settings)                          # optax.GradientTransformation
     labels = param_labels(params, settings.ssm_params)
 
-Three groups, chosen per parameter by its path (names joined by '/', e.g. 'backbone/layers/ssm/diagonal/Lambda_re'):
+Three groups, chosen per parameter by its path (names joined by '/', e.g. 'backbone/layer_0/ssm/diagonal/Lambda_re'):
   'ssm'       path matches `ssm_params` (re.search): the SSM eigenvalues, timescales and input matrices (and
               ConvT3's stencils) train as S5 trains them, with their own peak rate `ssm_lr` and `ssm_weight_decay`
               (0 in every config);
-  'no_decay'  other parameters with fewer than two dimensions per layer (biases, norm scales and offsets; the
-              leading n_layers axis of a backbone's layer stack, `backbone/layers/...`, does not count): rate `lr`,
-              no weight decay, unless `decay_all` (the releases' `optax.adamw` decays every parameter);
+  'no_decay'  other parameters with fewer than two dimensions (biases, norm scales and offsets): rate `lr`, no
+              weight decay, unless `decay_all` (the releases' `optax.adamw` decays every parameter);
   'decay'     everything else: rate `lr`, decoupled weight decay `weight_decay` (scaled by the rate, as AdamW).
 Both rates follow the same schedule shape: 0 -> peak linearly over `warmup_steps`, then cosine down to
 `end_lr_factor * peak` at `total_steps`, or at `total_steps - warmup_steps` with `schedule_ends_early` (both
@@ -26,8 +25,6 @@ from typing import Any, Callable, Mapping
 
 import jax
 import optax
-
-from teco_ssm.backbones.common import LAYERS
 
 _FILE = "teco_ssm/optim.py"
 GROUPS = ("decay", "no_decay", "ssm")
@@ -135,16 +132,13 @@ def path_name(path: tuple[Any, ...]) -> str:
 
 def param_labels(params: Any, ssm_params: str) -> Any:
     """The group ('ssm', 'no_decay' or 'decay') of every leaf of `params` (arrays or ShapeDtypeStructs);
-    a pytree of strings of the same structure. A leaf under a layer stack (a path part `layers`) is judged by its
-    shape per layer, without the leading n_layers axis."""
+    a pytree of strings of the same structure."""
     pattern = re.compile(ssm_params)
 
     def label(path, leaf) -> str:
-        name = path_name(path)
-        if pattern.search(name):
+        if pattern.search(path_name(path)):
             return "ssm"
-        ndim = len(leaf.shape) - (LAYERS in name.split("/"))
-        return "no_decay" if ndim < 2 else "decay"
+        return "no_decay" if len(leaf.shape) < 2 else "decay"
 
     return jax.tree_util.tree_map_with_path(label, params)
 

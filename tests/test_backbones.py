@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from teco_ssm import backbones
-from teco_ssm.backbones import common, transformer
 
 TOY = {
     "transformer": dict(d_model=16, n_layers=2, downsample=2, embed_dim=8, mlp_dim=16, num_heads=2, max_len=16),
@@ -179,91 +178,3 @@ def test_bfloat16_compute_stays_close(name):
     y16, _ = jax.jit(bf16.apply)(variables, x)
     assert y16.dtype == jnp.float32
     assert float(jnp.abs(y16 - y32).mean()) < 0.05 * float(jnp.abs(y32).mean())
-
-
-# ---------------------------------------------------------------- the scanned layer stack against unrolled layers
-def unrolled_layers(layer, n_layers, remat, in_axes, train_argnum):
-    """The reference for `common.scan_layers`: the one layer module applied n_layers times in Python, as submodules
-    layer_0, layer_1, ..., each given slice i of the per-layer arguments (no remat)."""
-
-    class Unrolled(layer):
-        @nn.compact
-        def __call__(self, carry, *xs):
-            fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(layer)
-                      if f.name not in ("parent", "name")}
-            outputs = []
-            for i in range(n_layers):
-                args = [x if axis is nn.broadcast else jax.tree_util.tree_map(lambda a: a[i], x)
-                        for x, axis in zip(xs, in_axes)]
-                carry, y = layer(**fields, name=f"layer_{i}")(carry, *args)
-                outputs.append(y)
-            return carry, jax.tree_util.tree_map(lambda *ys: jnp.stack(ys), *outputs)
-
-    return Unrolled
-
-
-def unstacked(params, n_layers):
-    """Stacked parameters in the unrolled reference's layout: layers/layer_i holds slice i."""
-    per_layer = {f"layer_{i}": jax.tree_util.tree_map(lambda a: a[i], params["layers"]) for i in range(n_layers)}
-    return {**params, "layers": per_layer}
-
-
-def restacked(params, n_layers):
-    layers = [params["layers"][f"layer_{i}"] for i in range(n_layers)]
-    return {**params, "layers": jax.tree_util.tree_map(lambda *a: jnp.stack(a), *layers)}
-
-
-@pytest.mark.parametrize("remat", [False, True])
-@pytest.mark.parametrize("name", backbones.NAMES)
-def test_scanned_stack_equals_unrolled_layers(name, remat, monkeypatch):
-    """Outputs, final states and parameter gradients of two calls (the second from the first's state) equal those of
-    the one layer module applied n_layers times to the sliced parameters, to float32 rounding."""
-    n_layers = 3
-    x = frames(13, (2, 5, 4, 4, 3))
-    weight = frames(15, (2, 5, 4, 4, toy(name).output_width))  # a random linear loss: its gradients carry signal
-
-    def value_and_grad(model, params):
-        def loss(params):
-            y1, s1 = model.apply({"params": params}, x[:, :3])
-            y2, s2 = model.apply({"params": params}, x[:, 3:], s1)
-            return jnp.sum(y1 * weight[:, :3]) + jnp.sum(y2 * weight[:, 3:]), (y1, y2, s2)
-        return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
-
-    model = toy(name, n_layers=n_layers, remat=remat)
-    params = jax.jit(model.init)(jax.random.key(14), x)["params"]
-    (value, outputs), grads = value_and_grad(model, params)
-
-    monkeypatch.setattr(common, "scan_layers", unrolled_layers)
-    monkeypatch.setattr(transformer, "scan_layers", unrolled_layers)
-    reference = toy(name, n_layers=n_layers)
-    (want_value, want_outputs), want_grads = value_and_grad(reference, unstacked(params, n_layers))
-    got, want = (value, outputs, grads), (want_value, want_outputs, restacked(want_grads, n_layers))
-    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
-    for u, v in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
-        scale = float(np.abs(np.asarray(v)).max()) or 1.0
-        np.testing.assert_allclose(np.asarray(u), np.asarray(v), atol=2e-5 * scale, rtol=0)
-
-
-DRAWN = ("kernel", "B", "C", "log_step", "D", "raw_b_H", "raw_b_W")  # random at initialisation; the rest constant
-
-
-@pytest.mark.parametrize("name", backbones.NAMES)
-def test_each_layer_draws_its_own_parameters(name):
-    """Drawn leaves (kernels, B, C, timescales, stencils) differ between the layers of a stack and spread as a
-    one-layer stack's; the constant ones (HiPPO eigenvalues, norm scales, biases) are the same in every layer."""
-    x = frames(15, (1, 2, 4, 4, 3))
-    stacked = jax.jit(toy(name, n_layers=3).init)(jax.random.key(16), x)["params"]["layers"]
-    single = jax.jit(toy(name, n_layers=1).init)(jax.random.key(17), x)["params"]["layers"]
-    drawn = set()
-    for (path, leaf), one in zip(jax.tree_util.tree_leaves_with_path(stacked), jax.tree_util.tree_leaves(single)):
-        where = jax.tree_util.keystr(path)
-        leaf, one = np.asarray(leaf), np.asarray(one)
-        assert leaf.shape == (3,) + one.shape[1:] and one.shape[0] == 1, where
-        if path[-1].key in DRAWN:
-            drawn.add(path[-1].key)
-            assert not any(np.allclose(leaf[i], leaf[j]) for i in range(3) for j in range(i)), where
-            if one.size >= 32:
-                assert 0.7 < np.std(leaf) / np.std(one) < 1.4, where
-        else:
-            assert all(np.array_equal(layer, one[0]) for layer in leaf), where
-    assert "kernel" in drawn and (name == "transformer" or {"B", "C", "log_step"} <= drawn)

@@ -249,10 +249,10 @@ def test_ssm_parameter_group_matches_only_ssm_parameters():
     import re
 
     pattern = re.compile(optim.SSM_PARAMS)
-    for path in ("backbone/layers/ssm/diagonal/Lambda_re", "backbone/layers/diagonal/log_step",
-                 "backbone/layers/ssm/diagonal/B", "backbone/layers/ssm/raw_b_H"):
+    for path in ("backbone/layers_0/ssm/diagonal/Lambda_re", "backbone/layer_3/diagonal/log_step",
+                 "backbone/layers_1/ssm/diagonal/B", "backbone/layers_0/ssm/raw_b_H"):
         assert pattern.search(path), path
-    for path in ("backbone/layers/ssm/diagonal/C", "backbone/layers/D", "decoder/Dense_0/kernel",
+    for path in ("backbone/layers_0/ssm/diagonal/C", "backbone/layers_0/D", "decoder/Dense_0/kernel",
                  "prior/block_0/Dense_0/bias", "codebook/codes"):
         assert not pattern.search(path), path
 

@@ -7,21 +7,21 @@ from configs import mazelab
 from teco_ssm import backbones, optim, teco
 
 SSM = optim.SSM_PARAMS
-TREE = {  # a hand-made parameter tree with the names the models use: a stack of 2 layers, then the rest
-    "backbone": {"layers": {"ssm": {"diagonal": {"Lambda_re": (2, 4), "Lambda_im": (2, 4), "log_step": (2, 4, 1),
-                                                 "B": (2, 4, 3), "C": (2, 3, 4)},
-                                    "raw_b_H": (2, 2, 3), "raw_b_W": (2, 2, 3)},
-                            "norm": {"scale": (2, 3), "bias": (2, 3)},
-                            "D": (2, 3)},
+TREE = {  # a hand-made parameter tree with the names the models use
+    "backbone": {"layer_0": {"ssm": {"diagonal": {"Lambda_re": (4,), "Lambda_im": (4,), "log_step": (4, 1),
+                                                  "B": (4, 3), "C": (3, 4)},
+                                     "raw_b_H": (2, 3), "raw_b_W": (2, 3)},
+                             "norm": {"scale": (3,), "bias": (3,)},
+                             "D": (3,)},
                  "input_proj": {"kernel": (5, 3), "bias": (3,)}},
     "start_latent": (2, 2, 3),
 }
 EXPECTED = {
-    "backbone/layers/ssm/diagonal/Lambda_re": "ssm", "backbone/layers/ssm/diagonal/Lambda_im": "ssm",
-    "backbone/layers/ssm/diagonal/log_step": "ssm", "backbone/layers/ssm/diagonal/B": "ssm",
-    "backbone/layers/ssm/diagonal/C": "decay", "backbone/layers/ssm/raw_b_H": "ssm",
-    "backbone/layers/ssm/raw_b_W": "ssm", "backbone/layers/norm/scale": "no_decay",
-    "backbone/layers/norm/bias": "no_decay", "backbone/layers/D": "no_decay",
+    "backbone/layer_0/ssm/diagonal/Lambda_re": "ssm", "backbone/layer_0/ssm/diagonal/Lambda_im": "ssm",
+    "backbone/layer_0/ssm/diagonal/log_step": "ssm", "backbone/layer_0/ssm/diagonal/B": "ssm",
+    "backbone/layer_0/ssm/diagonal/C": "decay", "backbone/layer_0/ssm/raw_b_H": "ssm",
+    "backbone/layer_0/ssm/raw_b_W": "ssm", "backbone/layer_0/norm/scale": "no_decay",
+    "backbone/layer_0/norm/bias": "no_decay", "backbone/layer_0/D": "no_decay",
     "backbone/input_proj/kernel": "decay", "backbone/input_proj/bias": "no_decay", "start_latent": "decay",
 }
 
@@ -46,7 +46,7 @@ def settings(**overrides):
 def test_groups_of_a_hand_made_tree():
     assert flat(optim.param_labels(params(), SSM)) == EXPECTED
     sizes = optim.group_sizes(params(), SSM)
-    assert sizes == {"ssm": 8 + 8 + 8 + 24 + 12 + 12, "no_decay": 6 + 6 + 6 + 3, "decay": 24 + 15 + 12}
+    assert sizes == {"ssm": 4 + 4 + 4 + 12 + 6 + 6, "no_decay": 3 + 3 + 3 + 3, "decay": 12 + 15 + 12}
 
 
 def schedule_reference(step, peak, s):
@@ -160,10 +160,3 @@ def test_config_groups_catch_every_ssm_parameter_of_every_backbone(name):
     expected = {k for k in labels if ("/diagonal/" in k or "/raw_b_" in k) and k.rsplit("/", 1)[1] in ssm_names}
     assert {k for k, g in labels.items() if g == "ssm"} == expected
     assert bool(expected) == (name != "transformer")
-    # the layer stack's leaves, with their leading n_layers axis, fall in the groups one layer's leaves fall in
-    backbone = dict(abstract["backbone"])
-    backbone["layer_0"] = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
-                                                 backbone.pop("layers"))
-    one_layer = flat(optim.param_labels({**abstract, "backbone": backbone}, settings_of_config.ssm_params))
-    assert {k.replace("backbone/layers/", "backbone/layer_0/"): g for k, g in labels.items()} == one_layer
-    assert {"decay", "no_decay"} <= {g for k, g in labels.items() if k.startswith("backbone/layers/")}

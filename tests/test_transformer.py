@@ -183,7 +183,7 @@ def reference_forward(params, x, cfg):
     frame = np.arange(length) // per_frame
     mask = (frame[None, :] <= frame[:, None]) & (frame[None, :] > frame[:, None] - window)
     for i in range(cfg["n_layers"]):
-        layer = jax.tree.map(lambda a: a[i], p["layers"])  # slice i of the stacked (n_layers, ...) leaves
+        layer = p[f"layers_{i}"]
         normed = _layer_norm(h, layer["attention_norm"])
         q, k, v = (np.einsum("ble,ehd->blhd", normed, layer[n]["kernel"]) + layer[n]["bias"]
                    for n in ("query", "key", "value"))
@@ -271,9 +271,7 @@ def test_remat_same_outputs_and_gradients():
     def checkpointed_programs(m):
         return str(jax.make_jaxpr(lambda p: loss(p, m))(variables["params"])).count("remat")
 
-    # one checkpointed layer body, inside the scan over the layers, whatever n_layers
-    assert TOY["n_layers"] > 1
-    assert (checkpointed_programs(model), checkpointed_programs(remat_model)) == (0, 1)
+    assert (checkpointed_programs(model), checkpointed_programs(remat_model)) == (0, TOY["n_layers"])
     value, grads = jax.jit(jax.value_and_grad(lambda p: loss(p, model)))(variables["params"])
     remat_value, remat_grads = jax.jit(jax.value_and_grad(lambda p: loss(p, remat_model)))(variables["params"])
     np.testing.assert_allclose(remat_value, value, rtol=1e-6)

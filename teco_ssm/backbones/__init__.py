@@ -14,10 +14,6 @@ width of its tokens).
 `state` is a list with one pytree per layer. Output at time t depends only on inputs at times <= t, and
 running the parallel call on a sequence equals `init_state` followed by one `step` per frame.
 
-The n_layers identical layers of every backbone run as one scanned module named `layers` (`common.scan_layers`):
-their parameters are the one layer's, each with a leading axis of n_layers ('backbone/layers/norm/scale':
-(n_layers, d_model)), so the layer body compiles once for any depth.
-
 Each backbone's configuration is one frozen dataclass, `Settings` in its module (`TransformerSettings`,
 `S5Settings`, `ConvS5Settings`, `ConvT3Settings`), whose defaults are the ConvS5 paper's DMLab models. `build`
 turns a config block into that value once and the module hands it down unchanged (stack -> layer -> SSM):

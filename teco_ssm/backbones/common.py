@@ -1,6 +1,5 @@
-"""Pieces the backbones share: HiPPO-N initialisation, ZOH discretisation, the diagonal SSM parameters,
-convolutions on complex tensors, the activations between layers, and the layer stack (`scan_layers`, used by every
-backbone, and `SSMStack`, the SSM backbones' module).
+"""Pieces the SSM backbones share: HiPPO-N initialisation, ZOH discretisation, the diagonal SSM parameters,
+convolutions on complex tensors, the layer stack and the activations between layers.
 
 Paper symbols (Lambda, B_tilde, Delta) are those of the ConvS5 paper, Appendix B (eqs. 26-29).
 """
@@ -197,38 +196,6 @@ class HalfGLU(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------- the stack
-LAYERS = "layers"
-"""The name of every backbone's layer stack: its parameters are the layer's, each with a leading axis of n_layers
-(e.g. 'backbone/layers/norm/scale': (n_layers, d_model))."""
-
-
-def scan_layers(layer: type[nn.Module], n_layers: int, remat: bool, in_axes: tuple[Any, ...],
-                train_argnum: int) -> type[nn.Module]:
-    """`layer` applied `n_layers` times in one `nn.scan`, so XLA compiles its body once for any depth.
-
-    `layer.__call__(carry, *xs)` must return `(carry, y)`; the carry (the layer's input and output) keeps its shape
-    and dtype. `in_axes` gives, per argument after the carry, 0 for a per-layer input (stacked on a leading axis;
-    None passes through) or `nn.broadcast` for one shared by every layer; `y` comes back stacked on a leading axis.
-    Parameters are stacked on a leading axis of length n_layers, each layer's drawn with its own 'params' key, and
-    each layer draws its own 'dropout' key. With `remat` each layer is recomputed in the backward pass; argument
-    `train_argnum` (counting the module as 0) is the Python bool `train`, static under remat.
-    """
-    if remat:
-        layer = nn.remat(layer, static_argnums=(train_argnum,))
-    return nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                   in_axes=in_axes, out_axes=0, length=n_layers)
-
-
-def stack_layers(per_layer: Sequence[Any]) -> Any:
-    """A list of per-layer pytrees of the same structure -> one pytree, each leaf stacked on a new leading axis."""
-    return jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *per_layer)
-
-
-def unstack_layers(stacked: Any, n_layers: int) -> list[Any]:
-    """`stack_layers` undone: a pytree with a leading axis of n_layers -> a list of n_layers pytrees."""
-    return [jax.tree_util.tree_map(lambda leaf: leaf[i], stacked) for i in range(n_layers)]
-
-
 def dtype_of(name: str | Any) -> Any:
     """'float32' / 'bfloat16' (config strings) or a dtype -> a jnp dtype."""
     return jnp.dtype(name) if isinstance(name, str) else name
@@ -272,9 +239,8 @@ class SSMStack(nn.Module):
     Subclasses set `layer` (a module class built as `layer(settings)`, with `__call__(u, x0, train) -> (out,
     x_last)` over (B, T, ...) and a static `state_shape(settings, batch_size, spatial_shape)`) and may override how
     frames enter and leave the stack (`embed`, `unembed`). `settings` is the backbone's settings value, passed
-    unchanged to the layer. The layers run as one `scan_layers` stack named `layers`, their parameters stacked on a
-    leading axis of n_layers; the state is a list with one array per layer at the protocol boundary. `step` is the
-    parallel call on one frame: the scan kernel then takes its single-step path, so generation costs one frame.
+    unchanged to every layer. `step` is the parallel call on one frame: the scan kernel then takes its single-step
+    path, so generation costs one frame.
     """
 
     layer: ClassVar[type]
@@ -297,17 +263,16 @@ class SSMStack(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, state: Sequence[Any] | None = None, train: bool = False):
-        """x: (B, T, H, W, C) -> (y (B, T, H, W, output_width) float32, final state: list per layer).
-
-        Raises ValueError for a state whose length is not n_layers."""
-        n_layers = self.settings.n_layers
-        layers = scan_layers(self.layer, n_layers, self.settings.remat, in_axes=(0, nn.broadcast), train_argnum=3)
+        """x: (B, T, H, W, C) -> (y (B, T, H, W, output_width) float32, final state: list per layer)."""
+        cls = nn.remat(self.layer, static_argnums=(3,)) if self.settings.remat else self.layer
         h = self.embed(x)
-        if state is not None and len(state) != n_layers:
-            raise ValueError(f"state has {len(state)} entries, field n_layers={n_layers}")
-        x0 = None if state is None else stack_layers(state)
-        h, x_last = layers(self.settings, name=LAYERS)(h, x0, train)
-        return self.unembed(h, x).astype(jnp.float32), unstack_layers(x_last, n_layers)
+        if state is None:
+            state = [None] * self.settings.n_layers
+        final = []
+        for i, x0 in enumerate(state):
+            h, x_last = cls(self.settings, name=f"layer_{i}")(h, x0, train)
+            final.append(x_last)
+        return self.unembed(h, x).astype(jnp.float32), final
 
     def init_state(self, batch_size: int, spatial_shape: tuple[int, int]) -> list:
         """Zero states, one per layer (see the layer's `state_shape`)."""

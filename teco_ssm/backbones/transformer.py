@@ -10,8 +10,7 @@ What it computes follows the TECO release (teco/models/teco.py `temporal_transfo
 3. `project`: a Dense layer with bias on every token (the Transformer's input projection, `use_fc_in`).
 4. The tokens of all frames are flattened frame-major and token p = N * time + n (n the token's place in its
    frame) gets the sinusoidal embedding of p: positions run over all tokens, not over frames only.
-5. `n_layers` pre-LayerNorm blocks, run as one scanned stack `layers` (`common.scan_layers`; each parameter
-   stacked on a leading n_layers axis): x + Dropout(Attn(LN(x))), then x + Dropout(MLP(LN(x))); attention with
+5. `n_layers` pre-LayerNorm blocks: x + Dropout(Attn(LN(x))), then x + Dropout(MLP(LN(x))); attention with
    biased query, key, value and output maps, logits scaled by head_dim ** -0.5, dropout (`attention_dropout`) on
    the attention weights; MLP Dense(mlp_dim), x * sigmoid(1.702 x), dropout shared over the tokens of a sequence,
    Dense(embed_dim). LayerNorm epsilon 1e-6 everywhere.
@@ -51,8 +50,6 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-
-from teco_ssm.backbones.common import LAYERS, scan_layers, stack_layers, unstack_layers
 
 _FILE = "teco_ssm/backbones/transformer.py"
 _MASKED = -1e30  # logit of a key outside the window; exp underflows to exactly 0 in float32
@@ -202,9 +199,9 @@ class TransformerLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, past_key: jax.Array | None, past_value: jax.Array | None,
-                 mask: jax.Array, train: bool) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+                 mask: jax.Array, train: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x: (B, L, E) tokens; past_key, past_value: (B, P, heads, D) cached keys/values or None;
-        mask: (L, P + L) bool over [past, new] keys. Returns (y (B, L, E), (key, value) (B, L, heads, D))."""
+        mask: (L, P + L) bool over [past, new] keys. Returns (y (B, L, E), key, value (B, L, heads, D))."""
         head_dim = self.embed_dim // self.num_heads
         attention_init = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
         projection = partial(nn.DenseGeneral, features=(self.num_heads, head_dim), dtype=self.dtype,
@@ -234,7 +231,7 @@ class TransformerLayer(nn.Module):
         # The hidden units dropped are the same for every token of a sequence (TECO's broadcast_dims=(-2,)).
         h = dropout(broadcast_dims=(-2,))(quick_gelu(h))
         h = nn.Dense(self.embed_dim, dtype=self.dtype, kernel_init=mlp_init, name="mlp_out")(h)
-        return x + dropout()(h), (key, value)
+        return x + dropout()(h), key, value
 
 
 class _StartToken(nn.Module):
@@ -262,11 +259,10 @@ class Backbone(nn.Module):
         self.sos = _StartToken()
         self.project = nn.Dense(s.embed_dim, dtype=compute_dtype)
         self.embed_dropout = nn.Dropout(rate=s.dropout)
-        # past keys and values per layer; the mask and `train` shared by every layer
-        layers = scan_layers(TransformerLayer, s.n_layers, s.remat, in_axes=(0, 0, nn.broadcast, nn.broadcast),
-                             train_argnum=5)
-        self.layers = layers(embed_dim=s.embed_dim, num_heads=s.num_heads, mlp_dim=s.mlp_dim, dropout=s.dropout,
-                             attention_dropout=s.attention_dropout, dtype=compute_dtype, name=LAYERS)
+        layer = nn.remat(TransformerLayer, static_argnums=(5,)) if s.remat else TransformerLayer
+        self.layers = [layer(embed_dim=s.embed_dim, num_heads=s.num_heads, mlp_dim=s.mlp_dim,
+                             dropout=s.dropout, attention_dropout=s.attention_dropout, dtype=compute_dtype)
+                       for _ in range(s.n_layers)]
         self.head_dense = nn.Dense(s.embed_dim, dtype=compute_dtype)
         self.head_norm = nn.LayerNorm(epsilon=_LAYER_NORM_EPS, dtype=compute_dtype)
         self.head_dropout = nn.Dropout(rate=s.dropout)
@@ -333,20 +329,18 @@ class Backbone(nn.Module):
         h = h.reshape(batch, num_frames * tokens_per_frame, self.settings.embed_dim)
 
         mask = window_mask(first_time, num_frames, self.settings.max_len, tokens_per_frame, with_cache=with_cache)
-        n_layers = self.settings.n_layers
-        cache = stack_layers(state)  # key, value: (n_layers, B, max_len, N, heads, D)
-        past_key = past_value = None
-        if with_cache:
-            head_shape = (n_layers, batch, self.settings.max_len * tokens_per_frame) + cache["key"].shape[4:]
-            past_key, past_value = cache["key"].reshape(head_shape), cache["value"].reshape(head_shape)
-        h, (key, value) = self.layers(h, past_key, past_value, mask, train)
-        frame_shape = (n_layers, batch, num_frames, tokens_per_frame) + key.shape[3:]
-        write = jax.vmap(write_cache, in_axes=(0, 0, None))
-        final_state = dict(key=write(cache["key"], key.reshape(frame_shape), first_time),
-                           value=write(cache["value"], value.reshape(frame_shape), first_time),
-                           time=jnp.full((n_layers,), first_time + num_frames, jnp.int32))
-        h = h.reshape(batch, num_frames, tokens_per_frame, self.settings.embed_dim)
-        return h, unstack_layers(final_state, n_layers)
+        final_state = []
+        for layer, cache in zip(self.layers, state):
+            past_key = past_value = None
+            if with_cache:
+                head_shape = (batch, self.settings.max_len * tokens_per_frame) + cache["key"].shape[3:]
+                past_key, past_value = cache["key"].reshape(head_shape), cache["value"].reshape(head_shape)
+            h, key, value = layer(h, past_key, past_value, mask, train)
+            frame_shape = (batch, num_frames, tokens_per_frame) + key.shape[2:]
+            final_state.append(dict(key=write_cache(cache["key"], key.reshape(frame_shape), first_time),
+                                    value=write_cache(cache["value"], value.reshape(frame_shape), first_time),
+                                    time=first_time + num_frames))
+        return h.reshape(batch, num_frames, tokens_per_frame, self.settings.embed_dim), final_state
 
     def __call__(self, x: jax.Array, state: list[dict[str, jax.Array]] | None = None,
                  train: bool = False) -> tuple[jax.Array, list[dict[str, jax.Array]]]:
