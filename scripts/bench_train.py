@@ -4,11 +4,13 @@
     python scripts/bench_train.py --steps 20 --backbones convs5,convt3
     python scripts/bench_train.py --dmlab                  # DMLab config, batch 16 x 300 frames, remat, bfloat16
                                                            # (for a GPU; the default when one is present)
+    python scripts/bench_train.py --compile-only           # DMLab config on CPU: initialisation and compilation only
 
 Runs the real train step (AdamW update included) on random codes of the config's shapes on one device, after one
 compiling call. Prints, per backbone: parameters, seconds to initialise the state and to compile the step, steps/s
 (median of the timed steps), and XLA's peak memory estimate of the compiled step (arguments + outputs + temporaries -
-donated aliases). Progress lines go to stderr. Set JAX_COMPILATION_CACHE_DIR to reuse compiled steps across runs.
+donated aliases). `--compile-only` runs the DMLab config on the CPU and stops after compiling (no timed steps).
+Progress lines go to stderr. Set JAX_COMPILATION_CACHE_DIR to reuse compiled steps across runs.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ def bench_config(name: str, use_dmlab: bool):
     config = dmlab.get_config(name)
     config.batch_size, config.seq_len = 16, 300
     config.model.remat, config.model.dtype = True, "bfloat16"
+    config[name].remat, config[name].dtype = True, "bfloat16"  # the backbone's own settings
     return config
 
 
@@ -40,7 +43,8 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def measure(config, steps: int) -> dict[str, float]:
+def measure(config, steps: int, compile_only: bool = False) -> dict[str, float | None]:
+    """Parameters, init_s, compile_s, peak_mib, and (unless `compile_only`) steps_per_s and loss."""
     start = time.perf_counter()
     model = teco.build(config)
     settings = optim.OptimizerSettings.of_experiment(config)
@@ -60,12 +64,17 @@ def measure(config, steps: int) -> dict[str, float]:
     start = time.perf_counter()
     compiled = train.train_step.lower(state, constants, batch, key, **static).compile()
     compile_s = time.perf_counter() - start
-    log(f"{config.backbone}: compiled in {compile_s:.1f} s; running {steps + 1} steps")
+    log(f"{config.backbone}: compiled in {compile_s:.1f} s"
+        + ("" if compile_only else f"; running {steps + 1} steps"))
     memory = compiled.memory_analysis()
     peak = None
     if memory is not None:
         peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
                 - memory.alias_size_in_bytes)
+    row = dict(params=sum(x.size for x in jax.tree_util.tree_leaves(state["params"])), init_s=init_s,
+               compile_s=compile_s, peak_mib=None if peak is None else peak / 2 ** 20, steps_per_s=None, loss=None)
+    if compile_only:
+        return row
     state, metrics = compiled(state, constants, batch, key)
     jax.block_until_ready(metrics)
     times = []
@@ -74,9 +83,7 @@ def measure(config, steps: int) -> dict[str, float]:
         state, metrics = compiled(state, constants, batch, key)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
-    return dict(params=sum(x.size for x in jax.tree_util.tree_leaves(state["params"])), init_s=init_s,
-                compile_s=compile_s, steps_per_s=1.0 / float(np.median(times)),
-                peak_mib=None if peak is None else peak / 2 ** 20, loss=float(metrics["loss"]))
+    return row | dict(steps_per_s=1.0 / float(np.median(times)), loss=float(metrics["loss"]))
 
 
 def main() -> None:
@@ -85,8 +92,12 @@ def main() -> None:
     parser.add_argument("--backbones", default=",".join(backbones.NAMES))
     parser.add_argument("--steps", type=int, default=10, help="timed steps per backbone")
     parser.add_argument("--dmlab", action="store_true", help="DMLab config at batch 16 x 300, remat, bfloat16")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="DMLab config on the CPU: initialise and compile, no timed steps")
     args = parser.parse_args()
-    use_dmlab = args.dmlab or jax.default_backend() == "gpu"
+    if args.compile_only:
+        jax.config.update("jax_platforms", "cpu")
+    use_dmlab = args.dmlab or args.compile_only or jax.default_backend() == "gpu"
 
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     device = jax.devices()[0]
@@ -96,10 +107,12 @@ def main() -> None:
           f"{'peak MiB':>10}")
     for name in args.backbones.split(","):
         config = bench_config(name, use_dmlab)
-        row = measure(config, args.steps)
+        row = measure(config, args.steps, args.compile_only)
         peak = "-" if row["peak_mib"] is None else f"{row['peak_mib']:.1f}"
-        print(f"{name:<12} {row['params']:>12,} {row['init_s']:>7.1f} {row['compile_s']:>10.1f} "
-              f"{row['steps_per_s']:>9.2f} {1e3 / row['steps_per_s']:>9.1f} {peak:>10}", flush=True)
+        rate = row["steps_per_s"]
+        speed = f"{'-':>9} {'-':>9}" if rate is None else f"{rate:>9.2f} {1e3 / rate:>9.1f}"
+        print(f"{name:<12} {row['params']:>12,} {row['init_s']:>7.1f} {row['compile_s']:>10.1f} {speed} {peak:>10}",
+              flush=True)
     print(f"# load average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 
