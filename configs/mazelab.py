@@ -7,7 +7,8 @@
 
 Variants: transformer, s5, convs5 (default), convt3. 64x64 frames, 16x16 codes from the MazeLab VQGAN
 (512 codes of 32 channels, `configs/vqgan_mazelab.py`), an 8x8 latent, tiny widths, batches of 4 clips of 32
-frames. This is what `teco-ssm run` trains: 700 steps, about 9 minutes for ConvT3 on 2 CPU cores.
+frames. This is what `teco-ssm run` trains: 2,000 steps, about 10 minutes for ConvT3 on 2 idle CPU cores (the knee
+of the steps curve in docs/training.md, "What more training buys").
 
 Two choices differ from the paper's DMLab settings, both measured on this benchmark (docs/training.md):
 - learning rate 3e-3: with 1e-3 the model needs about twice the steps to reach the same loss;
