@@ -7,14 +7,14 @@ next step touches new pages again: every page of every large buffer costs a page
 That is where the system time of a CPU run goes (docs/training.md, "Allocation churn").
 
 `configure` asks glibc (`mallopt`) for one arena, no `mmap`-served blocks and no trimming: freed buffers stay in the
-heap and the next step reuses their pages. The process keeps its peak heap until it exits. It is called once, first,
-by the `teco-ssm` front end and the benchmark scripts, before any thread allocates. A `MALLOC_*` environment variable
-(glibc's own tunables) or `TECO_SSM_MALLOC=system` leaves the allocator as it is. Other C libraries: nothing is done.
+heap and the next step reuses their pages. The process keeps its peak heap until it exits. The `teco-ssm` front end
+and the benchmark scripts call it first thing in `main`, before XLA's backend starts its threads. Any `MALLOC_*`
+environment variable (glibc's own tunables, even empty) or `TECO_SSM_MALLOC=system` leaves the allocator as it is.
+Other C libraries: nothing is done.
 """
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 # glibc's <malloc.h> parameter numbers
@@ -31,9 +31,9 @@ def configure() -> bool:
     if os.environ.get("TECO_SSM_MALLOC", "") == "system" or any(k.startswith("MALLOC_") for k in os.environ):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl, macOS): its allocator is left as it is
+        mallopt = ctypes.CDLL(None).mallopt  # the C library the process already runs on
+    except (OSError, AttributeError, TypeError):  # not glibc (macOS, Windows): its allocator is left as it is
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return all(mallopt(param, value) == 1 for param, value in SETTINGS)
+    accepted = [mallopt(param, value) == 1 for param, value in SETTINGS]  # every setting, even after a refusal
+    return all(accepted)

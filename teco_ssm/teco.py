@@ -414,8 +414,9 @@ def init_variables(model: Teco, rng: jax.Array, batch_size: int = 1, num_frames:
     """Initial variables: {'params': ..., 'tokenizer': {'code_embeddings': ...}} ('tokenizer' absent when the
     code embeddings are learned). Shapes do not depend on batch_size or num_frames (> condition_frames).
 
-    Compiled once per model, key type and shapes in a process: training's initial state and the untrained
-    baseline of `teco-ssm run` (both from `train.init_key(seed)`) share one compiled initialiser."""
+    `model` must be hashable (as `teco.build` makes it: tuples, not lists): the initialiser is compiled once per
+    model, key type and shapes in a process. With `train.init_key(seed)` these are the parameters training starts
+    from (`train.init_state`), which `teco-ssm run` scores as its untrained baseline."""
     return dict(_init_variables(model, rng, batch_size, max(num_frames, model.condition_frames + 1)))
 
 

@@ -329,7 +329,7 @@ def test_short_training_run_reduces_the_loss():
     assert end < 0.35 * start, (start, end)
 
 
-def test_init_variables_compiles_once_and_is_the_train_state_the_run_starts_from():
+def test_init_variables_compiles_once_and_draws_the_parameters_training_starts_from():
     from teco_ssm import optim, sharding, teco, train
     model = toy_model("convs5")
     key = train.init_key(3)
