@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import dmlab, mazelab
-from teco_ssm import backbones, host_memory, sample, teco, train
+from teco_ssm import backbones, host_memory, run, sample, teco
 from teco_ssm.backbones import transformer
 
 
@@ -217,10 +217,8 @@ def bench_stages(run_dir: Path, repeats: int) -> None:
     config = ml_collections.ConfigDict(checkpoint.read_config(str(model_dir)))
     tokenizer, t_tokenizer = _timed(lambda: vqgan.load(config.tokenizer.path))
     model = teco.build(config)
-    untrained = lambda: teco.set_code_embeddings(teco.init_variables(model, train.init_key(config.seed)),
-                                                 tokenizer.codebook)
-    stages = {"trained": ("action_conditioned", lambda: str(model_dir)),
-              "unconditioned": ("unconditioned", lambda: str(model_dir)), "untrained": ("action_conditioned", untrained)}
+    stages = run.sampling_runs(config, model_dir, tokenizer)
+    untrained = stages["untrained"][1]
     print(f"## stages of {model_dir} (as teco_ssm.run calls them, one process)")
     real_videos: dict[Any, np.ndarray] = {}
     with tempfile.TemporaryDirectory() as out:
@@ -235,7 +233,7 @@ def bench_stages(run_dir: Path, repeats: int) -> None:
         variables = teco.set_code_embeddings(variables, tokenizer.codebook)
         _, t_init = _timed(untrained)
         rows = [("imports (jax, flax, teco_ssm, vqgan)", imports), ("tokenizer load", t_tokenizer),
-                ("checkpoint restore", t_restore), ("untrained variables (init, compiled per call)", t_init)]
+                ("checkpoint restore", t_restore), ("untrained variables (again: compiled once per process)", t_init)]
         settings = sample.SamplerSettings.from_config(config.sampling)
         passes = settings.draft_steps + settings.revise_rounds * settings.revise_steps
         for protocol_name in ("action_conditioned", "unconditioned"):

@@ -185,7 +185,7 @@ def _run_backbone(stages: Stages, workdir: Path, name: str, size: RunSize, steps
                   tokenizer: Path, real_videos: dict[Any, Any], real_features: dict[Any, Any],
                   dataset: str = "mazelab") -> dict[str, Any]:
     import vqgan
-    from teco_ssm import evaluate, sample_files, teco, train
+    from teco_ssm import evaluate, sample_files, train
 
     model_dir = workdir / "models" / name
     samples, reports = workdir / "samples" / name, workdir / "report" / name
@@ -194,16 +194,9 @@ def _run_backbone(stages: Stages, workdir: Path, name: str, size: RunSize, steps
         f"dataset.path={data}", f"tokenizer.path={tokenizer}", f"model.vqgan_codes={tok.n_codes}",
         f"model.vqgan_embedding_dim={tok.embedding_dim}", f"model.code_shape={tuple(tok.latent_shape)}"], dataset)
     out = {"train": stages(f"train-{name}", lambda: train.train_and_evaluate(config, str(model_dir)))}
-    def untrained_variables() -> dict[str, Any]:
-        model = teco.build(config)
-        return teco.set_code_embeddings(teco.init_variables(model, train.init_key(config.seed)), tok.codebook)
-
-    runs = {"trained": ("action_conditioned", None), "unconditioned": ("unconditioned", None),
-            "untrained": ("action_conditioned", untrained_variables)}
-    for label, (protocol, variables) in runs.items():
+    for label, (protocol, variables) in sampling_runs(config, model_dir, tok).items():
         sampled = stages(f"sample-{name}-{label}", lambda: sample_files.sample_dataset(
-            config, str(model_dir) if variables is None else variables(), tok, data, samples / label,
-            protocol=protocol, real_cache=real_videos))
+            config, variables(), tok, data, samples / label, protocol=protocol, real_cache=real_videos))
         if label == "trained":
             seconds = stages.records[f"sample-{name}-{label}"]["seconds"]
             generated = sampled["num_videos"] * config.sampling[protocol].horizon
@@ -215,6 +208,21 @@ def _run_backbone(stages: Stages, workdir: Path, name: str, size: RunSize, steps
         evaluate.write_repeat_last_frame_samples(samples / "trained", samples / "repeat_last"),
         str(reports / "repeat_last"), title="Baseline: repeat the last context frame", feature_cache=real_features))
     return out
+
+
+def sampling_runs(config: ml_collections.ConfigDict, model_dir: Path,
+                  tokenizer: Any) -> dict[str, tuple[str, Callable[[], str | dict[str, Any]]]]:
+    """The sampling stages of one backbone, label -> (protocol, what `sample_files.sample_dataset` samples: the
+    training workdir, or the untrained baseline's variables, the parameters training starts from)."""
+    from teco_ssm import teco, train
+
+    def untrained_variables() -> dict[str, Any]:
+        model = teco.build(config)
+        return teco.set_code_embeddings(teco.init_variables(model, train.init_key(config.seed)), tokenizer.codebook)
+
+    return {"trained": ("action_conditioned", lambda: str(model_dir)),
+            "unconditioned": ("unconditioned", lambda: str(model_dir)),
+            "untrained": ("action_conditioned", untrained_variables)}
 
 
 def _mean(result: dict[str, Any] | None, metric: str) -> float | None:
