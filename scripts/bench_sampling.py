@@ -225,7 +225,7 @@ def bench_stages(run_dir: Path, repeats: int) -> None:
         for label, (protocol, variables) in stages.items():
             _, seconds = _timed(lambda: sample_files.sample_dataset(config, variables(), tokenizer, config.dataset.path,
                                                                     Path(out) / label, protocol=protocol,
-                                                                    real_cache=real_videos))
+                                                                    split="test", real_cache=real_videos))
             print(f"| sample-{label} | {seconds:.1f} s |", flush=True)
 
         print("## where the time goes")

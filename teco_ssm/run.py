@@ -151,8 +151,11 @@ def run(*, dataset: str = "mazelab", backbone: str = "convt3", quick: bool = Fal
         # Every stage samples and scores the same test videos: they are decoded once and I3D embeds them once.
         real_videos: dict[Any, Any] = {}
         real_features: dict[Any, Any] = {}
+        # Held-out losses during training read the validation split where the run made one; the samples and
+        # the report always score the test split.
+        eval_split = "valid" if num_valid else "test"
         results = {name: _run_backbone(stages, root, name, size, steps, encoded / bench.name, tokenizer,
-                                       real_videos, real_features, dataset) for name in names}
+                                       real_videos, real_features, dataset, eval_split) for name in names}
         protocols = {p: (reference.sampling[p].context, reference.sampling[p].horizon)
                      for p in ("action_conditioned", "unconditioned")}
         summary = {"dataset": bench.title, "size": size_name, "train_steps": reference.steps, "protocols": protocols,
@@ -183,7 +186,7 @@ def _claim_workdir(workdir: Path, settings: dict[str, Any]) -> None:
 
 def _run_backbone(stages: Stages, workdir: Path, name: str, size: RunSize, steps: int | None, data: Path,
                   tokenizer: Path, real_videos: dict[Any, Any], real_features: dict[Any, Any],
-                  dataset: str = "mazelab") -> dict[str, Any]:
+                  dataset: str = "mazelab", eval_split: str = "test") -> dict[str, Any]:
     import vqgan
     from teco_ssm import evaluate, sample_files, train
 
@@ -192,11 +195,13 @@ def _run_backbone(stages: Stages, workdir: Path, name: str, size: RunSize, steps
     tok = vqgan.load(tokenizer)
     config = world_model_config(name, size, steps, [
         f"dataset.path={data}", f"tokenizer.path={tokenizer}", f"model.vqgan_codes={tok.n_codes}",
-        f"model.vqgan_embedding_dim={tok.embedding_dim}", f"model.code_shape={tuple(tok.latent_shape)}"], dataset)
+        f"model.vqgan_embedding_dim={tok.embedding_dim}", f"model.code_shape={tuple(tok.latent_shape)}",
+        f"dataset.eval_split={eval_split}"], dataset)
     out = {"train": stages(f"train-{name}", lambda: train.train_and_evaluate(config, str(model_dir)))}
     for label, (protocol, variables) in sampling_runs(config, model_dir, tok).items():
         sampled = stages(f"sample-{name}-{label}", lambda: sample_files.sample_dataset(
-            config, variables(), tok, data, samples / label, protocol=protocol, real_cache=real_videos))
+            config, variables(), tok, data, samples / label, protocol=protocol, split="test",
+            real_cache=real_videos))
         if label == "trained":
             seconds = stages.records[f"sample-{name}-{label}"]["seconds"]
             generated = sampled["num_videos"] * config.sampling[protocol].horizon

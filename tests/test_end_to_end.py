@@ -36,6 +36,10 @@ def test_every_stage_leaves_its_artifacts(workdir):
         assert sample["real"].dtype == np.uint8 and sample["real"].shape == sample["fake"].shape
         context, horizon = QUICK.sampling.action_conditioned.context, QUICK.sampling.action_conditioned.horizon
         assert sample["real"].shape[1] == context + horizon and int(sample["context"]) == context
+        assert str(sample["split"]) == "test"
+    # Held-out losses during training read the validation split, never the test split the report scores.
+    trained_config = json.loads((workdir / "models" / "convt3" / "config.json").read_text())
+    assert trained_config["dataset"]["eval_split"] == "valid"
 
     summary = json.loads((workdir / "report" / "summary.json").read_text())
     trained = summary["backbones"]["convt3"]["trained"]
