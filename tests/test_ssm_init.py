@@ -45,3 +45,32 @@ def test_zoh_matches_matrix_exponential():
         e = scipy.linalg.expm(aug)
         np.testing.assert_allclose(lam_bar[p], e[0, 0], rtol=1e-5)
         np.testing.assert_allclose(B_bar[p], e[0, 1] * B[p], rtol=1e-4)
+
+
+def test_block_wise_basis_change_is_the_dense_product(monkeypatch):
+    """B_tilde = V^-1 B and C_tilde = C V taken block by block equal the dense float64 products, for real and
+    complex B and C; and DiagonalSSM's parameters equal those of the dense complex64 products of the same draws."""
+    import jax
+
+    ssm_size, blocks = 24, 3
+    _, V, V_inv = common.hippo_n_eigendecomposition(ssm_size, blocks)
+    block_v = V[:ssm_size // blocks, :ssm_size // blocks // 2]
+    rng = np.random.default_rng(1)
+    for complex_input in (False, True):
+        B = rng.normal(size=(ssm_size, 5)) + (1j * rng.normal(size=(ssm_size, 5)) if complex_input else 0)
+        C = rng.normal(size=(7, ssm_size)) + (1j * rng.normal(size=(7, ssm_size)) if complex_input else 0)
+        to = lambda x: jnp.asarray(x, jnp.complex64 if complex_input else jnp.float32)
+        np.testing.assert_allclose(common.to_eigenbasis_b(to(B), block_v), V_inv @ B, atol=2e-6)
+        np.testing.assert_allclose(common.to_eigenbasis_c(to(C), block_v), C @ V, atol=2e-6)
+
+    def init(scheme):
+        ssm = common.DiagonalSSM(ssm_size, blocks, in_features=5, out_features=6, init_scheme=scheme)
+        return ssm.init(jax.random.key(0))["params"]
+
+    block_wise = {scheme: init(scheme) for scheme in common.INITS}
+    monkeypatch.setattr(common, "to_eigenbasis_b", lambda B, _: jnp.asarray(V_inv, jnp.complex64) @ B)
+    monkeypatch.setattr(common, "to_eigenbasis_c", lambda C, _: C @ jnp.asarray(V, jnp.complex64))
+    for scheme in common.INITS:
+        dense = init(scheme)
+        for name in ("B", "C"):
+            np.testing.assert_allclose(block_wise[scheme][name], dense[name], atol=1e-6, err_msg=f"{scheme} {name}")
