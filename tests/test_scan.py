@@ -93,3 +93,14 @@ def test_gradients_agree_across_modes():
 def test_unknown_mode_lists_valid_ones():
     with pytest.raises(ValueError, match="associative, sequential, fft"):
         scan.scan(jnp.ones(2), jnp.ones((1, 3, 2)), mode="parallel")
+
+
+def test_auto_is_the_sequential_scan_on_cpu_and_the_associative_one_elsewhere(monkeypatch):
+    decay, b, x0 = random_problem(np.random.default_rng(3), (6,), (3, 4, 6))
+    assert jax.default_backend() == "cpu" and scan.resolve("auto") == "sequential"
+    np.testing.assert_array_equal(scan.scan(decay, b, x0, mode="auto"), scan.scan(decay, b, x0, mode="sequential"))
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert scan.resolve("auto") == "associative"
+    np.testing.assert_array_equal(scan.scan(decay, b, x0, mode="auto"), scan.scan(decay, b, x0, mode="associative"))
+    with pytest.raises(ValueError, match="unknown scan mode 'parallel'; valid modes: auto, associative"):
+        scan.scan(decay, b, mode="parallel")

@@ -250,7 +250,8 @@ class SSMSettings:
       blocks       HiPPO-N blocks the initial state matrix is split into
       clip_eigs    keep the real parts of the eigenvalues <= -1e-4
       dt_min, dt_max  range of the initial timescales (log-uniform)
-      scan_mode    `teco_ssm.scan` kernel: 'associative', 'sequential' or 'fft'
+      scan_mode    `teco_ssm.scan` kernel: 'auto' (sequential on CPU, associative elsewhere), 'associative',
+                   'sequential' or 'fft'
       remat        recompute each layer in the backward pass
       dtype        compute dtype name ('float32', 'bfloat16'); parameters and the scan stay float32 / complex64
     """
@@ -263,7 +264,7 @@ class SSMSettings:
     clip_eigs: bool = False
     dt_min: float = 0.001
     dt_max: float = 0.1
-    scan_mode: str = "associative"
+    scan_mode: str = "auto"
     remat: bool = False
     dtype: str = "float32"
 
