@@ -95,8 +95,6 @@ def field_errors(fields: Any) -> list[str]:
         errors.append(f"drop_loss_rate must lie in [0, 1), got {fields.drop_loss_rate}")
     if not 0.0 <= fields.action_dropout <= 1.0:
         errors.append(f"action_dropout must lie in [0, 1], got {fields.action_dropout}")
-    if not 0.0 <= fields.history_noise < 1.0:
-        errors.append(f"history_noise must lie in [0, 1), got {fields.history_noise}")
     if not 0.0 <= fields.label_smoothing < 1.0:
         errors.append(f"label_smoothing must lie in [0, 1), got {fields.label_smoothing}")
     if fields.condition_frames < 1:
@@ -139,7 +137,6 @@ class Teco(nn.Module):
     mask_future_frames: bool = False
     mask_future_after: int = 144
     drop_loss_rate: float = 0.9
-    history_noise: float = 0.0
     label_smoothing: float = 0.01
     remat: bool = False
     dtype: str = "float32"
@@ -252,22 +249,10 @@ class Teco(nn.Module):
         """hidden (N, h, w, D), latent (N, h, w, E) -> logits (N, H, W, vqgan_codes) float32."""
         return self.decoder(hidden, latent)
 
-    def _noisy_history(self, inputs: jax.Array, latent_codes: jax.Array, rng: jax.Array) -> jax.Array:
-        """inputs (B, T, h, w, E) backbone latents, latent_codes (B, T, h, w) -> inputs where each quantised
-        position (frames >= condition_frames) keeps its latent with probability 1 - history_noise and otherwise
-        holds the codebook entry of a uniformly drawn code. No gradient reaches the encoder through a replaced
-        position."""
-        replace = jax.random.bernoulli(rng, self.history_noise, latent_codes.shape)
-        replace = replace.at[:, :self.condition_frames].set(False)
-        random_codes = jax.random.randint(jax.random.fold_in(rng, 1), latent_codes.shape, 0, self.latent_codes)
-        return jnp.where(replace[..., None], self.codebook.lookup(random_codes), inputs)
-
-    def _forward(self, codes, actions, given, train: bool, noise_rng: jax.Array | None = None):
+    def _forward(self, codes, actions, given, train: bool):
         """-> (hidden (B, T - condition_frames, h, w, D) of the scored frames, quantised latents, latent codes,
-        VQ terms). With noise_rng, the history the backbone reads is corrupted (`history_noise`)."""
+        VQ terms)."""
         inputs, quantised, latent_codes, terms = self._posterior(codes)
-        if noise_rng is not None:
-            inputs = self._noisy_history(inputs, latent_codes, noise_rng)
         x = self._sequence_inputs(inputs, self._action_ids(actions, given, codes.shape[:2]), given)
         hidden, _ = self.backbone(x, None, train=train)
         return hidden[:, self.condition_frames - self.first_input_frame:], quantised, latent_codes, terms
@@ -280,8 +265,7 @@ class Teco(nn.Module):
         Args:
           codes: (B, T, H, W) int32 VQGAN codes, T > condition_frames.
           actions: (B, T) int32 in [0, num_actions), or None (no actions).
-          train: True draws action dropout, DropLoss and the history noise; False scores every frame with the
-            given actions.
+          train: True draws action dropout and DropLoss; False scores every frame with the given actions.
           rng: key for action dropout, DropLoss and the prior's masks (dropout layers, rate 0 in the paper's
             configs, draw from the 'dropout' rng of `apply`).
         Returns:
@@ -298,10 +282,7 @@ class Teco(nn.Module):
         if actions is None or not self.use_actions:
             given = jnp.zeros((batch,), bool)
 
-        noise_rng = None
-        if train and self.history_noise > 0:  # its own stream, so the other draws match a run without it
-            noise_rng = jax.random.fold_in(rng, 0x4E01)
-        hidden, quantised, latent_codes, terms = self._forward(codes, actions, given, train, noise_rng)
+        hidden, quantised, latent_codes, terms = self._forward(codes, actions, given, train)
         n = self.condition_frames
         hidden = self.perturb("hidden", hidden)
         steps = drop_loss_steps(drop_rng, num_frames - n, self.drop_loss_rate if train else 0.0)

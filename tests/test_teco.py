@@ -343,31 +343,3 @@ def test_init_variables_compiles_once_and_draws_the_parameters_training_starts_f
     jax.tree_util.tree_map(np.testing.assert_array_equal, first["params"], state["params"])
     other = jax.tree_util.tree_leaves(init_variables(model, train.init_key(4))["params"])
     assert any(not np.array_equal(a, b) for a, b in zip(other, jax.tree_util.tree_leaves(first["params"])))
-
-
-def test_history_noise_replaces_that_share_of_history_latents_by_codebook_entries():
-    """`history_noise` p: in training each quantised history latent is, with probability p, the codebook entry of a
-    uniformly drawn code; the conditioning frames, evaluation and p = 0 are untouched."""
-    model = toy_model("convs5", history_noise=0.3, condition_frames=2)
-    variables = toy_variables("convs5")  # history_noise and condition_frames add no parameters
-    codes, _ = toy_batch(batch=4, frames=6)
-    inputs, _, latent_codes, _ = model.apply(variables, codes, method=lambda m, c: m._posterior(c))
-    noisy = model.apply(variables, inputs, latent_codes, jax.random.key(7),
-                        method=lambda m, *a: m._noisy_history(*a))
-    table = model.apply(variables, jnp.arange(model.latent_codes), method=lambda m, i: m.codebook.lookup(i))
-    changed = np.any(np.asarray(noisy != inputs), axis=-1)
-    np.testing.assert_array_equal(noisy[:, :2], inputs[:, :2])
-    assert not changed[:, :2].any()
-    share = changed[:, 2:].mean()  # a draw of the same code leaves the latent as it was: p (1 - 1/K)
-    expected = 0.3 * (1 - 1 / model.latent_codes)
-    assert abs(share - expected) < 4 * np.sqrt(expected * (1 - expected) / changed[:, 2:].size), share
-    distance = np.abs(np.asarray(noisy)[changed][:, None, :] - np.asarray(table)[None]).max(-1).min(-1)
-    np.testing.assert_allclose(distance, 0.0, atol=1e-6)
-
-    noisy_loss = jax.jit(model.apply, static_argnames="train")
-    clean_loss = jax.jit(toy_model("convs5", condition_frames=2).apply, static_argnames="train")
-    actions, rng = toy_batch(batch=4, frames=6)[1], jax.random.key(3)
-    assert float(noisy_loss(variables, codes, actions, train=True, rng=rng)[0]) != float(
-        clean_loss(variables, codes, actions, train=True, rng=rng)[0])
-    np.testing.assert_array_equal(noisy_loss(variables, codes, actions, train=False, rng=rng)[0],
-                                  clean_loss(variables, codes, actions, train=False, rng=rng)[0])
