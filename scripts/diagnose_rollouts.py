@@ -82,11 +82,14 @@ def main() -> None:
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                        help="a sampler setting for this diagnosis, e.g. --set sampling.temperature=0.5")
+                        help="a sampler setting for this diagnosis, e.g. --set sampling.temperature=0.5 or "
+                             "--set sampling.feedback=posterior")
     args = parser.parse_args()
 
     model_dir = os.path.join(args.workdir, "models", args.backbone)
     config = ml_collections.ConfigDict(checkpoint.read_config(model_dir))
+    if "feedback" not in config.sampling:  # written before the field existed: those runs sampled with 'sample'
+        config.sampling.feedback = "sample"
     for item in args.overrides:
         config_io.apply_override(config, item)
     tokenizer = vqgan.load(os.path.join(args.workdir, "tokenizer"))
@@ -98,7 +101,8 @@ def main() -> None:
     context, horizon = protocol.context, protocol.horizon
     ds = open_dataset(os.path.join(args.workdir, "data"), args.split, seq_len=context + horizon,
                       batch_size=args.batch_size, shuffle=False)
-    one_step_fn = jax.jit(lambda v, c, a, r: teacher_and_one_step(model, v, c, a, context, r, settings))
+    one_step_settings = dataclasses.replace(settings, feedback="sample")  # the latent accuracy reads the sample
+    one_step_fn = jax.jit(lambda v, c, a, r: teacher_and_one_step(model, v, c, a, context, r, one_step_settings))
 
     rows: dict[str, list[np.ndarray]] = {k: [] for k in (
         "tokenizer", "copy", "teacher_forced", "one_step", "rollout", "latent_accuracy", "round_trip_real",

@@ -23,6 +23,7 @@ import numpy as np
 
 _FILE = "teco_ssm/maskgit.py"
 SCHEDULES = ("cosine", "linear", "square", "sqrt")
+FEEDBACKS = ("sample", "posterior")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +40,10 @@ class SamplerSettings:
       (in (0, 1]; 1.0 keeps every code, as the release).
     draft_schedule: how many codes each draft round reveals, one of `SCHEDULES` ('linear': equal rounds, as the
       release; 'cosine': MaskGit's schedule; see `step_boundaries`).
+    feedback: what the next frame's backbone input holds, one of `FEEDBACKS`: 'sample', the latent the prior
+      sampled (the release's `sample_timestep`), or 'posterior', the posterior encoder's quantised latent of the
+      frame just decoded and the one before it, as in training, where the backbone only ever reads posterior
+      latents (`Teco.generate_step`; measured in docs/training.md, "Where rollouts break").
     Raises ValueError naming the field on a value out of range.
     """
     draft_steps: int = 8
@@ -47,6 +52,7 @@ class SamplerSettings:
     temperature: float = 1.0
     top_p: float = 1.0
     draft_schedule: str = "linear"
+    feedback: str = "sample"
 
     def __post_init__(self):
         for field in dataclasses.fields(self):  # one hash and one jit cache entry for 1 and 1.0
@@ -59,17 +65,22 @@ class SamplerSettings:
             problems.append(f"top_p must lie in (0, 1], got {self.top_p}")
         if self.draft_schedule not in SCHEDULES:
             problems.append(f"draft_schedule must be one of {', '.join(SCHEDULES)}, got {self.draft_schedule!r}")
+        if self.feedback not in FEEDBACKS:
+            problems.append(f"feedback must be one of {', '.join(FEEDBACKS)}, got {self.feedback!r}")
         if problems:
             raise ValueError(f"{_FILE}: SamplerSettings: " + "; ".join(problems))
 
     @classmethod
     def from_config(cls, sampling: Mapping[str, Any]) -> "SamplerSettings":
         """The settings of a config's `sampling` group (its fields of these names; the group's other fields,
-        protocols and counts, are not read). Raises KeyError naming a missing field, ValueError as above."""
-        missing = [f.name for f in dataclasses.fields(cls) if f.name not in sampling]
+        protocols and counts, are not read). A config written before `feedback` existed reads as 'sample', what
+        those runs sampled with. Raises KeyError naming a missing field, ValueError as above."""
+        later = {"feedback": "sample"}
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in sampling and f.name not in later]
         if missing:
             raise KeyError(f"{_FILE}: the sampling config lacks field(s) {', '.join(missing)}")
-        return cls(**{f.name: sampling[f.name] for f in dataclasses.fields(cls)})
+        return cls(**{f.name: sampling[f.name] if f.name in sampling else later[f.name]
+                      for f in dataclasses.fields(cls)})
 
 
 def mask_ratio(r: jax.Array | np.ndarray | float, schedule: str = "cosine") -> Any:

@@ -13,7 +13,8 @@ N * batch_size rows on as many devices. Each file holds:
                                    tokenizer (its reconstruction), the rest generated
   actions  (B, T) int32            the dataset's actions (given to the model only when the protocol uses them)
   context, horizon  int; use_actions bool; seed int (the run's seed; batch k samples with fold_in(key(seed), k));
-  draft_steps, revise_steps, revise_rounds int; temperature, top_p float; draft_schedule str: the sampler's settings
+  draft_steps, revise_steps, revise_rounds int; temperature, top_p float; draft_schedule, feedback str: the sampler's
+           settings
   batch    int, this file's batch index; index (B,) int32, the dataset's video indices
   checkpoint_step int (-1 when variables were given); tokenizer_sha256, tokenizer_source str (the tokenizer's
            fingerprint, `vqgan.Tokenizer.fingerprint`, and where it was loaded from); data_path, split str: what

@@ -207,13 +207,18 @@ class Teco(nn.Module):
             embedded = jax.lax.stop_gradient(embedded)
         start = jnp.broadcast_to(self.start_code_embedding, (batch, 1) + self.start_code_embedding.shape)
         previous = jnp.concatenate([start.astype(embedded.dtype), embedded[:, :-1]], axis=1)
-        pairs = jnp.concatenate([previous, embedded], axis=-1)
-        z = self.encoder(pairs.reshape((batch * num_frames,) + pairs.shape[2:]))
-        z = z.reshape((batch, num_frames) + z.shape[1:]).astype(jnp.float32)
+        flat = lambda x: x.reshape((batch * num_frames,) + x.shape[2:])
+        z = self._encode_pairs(flat(previous), flat(embedded))
+        z = z.reshape((batch, num_frames) + z.shape[1:])
         quantised, latent_codes, terms = self.codebook(z)
         n = self.condition_frames
         inputs = jnp.concatenate([z[:, :n], quantised[:, n:]], axis=1)
         return inputs, quantised, latent_codes, terms
+
+    def _encode_pairs(self, previous: jax.Array, current: jax.Array) -> jax.Array:
+        """The posterior encoder on frame pairs: code embeddings (N, H, W, D_code) of frames t-1 and t -> z_t
+        (N, h, w, latent_dim) float32, before quantisation."""
+        return self.encoder(jnp.concatenate([previous, current], axis=-1)).astype(jnp.float32)
 
     def _action_ids(self, actions: jax.Array | None, given: jax.Array, shape: tuple[int, ...]) -> jax.Array:
         """actions `shape` = (B,) or (B, T), or None; given (B,) bool -> ids, "no action" where not given."""
@@ -343,6 +348,7 @@ class Teco(nn.Module):
           state: the backbone state after the context's positions (frames first_input_frame .. Tc - 1), from
             `backbone.init_state`; with one context frame and no start position, that initial state itself;
           latent: (B, h, w, E) input latent of the last context frame;
+          codes: (B, H, W) int32, the last frame's VQGAN codes (for `SamplerSettings.feedback` 'posterior');
           time: () int32 = Tc, the index of the next frame; actions_given: (B,) bool.
         """
         self._check_codes(codes, actions, self.condition_frames)
@@ -353,8 +359,8 @@ class Teco(nn.Module):
         state = self.backbone.init_state(batch, self.latent_shape)
         if x.shape[1] > 0:
             _, state = self.backbone(x, state, train=False)
-        return dict(state=state, latent=inputs[:, -1], time=jnp.asarray(codes.shape[1], jnp.int32),
-                    actions_given=given)
+        return dict(state=state, latent=inputs[:, -1], codes=codes[:, -1].astype(jnp.int32),
+                    time=jnp.asarray(codes.shape[1], jnp.int32), actions_given=given)
 
     def _advance(self, carry: Carry, action: jax.Array | None) -> tuple[jax.Array, Carry]:
         """One backbone step: the hidden state (B, h, w, D) of frame carry['time'], and the advanced carry."""
@@ -369,11 +375,12 @@ class Teco(nn.Module):
         """One frame given its true latent codes (B, h, w) int32 (from `predict`'s latent_codes).
 
         action: (B,) int32 or None. Returns (carry, logits (B, H, W, vqgan_codes) float32), the same logits the
-        parallel `predict` gives for that frame.
+        parallel `predict` gives for that frame; the carry's `codes` are the argmax of those logits.
         """
         hidden, carry = self._advance(carry, action)
         latent = self.codebook.lookup(latent_codes)
-        return dict(carry, latent=latent), self._decode(hidden, latent)
+        logits = self._decode(hidden, latent)
+        return dict(carry, latent=latent, codes=jnp.argmax(logits, axis=-1).astype(jnp.int32)), logits
 
     def generate_step(self, carry: Carry, action: jax.Array | None, rng: jax.Array, *,
                       settings: SamplerSettings = SamplerSettings()) -> tuple[Carry, jax.Array]:
@@ -382,6 +389,8 @@ class Teco(nn.Module):
         carry from `condition` or a previous step; action (B,) int32 (ignored where the carry has no actions) or
         None; rng a key; settings the MaskGit sampler's (`maskgit.SamplerSettings`). Returns (carry, codes
         (B, H, W) int32, the argmax of the decoder). Pure and jittable; the same rng gives the same frame.
+        The next backbone input is the sampled latent (TECO release, `sample_timestep`), or with
+        `settings.feedback == 'posterior'` the posterior latent of the decoded frame and the one before it.
         """
         hidden, carry = self._advance(carry, action)
         batch, h, w = hidden.shape[:3]
@@ -395,7 +404,10 @@ class Teco(nn.Module):
         latent_codes = draft_and_revise(predict, rng, batch, h * w, self.prior.mask_id, settings)
         latent = self.codebook.lookup(latent_codes.reshape(batch, h, w))
         codes = jnp.argmax(self._decode(hidden, latent), axis=-1).astype(jnp.int32)
-        return dict(carry, latent=latent), codes
+        if settings.feedback == "posterior":
+            table = self.code_embeddings
+            latent, _, _ = self.codebook(self._encode_pairs(table[carry["codes"]], table[codes]))
+        return dict(carry, latent=latent, codes=codes), codes
 
 
 # ---------------------------------------------------------------------------------------------------- helpers

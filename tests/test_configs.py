@@ -62,7 +62,7 @@ def test_blocks_are_the_dataclasses_fields_and_defaults():
 # one block per backbone (the variant's own block the old one; each other backbone's block the one of that
 # backbone's variant), and ssm_lr, which every config set equal to lr, is None (= lr). Added since: eval_every and
 # eval_batches (the held-out loss during training); the MazeLab (and Memory Maze) budget of 2,000 steps (was 700;
-# docs/training.md); scan_mode auto (was associative; the same on accelerators).
+# docs/training.md); scan_mode auto (was associative; the same on accelerators); sampling.feedback.
 EXPECTED_DUMP = "tests/data/config_dump.json"
 
 

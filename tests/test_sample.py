@@ -146,6 +146,9 @@ def test_sampler_settings_are_one_checked_hashable_value():
             SamplerSettings(**{field: value})
     with pytest.raises(KeyError, match="lacks field.*top_p"):
         SamplerSettings.from_config({k: v for k, v in dataclasses.asdict(SamplerSettings()).items() if k != "top_p"})
+    # A config written before `feedback` existed sampled with the prior's latent fed back.
+    older = {k: v for k, v in dataclasses.asdict(SamplerSettings(feedback="posterior")).items() if k != "feedback"}
+    assert SamplerSettings.from_config(older).feedback == "sample"
 
 
 # --------------------------------------------------------------------------------------------------- rollout

@@ -1,5 +1,6 @@
 """The TECO model at toy size, for every registered backbone: losses, DropLoss, label smoothing, action dropout,
 future-frame masking, the parallel path against the step path, deterministic generation, and learning."""
+import dataclasses
 import functools
 
 import jax
@@ -289,6 +290,37 @@ def test_generation_is_deterministic_in_one_scan():
     assert not np.array_equal(frames, other)
     assert int(carry["time"]) == 2 + 5
     assert frames.min() >= 0 and frames.max() < 12
+
+
+@pytest.mark.parametrize("condition_frames", [1, 2])
+def test_posterior_feedback_feeds_back_the_posterior_latent_of_the_decoded_frame(condition_frames):
+    """feedback 'posterior': the next input latent is the one `predict` (training's posterior) gives the decoded
+    frame after the previous frame; 'sample' keeps the prior's sampled latent, and the frame is the same."""
+    model = toy_model("convs5", condition_frames=condition_frames)
+    variables = toy_variables("convs5", condition_frames=condition_frames)
+    codes, actions = toy_batch(frames=4)
+    settings = SamplerSettings(draft_steps=2, revise_steps=2, revise_rounds=1)
+
+    @functools.partial(jax.jit, static_argnames="feedback")
+    def two_frames(feedback):
+        carry = model.apply(variables, codes[:, :2], actions[:, :2], method=Teco.condition)
+        chosen = dataclasses.replace(settings, feedback=feedback)
+        first, frame = model.apply(variables, carry, actions[:, 2], jax.random.key(5), method=Teco.generate_step,
+                                   settings=chosen)
+        return carry, first, frame
+
+    carry, posterior, frame = two_frames("posterior")
+    _, sampled, same_frame = two_frames("sample")
+    np.testing.assert_array_equal(carry["codes"], codes[:, 1])
+    np.testing.assert_array_equal(frame, same_frame)
+    np.testing.assert_array_equal(posterior["codes"], frame)
+    sequence = jnp.concatenate([codes[:, :2], frame[:, None]], axis=1)
+    latent_codes = model.apply(variables, sequence, actions[:, :3], method=Teco.predict)["latent_codes"][:, -1]
+    lookup = lambda c: model.apply(variables, c, method=lambda m, c: m.codebook.lookup(c))
+    np.testing.assert_allclose(posterior["latent"], lookup(latent_codes), atol=1e-6)
+    assert not np.allclose(sampled["latent"], posterior["latent"], atol=1e-3)
+    with pytest.raises(ValueError, match="feedback must be one of sample, posterior, got 'decoded'"):
+        SamplerSettings(feedback="decoded")
 
 
 def test_short_training_run_reduces_the_loss():
