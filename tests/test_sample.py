@@ -108,7 +108,7 @@ def test_config_sampling_blocks_are_the_dataclass_defaults_unless_overridden():
     from configs import common
     from teco_ssm.config_io import load_config
 
-    assert SamplerSettings() == SamplerSettings(8, 8, 2, 1.0, 1.0, "linear")
+    assert SamplerSettings() == SamplerSettings(8, 8, 2, 1.0, 1.0, "linear", "sample")
     block = common.sampling()
     assert set(block) == {f.name for f in dataclasses.fields(SamplerSettings)} | {
         "num_videos", "batch_size", "action_conditioned", "unconditioned"}
@@ -119,7 +119,7 @@ def test_config_sampling_blocks_are_the_dataclass_defaults_unless_overridden():
     overrides = {
         "dmlab": ({}, paper), "habitat": ({}, paper),
         "minecraft": ({}, dict(paper, unconditioned=Protocol(36, 264, True))),
-        "mazelab": (dict(draft_steps=4, revise_steps=4, revise_rounds=1),
+        "mazelab": (dict(draft_steps=4, revise_steps=4, revise_rounds=1, feedback="posterior"),
                     dict(action_conditioned=Protocol(32, 16, True), unconditioned=Protocol(8, 40, False))),
     }
     overrides["memory_maze"] = overrides["mazelab"]
