@@ -61,7 +61,7 @@ def test_blocks_are_the_dataclasses_fields_and_defaults():
 # time), as JSON, with one structural change applied to it: the single `optim` block is now `optim.<backbone>`,
 # one block per backbone (the variant's own block the old one; each other backbone's block the one of that
 # backbone's variant), and ssm_lr, which every config set equal to lr, is None (= lr). Added since: eval_every and
-# eval_batches (the held-out loss during training); the MazeLab (and Memory Maze) budget of 2,400 steps (was 700;
+# eval_batches (the held-out loss during training); the MazeLab (and Memory Maze) budget of 2,000 steps (was 700;
 # docs/training.md); scan_mode auto (was associative; the same on accelerators); sampling.feedback (MazeLab and
 # Memory Maze: posterior).
 EXPECTED_DUMP = "tests/data/config_dump.json"
