@@ -17,6 +17,8 @@ split, it reports per generated frame k = 1..K (mean PSNR in dB against the real
 and, per frame, the prior's latent accuracy (one_step: share of latent codes equal to the posterior's) and how often
 a generated frame is one the tokenizer would produce (share of its codes that survive decode -> encode unchanged;
 the real frames' codes give the reference). `--split valid` reads a validation split when the dataset has one.
+`--against tokenizer` scores every row against the tokenizer's reconstructions instead, as the report does. It also
+prints the rollout's margin over the copy per seed and its spread.
 Prints one table and writes it as JSON to `--out` (default <workdir>/diagnosis_<backbone>.json).
 """
 from __future__ import annotations
@@ -80,6 +82,9 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    parser.add_argument("--against", choices=("raw", "tokenizer"), default="raw",
+                        help="score against the raw frames, or against the tokenizer's reconstructions as the "
+                             "report does (the copy then repeats the last context frame's reconstruction)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="a sampler setting for this diagnosis, e.g. --set sampling.temperature=0.5 or "
@@ -112,11 +117,11 @@ def main() -> None:
         keep = np.flatnonzero(batch["valid"])[:args.num_videos - seen]
         if not len(keep):
             break
-        real = np.asarray(batch["frames"], np.float32)[keep]
         codes = np.asarray(batch_codes(batch, tokenizer), np.int32)[keep]
         actions = np.asarray(batch["actions"], np.int32)[keep]
         future = slice(context, None)
         decode = lambda c: np.asarray(tokenizer.decode(c), np.float32)
+        real = np.asarray(batch["frames"], np.float32)[keep] if args.against == "raw" else decode(codes)
         rows["tokenizer"].append(psnr_per_frame(real[:, future], decode(codes[:, future])))
         rows["copy"].append(psnr_per_frame(real[:, future], np.repeat(real[:, context - 1:context], horizon, 1)))
         rows["round_trip_real"].append(survive_round_trip(tokenizer, codes[:, future]))
@@ -137,10 +142,12 @@ def main() -> None:
     table = {k: np.concatenate(v).mean(axis=0).tolist() for k, v in rows.items()}
     spread = np.stack([np.concatenate(rows["rollout"][s::args.seeds]).mean(axis=0) for s in range(args.seeds)])
     table["rollout_seed_std"] = spread.std(axis=0).tolist()
+    margins = spread.mean(axis=1) - np.mean(table["copy"])  # per seed: mean over the generated frames
     summary = {"workdir": args.workdir, "backbone": args.backbone, "split": args.split, "videos": seen,
                "settings": dataclasses.asdict(settings),
                "seeds": args.seeds, "context": context, "horizon": horizon, "seconds": time.perf_counter() - start,
-               "per_frame": table, "mean": {k: float(np.mean(v)) for k, v in table.items()}}
+               "against": args.against, "per_frame": table, "mean": {k: float(np.mean(v)) for k, v in table.items()},
+               "margin_per_seed": margins.tolist(), "margin_seed_std": float(margins.std())}
     out = args.out or os.path.join(args.workdir, f"diagnosis_{args.backbone}.json")
     with open(out, "w") as f:
         json.dump(summary, f, indent=1)
@@ -150,6 +157,8 @@ def main() -> None:
     for k in range(horizon):
         print(f"{k + 1:>5} " + " ".join(f"{table[n][k]:>14.3f}" for n in names))
     print(" mean " + " ".join(f"{summary['mean'][n]:>14.3f}" for n in names))
+    print(f"margin over the copy per seed: {' '.join(f'{m:+.3f}' for m in margins)} dB (std {margins.std():.3f}); "
+          f"frames at or above the copy: {sum(r >= c for r, c in zip(table['rollout'], table['copy']))} of {horizon}")
     print(f"written: {out}")
 
 
