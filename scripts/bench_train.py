@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import dmlab, mazelab
-from teco_ssm import backbones, host_memory, optim, sharding, teco, train
+from teco_ssm import backbones, config_io, host_memory, optim, sharding, teco, train
 
 
 def bench_config(name: str, use_dmlab: bool):
@@ -78,12 +78,14 @@ def measure(config, steps: int, compile_only: bool = False) -> dict[str, float |
     state, metrics = compiled(state, constants, batch, key)
     jax.block_until_ready(metrics)
     times = []
+    cpu_start = time.process_time()
     for _ in range(steps):
         start = time.perf_counter()
         state, metrics = compiled(state, constants, batch, key)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
-    return row | dict(steps_per_s=1.0 / float(np.median(times)), loss=float(metrics["loss"]))
+    cpu_s = (time.process_time() - cpu_start) / steps
+    return row | dict(steps_per_s=1.0 / float(np.median(times)), cpu_s_per_step=cpu_s, loss=float(metrics["loss"]))
 
 
 def main() -> None:
@@ -94,6 +96,8 @@ def main() -> None:
     parser.add_argument("--dmlab", action="store_true", help="DMLab config at batch 16 x 300, remat, bfloat16")
     parser.add_argument("--compile-only", action="store_true",
                         help="DMLab config on the CPU: initialise and compile, no timed steps")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                        help="change the config as `teco-ssm train --set` does, e.g. --set model.decoder_depths=(32,64)")
     args = parser.parse_args()
     if args.compile_only:
         jax.config.update("jax_platforms", "cpu")
@@ -104,13 +108,16 @@ def main() -> None:
     print(f"# {'DMLab (16 x 300, remat, bfloat16)' if use_dmlab else 'MazeLab'} train step; {device.device_kind} "
           f"({platform.machine()}, {os.cpu_count()} cores), jax {jax.__version__}; load average before: {load}")
     print(f"{'backbone':<12} {'params':>12} {'init s':>7} {'compile s':>10} {'steps/s':>9} {'ms/step':>9} "
-          f"{'peak MiB':>10}")
+          f"{'CPU s/step':>10} {'peak MiB':>10}")
     for name in args.backbones.split(","):
         config = bench_config(name, use_dmlab)
+        for item in args.overrides:
+            config_io.apply_override(config, item)
         row = measure(config, args.steps, args.compile_only)
         peak = "-" if row["peak_mib"] is None else f"{row['peak_mib']:.1f}"
         rate = row["steps_per_s"]
-        speed = f"{'-':>9} {'-':>9}" if rate is None else f"{rate:>9.2f} {1e3 / rate:>9.1f}"
+        speed = (f"{'-':>9} {'-':>9} {'-':>10}" if rate is None
+                 else f"{rate:>9.2f} {1e3 / rate:>9.1f} {row['cpu_s_per_step']:>10.3f}")
         print(f"{name:<12} {row['params']:>12,} {row['init_s']:>7.1f} {row['compile_s']:>10.1f} {speed} {peak:>10}",
               flush=True)
     print(f"# load average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
