@@ -238,7 +238,7 @@ def bench_stages(run_dir: Path, repeats: int) -> None:
         passes = settings.draft_steps + settings.revise_rounds * settings.revise_steps
         for protocol_name in ("action_conditioned", "unconditioned"):
             protocol = sample.resolve_protocol(protocol_name, config.sampling)
-            batch = next(iter(open_dataset(config.dataset.path, config.dataset.eval_split, seq_len=protocol.num_frames,
+            batch = next(iter(open_dataset(config.dataset.path, "test", seq_len=protocol.num_frames,
                                            batch_size=config.sampling.batch_size, shuffle=False)))
             codes = batch_codes(batch, tokenizer)
             size = codes.shape[0]

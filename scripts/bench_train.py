@@ -5,11 +5,13 @@
     python scripts/bench_train.py --dmlab                  # DMLab config, batch 16 x 300 frames, remat, bfloat16
                                                            # (for a GPU; the default when one is present)
     python scripts/bench_train.py --compile-only           # DMLab config on CPU: initialisation and compilation only
+    python scripts/bench_train.py --backbones convt3 --set "model.decoder_depths=(32,64)"   # a variant of the config
 
 Runs the real train step (AdamW update included) on random codes of the config's shapes on one device, after one
 compiling call. Prints, per backbone: parameters, seconds to initialise the state and to compile the step, steps/s
-(median of the timed steps), and XLA's peak memory estimate of the compiled step (arguments + outputs + temporaries -
-donated aliases). `--compile-only` runs the DMLab config on the CPU and stops after compiling (no timed steps).
+and ms/step (median of the timed steps), CPU seconds per step (the process's CPU time over the timed steps, which
+load changes less than wall time), and XLA's peak memory estimate of the compiled step (arguments + outputs +
+temporaries - donated aliases). `--compile-only` runs the DMLab config on the CPU and stops after compiling (no timed steps).
 Progress lines go to stderr. Set JAX_COMPILATION_CACHE_DIR to reuse compiled steps across runs.
 """
 from __future__ import annotations
@@ -112,7 +114,10 @@ def main() -> None:
     for name in args.backbones.split(","):
         config = bench_config(name, use_dmlab)
         for item in args.overrides:
-            config_io.apply_override(config, item)
+            try:
+                config_io.apply_override(config, item)
+            except (ValueError, KeyError, AttributeError) as error:
+                parser.error(f"--set {item}: {error}")
         row = measure(config, args.steps, args.compile_only)
         peak = "-" if row["peak_mib"] is None else f"{row['peak_mib']:.1f}"
         rate = row["steps_per_s"]

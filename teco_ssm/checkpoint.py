@@ -87,20 +87,26 @@ def _lookup(tree: Any, dotted: str) -> Any:
     return tree
 
 
-def _first_difference(saved: Any, wanted: Any, prefix: str) -> tuple[str, Any, Any] | None:
-    """(dotted field, saved value, wanted value) of the first leaf where two plain trees differ, or None."""
+def _first_difference(saved: Any, wanted: Any, prefix: str,
+                      ignore: Sequence[str] = ()) -> tuple[str, Any, Any] | None:
+    """(dotted field, saved value, wanted value) of the first leaf where two plain trees differ, or None; dotted
+    fields in `ignore` are not compared."""
+    if prefix in ignore:
+        return None
     if isinstance(saved, Mapping) and isinstance(wanted, Mapping):
         for key in sorted(set(saved) | set(wanted)):
-            found = _first_difference(saved.get(key, '<absent>'), wanted.get(key, '<absent>'), f'{prefix}.{key}')
+            found = _first_difference(saved.get(key, '<absent>'), wanted.get(key, '<absent>'), f'{prefix}.{key}',
+                                      ignore)
             if found:
                 return found
         return None
     return None if saved == wanted else (prefix, saved, wanted)
 
 
-def check_resume(workdir: str, config: Any, fields: Sequence[str]) -> None:
+def check_resume(workdir: str, config: Any, fields: Sequence[str], ignore: Sequence[str] = ()) -> None:
     """Refuses, before anything is written, to resume a workdir whose config.json differs from `config` in one of
-    `fields` (dotted names: the settings its checkpoints were trained with, e.g. 'model', 'convt3', 'seq_len').
+    `fields` (dotted names: the settings its checkpoints were trained with, e.g. 'model', 'convt3', 'seq_len'),
+    leaving out the dotted fields in `ignore` (how a computation runs, not what it computes).
 
     Does nothing for a workdir without checkpoints. Raises ValueError naming config.json, the first differing field
     and both values.
@@ -109,7 +115,7 @@ def check_resume(workdir: str, config: Any, fields: Sequence[str]) -> None:
         return
     saved, wanted = read_config(workdir), config_to_dict(config)
     for field in fields:
-        found = _first_difference(_lookup(saved, field), _lookup(wanted, field), field)
+        found = _first_difference(_lookup(saved, field), _lookup(wanted, field), field, ignore)
         if found:
             name, there, asked = found
             raise ValueError(f'{os.path.join(workdir, CONFIG_FILE)}: field {name} is {there!r} there, {asked!r} in '

@@ -116,7 +116,8 @@ def parser() -> argparse.ArgumentParser:
     _add_overrides(p, "--set batch_size=8 --set convt3.n_layers=4")
 
     p = sub.add_parser(allow_abbrev=False, name="sample", help="roll out a trained model under a benchmark protocol",
-                       description="Reads a training workdir (config.json + checkpoints), the test split and the "
+                       description="Reads a training workdir (config.json + checkpoints), the test split (or "
+                                   "--split) and the "
                                    "tokenizer; writes OUT/batch_*.npz with real and generated uint8 videos. "
                                    "Finished batch files are kept (resumable).")
     p.set_defaults(stage=stages.sample)
@@ -130,6 +131,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=None, help="videos per file (default: sampling.batch_size)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--split", default="test", help="the dataset split to sample (default test)")
     _add_overrides(p, "--set sampling.temperature=0.5 (the sampler's settings only)")
 
     p = sub.add_parser(allow_abbrev=False, name="eval", help="metrics and report for a folder of samples",

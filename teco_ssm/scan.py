@@ -13,8 +13,8 @@ Three interchangeable implementations compute the same states:
   SSMs), O(L log L);
 
 and `step` advances one state for generation. Mode ``auto`` (the backbones' default) picks by backend: sequential on
-CPU, where it is 10-20% faster than the associative scan at every measured shape (docs/backbones.md), associative
-elsewhere, the parallel mode of the ConvS5 and S5 releases.
+CPU, where it is 4-20% faster than the associative scan at the ConvSSM core's shapes up to 128 frames (slower at
+512; docs/backbones.md), associative elsewhere, the parallel mode of the ConvS5 and S5 releases.
 """
 from __future__ import annotations
 

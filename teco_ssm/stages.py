@@ -144,9 +144,10 @@ def parse_protocol(text: str) -> str | tuple[int, int, bool]:
 
 def sample(workdir: str, out: str, *, protocol: str = "action_conditioned", data: str | None = None,
            tokenizer: str | None = None, num_videos: int | None = None, batch_size: int | None = None,
-           seed: int = 0, step: int | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Rolls out the model trained in `workdir` (its config.json, checkpoint `step` or the latest) on the evaluation
-    split under `protocol` (see `parse_protocol`) and writes `out/batch_*.npz` (real and generated uint8 videos).
+           seed: int = 0, step: int | None = None, overrides: Sequence[str] = (),
+           split: str = "test") -> dict[str, Any]:
+    """Rolls out the model trained in `workdir` (its config.json, checkpoint `step` or the latest) on `split` of
+    its dataset under `protocol` (see `parse_protocol`) and writes `out/batch_*.npz` (real and generated uint8 videos).
     data and tokenizer default to the ones the model trained with; `overrides` change the sampler's settings
     (`sampling.temperature=0.5`, any field of `teco_ssm.sample.SamplerSettings`). Finished batch files are kept, so
     an interrupted call resumes. Returns the protocol, the settings, the number of videos and the files.
@@ -163,7 +164,7 @@ def sample(workdir: str, out: str, *, protocol: str = "action_conditioned", data
             raise StageError(f"--set {item}: sample overrides only the sampler's settings: {', '.join(valid)}")
     return sample_files.sample_workdir(workdir, out, protocol=parse_protocol(protocol), data_path=data,
                                        tokenizer_path=tokenizer, num_videos=num_videos, batch_size=batch_size,
-                                       seed=seed, step=step, overrides=overrides)
+                                       seed=seed, step=step, overrides=overrides, split=split)
 
 
 def evaluate(samples: str, report: str | None = None, *, lpips_network: str = "alexnet", i3d: str | None = None,

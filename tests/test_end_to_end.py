@@ -55,6 +55,18 @@ def test_every_stage_leaves_its_artifacts(workdir):
     assert f"({context} context frames, then {horizon} generated with actions)" in text
 
 
+def test_sample_reads_the_test_split_of_a_run_trained_model(workdir, tmp_path):
+    """The run's model holds out the validation split for its losses; `teco-ssm sample` still samples the test
+    split unless told otherwise."""
+    model = workdir / "models" / "convt3"
+    for args, split in (([], "test"), (["--split", "valid"], "valid")):
+        out = tmp_path / split
+        assert cli.main(["sample", "--workdir", str(model), "--out", str(out), "--num_videos", "4",
+                         "--batch_size", "4", *args]) == 0
+        with np.load(sorted(out.glob("*.npz"))[0]) as sample:
+            assert str(sample["split"]) == split
+
+
 def test_rerun_skips_finished_stages(workdir, capsys):
     assert cli.main(["run", "--quick", "--workdir", str(workdir)]) == 0
     out = capsys.readouterr().out

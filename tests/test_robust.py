@@ -306,6 +306,8 @@ def test_resuming_with_another_model_is_refused_before_anything_is_written(chain
         main(stage_args(chain, "train", workdir) + ["--set", "convt3.n_layers=3", "--set", "steps=12"])
     assert files_of(workdir) == before
     assert main(["sample", "--workdir", workdir, "--out", tmp_path / "samples", *SAMPLE_ARGS]) == 0
+    # The scan mode only picks how the same recurrence is computed: another one resumes.
+    assert main(stage_args(chain, "train", workdir) + ["--set", "convt3.scan_mode=associative"]) == 0
 
 
 # -------------------------------------------------------------------------------------- 4. silently dropped data

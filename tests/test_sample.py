@@ -326,6 +326,14 @@ def test_sample_dataset_files_sharding_and_resume(tmp_path):
     hotter = dataclasses.replace(SAMPLER, temperature=0.5)
     with pytest.raises(ValueError, match="batch_00000.npz: field 'temperature' is 1.0, this run asks for 0.5"):
         run(settings=hotter)
+    # A file written before the `feedback` field existed was sampled with 'sample': kept for it, refused otherwise.
+    assert SAMPLER.feedback == "sample"
+    with np.load(files[0]) as f0:
+        older = {key: f0[key] for key in f0.files if key != "feedback"}
+    np.savez(files[0], **older)
+    assert run()["skipped"] == 2
+    with pytest.raises(ValueError, match="batch_00000.npz: field 'feedback' is absent, this run asks for posterior"):
+        run(settings=dataclasses.replace(SAMPLER, feedback="posterior"))
 
     # Another checkpoint step and other sampler settings, without editing the config: the file equals a rollout
     # of that step's variables with those settings, and records them.
