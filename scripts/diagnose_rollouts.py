@@ -93,8 +93,7 @@ def main() -> None:
 
     model_dir = os.path.join(args.workdir, "models", args.backbone)
     config = ml_collections.ConfigDict(checkpoint.read_config(model_dir))
-    if "feedback" not in config.sampling:  # written before the field existed: those runs sampled with 'sample'
-        config.sampling.feedback = "sample"
+    sample.SamplerSettings.fill_added_later(config.sampling)
     for item in args.overrides:
         config_io.apply_override(config, item)
     tokenizer = vqgan.load(os.path.join(args.workdir, "tokenizer"))

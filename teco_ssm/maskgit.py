@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, MutableMapping
 
 import flax.linen as nn
 import jax
@@ -24,6 +24,8 @@ import numpy as np
 _FILE = "teco_ssm/maskgit.py"
 SCHEDULES = ("cosine", "linear", "square", "sqrt")
 FEEDBACKS = ("sample", "posterior")
+# Sampler fields added after configs and sample files were first written, with the value those were sampled with.
+ADDED_LATER = {"feedback": "sample"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,14 +75,21 @@ class SamplerSettings:
     @classmethod
     def from_config(cls, sampling: Mapping[str, Any]) -> "SamplerSettings":
         """The settings of a config's `sampling` group (its fields of these names; the group's other fields,
-        protocols and counts, are not read). A config written before `feedback` existed reads as 'sample', what
-        those runs sampled with. Raises KeyError naming a missing field, ValueError as above."""
-        later = {"feedback": "sample"}
-        missing = [f.name for f in dataclasses.fields(cls) if f.name not in sampling and f.name not in later]
+        protocols and counts, are not read). A config written before a field of `ADDED_LATER` existed reads as
+        what those runs sampled with. Raises KeyError naming a missing field, ValueError as above."""
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in sampling and f.name not in ADDED_LATER]
         if missing:
             raise KeyError(f"{_FILE}: the sampling config lacks field(s) {', '.join(missing)}")
-        return cls(**{f.name: sampling[f.name] if f.name in sampling else later[f.name]
+        return cls(**{f.name: sampling[f.name] if f.name in sampling else ADDED_LATER[f.name]
                       for f in dataclasses.fields(cls)})
+
+    @staticmethod
+    def fill_added_later(sampling: MutableMapping[str, Any]) -> None:
+        """Adds to a stored config's `sampling` group (a dict or an unlocked ConfigDict) the `ADDED_LATER` fields
+        it lacks, with the values it was sampled with, so that `--set sampling.<field>=...` reaches them."""
+        for name, value in ADDED_LATER.items():
+            if name not in sampling:
+                sampling[name] = value
 
 
 def mask_ratio(r: jax.Array | np.ndarray | float, schedule: str = "cosine") -> Any:

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from teco_ssm import checkpoint, config_io, evaluate, lock, sharding, teco
 from teco_ssm.data import batch_codes, check_tokenizer, formats, open_dataset
+from teco_ssm.maskgit import ADDED_LATER
 from teco_ssm.sample import Protocol, SamplerSettings, resolve_protocol, rollout
 from teco_ssm.teco import Teco
 
@@ -90,7 +91,6 @@ def _write_npz_atomic(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
 
 
 NOT_COMPARED = ("tokenizer_source",)  # recorded for the reader; the same tokenizer may be loaded from elsewhere
-ABSENT_MEANS = {"feedback": "sample"}  # files written before the field existed were sampled so
 
 
 def _check_finished(path: Path, expected: Mapping[str, Any]) -> None:
@@ -99,8 +99,8 @@ def _check_finished(path: Path, expected: Mapping[str, Any]) -> None:
         for field, value in expected.items():
             if field in NOT_COMPARED:
                 continue
-            if field not in data and field in ABSENT_MEANS and ABSENT_MEANS[field] == value:
-                continue
+            if field not in data and field in ADDED_LATER and ADDED_LATER[field] == value:
+                continue  # a file written before the field existed was sampled with that value
             if field not in data or data[field].item() != value:
                 found = data[field].item() if field in data else "absent"
                 raise ValueError(f"{path}: field '{field}' is {found}, this run asks for {value}; use another "
@@ -279,8 +279,7 @@ def sample_workdir(workdir: PathLike, out_dir: PathLike, *,
         raise FileNotFoundError(f"{workdir}: not a TECO training workdir (expected config.json with fields "
                                 f"{', '.join(missing)} and checkpoints/, as `teco-ssm train` writes them)")
     config = ml_collections.ConfigDict(held)
-    if "feedback" not in config.sampling:  # written before the field existed: those runs sampled with 'sample'
-        config.sampling.feedback = "sample"
+    SamplerSettings.fill_added_later(config.sampling)
     for item in overrides:
         config_io.apply_override(config, item)
     data_path = data_path if data_path is not None else config.dataset.path

@@ -276,7 +276,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, tokenize
     """
     sharding.maybe_initialize_distributed()
     config_check.validate(config)
-    ckpt.check_resume(workdir, config, resume_fields(config), ignore=(f"{config.backbone}.scan_mode",))
+    ckpt.check_resume(workdir, config, resume_fields(config), ignore=resume_ignored(config))
     if tokenizer is None:
         import vqgan
 
@@ -290,10 +290,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, tokenize
 
 def resume_fields(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     """The config fields a resumed run must share with its checkpoints (`ckpt.check_resume`): the model, the
-    active backbone (but its scan_mode, which only picks how the same recurrence is computed) and its optimiser
-    block, and what decides the batches (clip length, batch size, seed, split)."""
+    active backbone (but `resume_ignored`) and its optimiser block, and what decides the batches (clip length,
+    batch size, seed, split)."""
     return ("backbone", "model", config.backbone, f"optim.{config.backbone}", "seq_len", "batch_size", "seed",
             "dataset.train_split")
+
+
+def resume_ignored(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """Fields inside `resume_fields` a resumed run may change: the backbone's scan_mode, which only picks how the
+    same recurrence is computed."""
+    return (f"{config.backbone}.scan_mode",)
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str, tokenizer: Any, model: teco.Teco,

@@ -10,10 +10,11 @@ import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
-from teco_ssm import backbones, checkpoint, evaluate, lock, sample, sample_files
+from teco_ssm import backbones, checkpoint, config_io, evaluate, lock, sample, sample_files
 from teco_ssm.data import DataError, TfdsWriter, open_dataset
 from teco_ssm.sample import PROTOCOLS, Protocol, SamplerSettings
 from teco_ssm.teco import Teco, init_variables
@@ -149,6 +150,11 @@ def test_sampler_settings_are_one_checked_hashable_value():
     # A config written before `feedback` existed sampled with the prior's latent fed back.
     older = {k: v for k, v in dataclasses.asdict(SamplerSettings(feedback="posterior")).items() if k != "feedback"}
     assert SamplerSettings.from_config(older).feedback == "sample"
+    stored = ml_collections.ConfigDict({"sampling": older})  # a config.json of then, read back
+    SamplerSettings.fill_added_later(stored.sampling)
+    assert stored.sampling.feedback == "sample" and stored.sampling.temperature == older["temperature"]
+    config_io.apply_override(stored, "sampling.feedback=posterior")
+    assert SamplerSettings.from_config(stored.sampling).feedback == "posterior"
 
 
 # --------------------------------------------------------------------------------------------------- rollout
