@@ -194,9 +194,15 @@ def is_request_error(error: BaseException) -> bool:
 
 def _exit_now(code: int, line: str) -> None:
     """Prints `line` last and ends the process at once: background threads (data readers, orbax writers) are
-    neither joined nor given the chance to print after it."""
+    neither joined nor given the chance to print after it. Their writes go to /dev/null from before the line is
+    written, so a thread's traceback cannot land between the line and its newline, or after it."""
     sys.stdout.flush()
-    print(line, file=sys.stderr, flush=True)
+    sys.stderr.flush()
+    own = os.dup(2)
+    quiet = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(quiet, 1)
+    os.dup2(quiet, 2)
+    os.write(own, f"{line}\n".encode())
     os._exit(code)
 
 

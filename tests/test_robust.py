@@ -375,6 +375,28 @@ def test_a_full_disk_ends_train_promptly_with_the_cause_last(chain, tmp_path):
     assert ckpt.complete_steps(ckpt.manager(str(workdir), read_only=True)) == []
 
 
+def test_the_cause_stays_last_while_other_threads_print():
+    """Background threads (orbax's writers print tracebacks as the process ends) never land between the last line
+    and its newline, or after it."""
+    code = textwrap.dedent("""
+        import sys, threading
+        from teco_ssm import cli
+
+        def chatter():
+            while True:
+                sys.stderr.write("RuntimeError: Event loop is closed\\n")
+
+        for _ in range(2):
+            threading.Thread(target=chatter, daemon=True).start()
+        cli._exit_now(1, "teco-ssm train: error: the cause")
+    """)
+    for _ in range(5):
+        proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 1 and proc.stderr.endswith("\n"), proc.stderr[-200:]
+        assert proc.stderr.splitlines()[-1] == "teco-ssm train: error: the cause", proc.stderr[-200:]
+
+
 def _cli(args, tmp_path, extra_env=None):
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", **(extra_env or {}))
     return subprocess.run([sys.executable, "-m", "teco_ssm.cli", *args], cwd=ROOT, env=env, capture_output=True,
