@@ -19,6 +19,7 @@ import errno
 import json
 import os
 import sys
+import time
 import traceback
 from typing import Sequence
 
@@ -195,14 +196,19 @@ def is_request_error(error: BaseException) -> bool:
 def _exit_now(code: int, line: str) -> None:
     """Prints `line` last and ends the process at once: background threads (data readers, orbax writers) are
     neither joined nor given the chance to print after it. Their writes go to /dev/null from before the line is
-    written, so a thread's traceback cannot land between the line and its newline, or after it."""
+    written, so a thread's traceback cannot land between the line and its newline, or after it. The line starts
+    on a line of its own even when a thread was cut off mid-line."""
     sys.stdout.flush()
     sys.stderr.flush()
     own = os.dup(2)
     quiet = os.open(os.devnull, os.O_WRONLY)
     os.dup2(quiet, 1)
     os.dup2(quiet, 2)
-    os.write(own, f"{line}\n".encode())
+    # sys.stderr writes straight to its file descriptor, unlocked: a thread already inside a write to the old
+    # stderr (blocked on a full pipe) finishes it as soon as the reader drains the pipe. The pause lets those
+    # writes land before the line.
+    time.sleep(0.2)
+    os.write(own, f"\n{line}\n".encode())
     os._exit(code)
 
 

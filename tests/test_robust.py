@@ -386,11 +386,15 @@ def test_the_cause_stays_last_while_other_threads_print():
             while True:
                 sys.stderr.write("RuntimeError: Event loop is closed\\n")
 
-        for _ in range(2):
-            threading.Thread(target=chatter, daemon=True).start()
+        def printer():
+            while True:
+                print("RuntimeError:", "Event loop is closed", file=sys.stderr)
+
+        for target in (chatter, printer):
+            threading.Thread(target=target, daemon=True).start()
         cli._exit_now(1, "teco-ssm train: error: the cause")
     """)
-    for _ in range(5):
+    for _ in range(20):
         proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 1 and proc.stderr.endswith("\n"), proc.stderr[-200:]
