@@ -20,7 +20,8 @@ from teco_ssm import backbones, lock, stages as stage_fns
 
 # ------------------------------------------------------------------------------------------------ sizes of `run`
 # The default run trains the tokenizer of `configs/vqgan_mazelab.py` for fewer steps than that config's own budget
-# (which buys 24 dB in 10 minutes), leaving the time to the world model.
+# (which buys 24 dB in 10 minutes). Of 300, 600 and 1,200 steps, 600 gave the best rollouts: the sharper codes of
+# 1,200 steps are harder for the prior (docs/training.md, "The tokenizer's share of the budget").
 TOKENIZER_STEPS = 600
 
 
