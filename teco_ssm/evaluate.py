@@ -6,7 +6,8 @@ Input: a folder of `.npz` files (read in natural order of their names), each hol
   actions  (B, T) or (B, T, ...)   the actions (not used by the metrics)
   context  int, optional           number of context frames (else the `context` argument, else 0)
   seen     (B, T) bool, optional   MazeLab: whether the place shown at each step was seen in the context
-                                   (`seen_mask`, which the sampler calls on datasets holding poses)
+  at_last_context_pose (B, T) bool, optional  MazeLab: whether the pose is the last context frame's
+                                   (both from `revisit_masks`, which the sampler calls on datasets holding poses)
 What is scored matches TECO's `scripts/sample.py` and `compute_{metrics,fvd}.py`: the fake video's first `context`
 frames are replaced by the real ones before scoring (TECO writes its samples that way; a sampler that decodes the
 context through the tokenizer would otherwise add its reconstruction error to every FVD). PSNR, SSIM and LPIPS
@@ -48,6 +49,15 @@ def seen_in_context(poses: np.ndarray, context: int) -> np.ndarray:
     return mazelab.first_visit_index(poses, exact=True) < context
 
 
+def at_last_context_pose(poses: np.ndarray, context: int) -> np.ndarray:
+    """MazeLab poses (T, 3) int -> (T,) bool: the frame's exact pose is the last context frame's (frame
+    `context - 1`), i.e. the agent has not moved from it or has come back to it. Equal MazeLab poses give identical
+    frames, so there repeating the last context frame is exact and needs no memory of the context (Memory Maze's
+    poses are a cell and a heading: the same cell and heading)."""
+    poses = np.asarray(poses)
+    return (poses == poses[context - 1]).all(axis=-1)
+
+
 def dataset_poses(dataset: Any, index: int, start: int, num_frames: int) -> np.ndarray | None:
     """Poses (num_frames, 3) of video `index` from frame `start`, when the dataset (`teco_ssm.data.open_dataset`)
     stores `poses` (a MazeLab npz file, or a TFDS record encoded from one by `vqgan/encode.py`); else None.
@@ -62,14 +72,16 @@ def dataset_poses(dataset: Any, index: int, start: int, num_frames: int) -> np.n
     return poses
 
 
-def seen_mask(dataset: Any, indices: Any, starts: Any, context: int, num_frames: int) -> np.ndarray | None:
-    """The `seen` field of a sample file: (B, num_frames) bool, True where the frame's pose was first visited
-    during the context (first-visit index < context), for videos `indices` (B,) read from frames `starts` (B,).
+def revisit_masks(dataset: Any, indices: Any, starts: Any, context: int,
+                  num_frames: int) -> dict[str, np.ndarray] | None:
+    """The `seen` and `at_last_context_pose` fields of a sample file, (B, num_frames) bool each, for videos
+    `indices` (B,) read from frames `starts` (B,): `seen_in_context` and `at_last_context_pose` of their poses.
     None when the dataset holds no poses for some of them (or B is 0): the revisit PSNR is then not reported."""
     poses = [dataset_poses(dataset, index, int(start), num_frames) for index, start in zip(indices, starts)]
     if not poses or any(p is None for p in poses):
         return None
-    return np.stack([seen_in_context(p, context) for p in poses])
+    return {"seen": np.stack([seen_in_context(p, context) for p in poses]),
+            "at_last_context_pose": np.stack([at_last_context_pose(p, context) for p in poses])}
 
 
 # ------------------------------------------------------------------------------------------------- evaluation
@@ -89,7 +101,8 @@ def read_sample_file(path: PathLike, default_context: int | None = None) -> dict
     """Reads and checks one sample file.
 
     Returns:
-      `{"real", "fake": (B, T, H, W, 3) uint8, "context": int, "seen": (B, T) bool or None}`.
+      `{"real", "fake": (B, T, H, W, 3) uint8, "context": int, "seen", "at_last_context_pose": (B, T) bool or
+      None}`.
     """
     with np.load(path) as data:
         for field in ("real", "fake"):
@@ -98,6 +111,7 @@ def read_sample_file(path: PathLike, default_context: int | None = None) -> dict
         real, fake = data["real"], data["fake"]
         context = int(data["context"]) if "context" in data else default_context
         seen = np.asarray(data["seen"]) if "seen" in data else None
+        last = np.asarray(data["at_last_context_pose"]) if "at_last_context_pose" in data else None
     for field, video in (("real", real), ("fake", fake)):
         if video.ndim != 5 or video.shape[-1] != 3 or video.dtype != np.uint8:
             raise ValueError(f"{path}: field '{field}' must be uint8 (B, T, H, W, 3), got {video.dtype} {video.shape}")
@@ -106,9 +120,10 @@ def read_sample_file(path: PathLike, default_context: int | None = None) -> dict
     context = 0 if context is None else context
     if not 0 <= context < real.shape[1]:
         raise ValueError(f"{path}: field 'context' = {context} must be in [0, T = {real.shape[1]})")
-    if seen is not None and (seen.dtype != np.bool_ or seen.shape != real.shape[:2]):
-        raise ValueError(f"{path}: field 'seen' must be bool {real.shape[:2]}, got {seen.dtype} {seen.shape}")
-    return {"real": real, "fake": fake, "context": context, "seen": seen}
+    for field, mask in (("seen", seen), ("at_last_context_pose", last)):
+        if mask is not None and (mask.dtype != np.bool_ or mask.shape != real.shape[:2]):
+            raise ValueError(f"{path}: field '{field}' must be bool {real.shape[:2]}, got {mask.dtype} {mask.shape}")
+    return {"real": real, "fake": fake, "context": context, "seen": seen, "at_last_context_pose": last}
 
 
 def resolve_lpips(lpips: LpipsFn | str | PathLike | None) -> tuple[LpipsFn, str]:
@@ -193,7 +208,7 @@ def evaluate_samples(samples_dir: PathLike, report_dir: PathLike | None, *,
         warnings.warn(f"Not computed: FVD ({fvd_absent})", stacklevel=2)
 
     per_frame: dict[str, list[np.ndarray]] = {"psnr": [], "ssim": [], "lpips": []}
-    real_features, fake_features, seen_masks, gif_pairs = [], [], [], []
+    real_features, fake_features, seen_masks, last_pose_masks, gif_pairs = [], [], [], [], []
     shape, ctx = None, None
     for path in tqdm(files, desc="evaluating", unit="file"):
         sample = first if path == files[0] else read_sample_file(path, context)
@@ -211,6 +226,8 @@ def evaluate_samples(samples_dir: PathLike, report_dir: PathLike | None, *,
             metrics.lpips_distance(real_gen, fake_gen, lpips_fn, chunk=lpips_chunk).astype(np.float64))
         if sample["seen"] is not None:
             seen_masks.append(sample["seen"][:, ctx:])
+        if sample["at_last_context_pose"] is not None:
+            last_pose_masks.append(sample["at_last_context_pose"][:, ctx:])
         if not fvd_absent:
             start = ctx if fvd_generated_only else 0
             real_features.append(_real_features(real[:, start:], i3d_fn, i3d_name, i3d_chunk, feature_cache))
@@ -239,7 +256,8 @@ def evaluate_samples(samples_dir: PathLike, report_dir: PathLike | None, *,
     if seen_masks:
         if len(seen_masks) != len(files):
             raise ValueError("some sample files hold 'seen' and others do not; revisit PSNR needs it in every file")
-        numbers["revisit_psnr"] = metrics.masked_means(frames["psnr"], np.concatenate(seen_masks))
+        last_pose = np.concatenate(last_pose_masks) if len(last_pose_masks) == len(files) else None
+        numbers["revisit_psnr"] = metrics.revisit_groups(frames["psnr"], np.concatenate(seen_masks), last_pose)
     numbers["curves"] = {name: values.mean(axis=0) for name, values in frames.items()}
     numbers["curves_std"] = {name: values.std(axis=0) for name, values in frames.items()}
     numbers["absent"] = absent
@@ -301,9 +319,15 @@ def write_evaluation_report(report_dir: PathLike, numbers: dict[str, Any],
     sections["Notes"] = "\n\n".join(notes)
     if "revisit_psnr" in numbers:
         r = numbers["revisit_psnr"]
-        sections["Revisit consistency (MazeLab)"] = report_lib.Table([
-            {"frames": "at places seen in the context", "PSNR": r["seen"], "count": r["num_seen"]},
-            {"frames": "at places never seen", "PSNR": r["unseen"], "count": r["num_unseen"]}])
+        if "at_last_context_pose" in r:
+            rows = [{"frames": "at places seen in the context, other than its last frame's pose", "PSNR": r["seen"],
+                     "count": r["num_seen"]},
+                    {"frames": "at the last context frame's pose (repeating it is exact there)",
+                     "PSNR": r["at_last_context_pose"], "count": r["num_at_last_context_pose"]}]
+        else:
+            rows = [{"frames": "at places seen in the context", "PSNR": r["seen"], "count": r["num_seen"]}]
+        rows.append({"frames": "at places never seen", "PSNR": r["unseen"], "count": r["num_unseen"]})
+        sections["Revisit consistency (MazeLab)"] = report_lib.Table(rows)
     return report_lib.write_report(report_dir, numbers=numbers, curves=numbers["curves"], videos=videos,
                                    sections=sections, title=title, first_frame=numbers["context"],
                                    curve_spread=numbers["curves_std"])
@@ -322,8 +346,9 @@ def write_repeat_last_frame_samples(samples_dir: PathLike, out_dir: PathLike) ->
         fake = real.copy()
         fake[:, ctx:] = real[:, ctx - 1:ctx]
         arrays = {"real": real, "fake": fake, "context": np.int64(ctx)}
-        if sample["seen"] is not None:
-            arrays["seen"] = sample["seen"]
+        for field in ("seen", "at_last_context_pose"):
+            if sample[field] is not None:
+                arrays[field] = sample[field]
         tmp = out / f".{path.stem}.tmp.npz"
         np.savez(tmp, **arrays)
         os.replace(tmp, out / path.name)

@@ -204,44 +204,62 @@ def _ssim(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.mean(per_channel, axis=-1)
 
 
-def masked_means(values: np.ndarray, mask: np.ndarray) -> dict[str, Any]:
-    """Means of `values` where `mask` holds and where it does not.
+def revisit_groups(values: np.ndarray, seen: np.ndarray, at_last_pose: np.ndarray | None = None) -> dict[str, Any]:
+    """Means of per-frame `values` over the groups of generated frames that MazeLab's poses define.
 
     Args:
       values: `(B, T)` float, e.g. per-frame PSNR.
-      mask: `(B, T)` bool.
+      seen: `(B, T)` bool, the frame's place was shown in the context.
+      at_last_pose: `(B, T)` bool or None, the frame's pose is the last context frame's (equal poses give identical
+        frames, so repeating that frame is exact there: it scores the PSNR cap and measures standing still, not
+        memory). None: no such group, those frames stay in `seen`.
 
     Returns:
-      `{"seen": float | None, "unseen": float | None, "num_seen": int, "num_unseen": int}`; a mean is `None` when
-      its set of frames is empty.
+      `{"seen", "unseen": float | None, "num_seen", "num_unseen": int}`, plus `"at_last_context_pose"` and
+      `"num_at_last_context_pose"` when at_last_pose is given, in which case `seen` leaves those frames out. A mean is
+      None when its group is empty.
+
+    Raises:
+      ValueError for shapes that differ; TypeError for masks that are not bool.
     """
-    values, mask = np.asarray(values, np.float64), np.asarray(mask)
-    if values.shape != mask.shape:
-        raise ValueError(f"values {values.shape} and mask {mask.shape} differ in shape")
-    if mask.dtype != np.bool_:
-        raise TypeError(f"the mask must be bool, got {mask.dtype}")
-    seen, unseen = values[mask], values[~mask]
-    return {
-        "seen": float(seen.mean()) if seen.size else None,
-        "unseen": float(unseen.mean()) if unseen.size else None,
-        "num_seen": int(seen.size),
-        "num_unseen": int(unseen.size),
-    }
+    values = np.asarray(values, np.float64)
+    masks = {"seen": np.asarray(seen),
+             "at_last_context_pose": None if at_last_pose is None else np.asarray(at_last_pose)}
+    for name, mask in masks.items():
+        if mask is None:
+            continue
+        if values.shape != mask.shape:
+            raise ValueError(f"values {values.shape} and mask '{name}' {mask.shape} differ in shape")
+        if mask.dtype != np.bool_:
+            raise TypeError(f"the mask '{name}' must be bool, got {mask.dtype}")
+    seen = masks["seen"]
+    groups = {"seen": seen, "unseen": ~seen}
+    if at_last_pose is not None:
+        last = masks["at_last_context_pose"] & seen
+        groups = {"seen": seen & ~last, "unseen": ~seen, "at_last_context_pose": last}
+    numbers: dict[str, Any] = {}
+    for name, mask in groups.items():
+        numbers[name] = float(values[mask].mean()) if mask.any() else None
+        numbers[f"num_{name}"] = int(mask.sum())
+    return numbers
 
 
-def revisit_psnr(real: jax.Array, fake: jax.Array, seen_mask: np.ndarray) -> dict[str, Any]:
-    """Consistency on revisits: PSNR of generated frames at places seen in the context versus never seen.
+def revisit_psnr(real: jax.Array, fake: jax.Array, seen_mask: np.ndarray,
+                 at_last_pose: np.ndarray | None = None) -> dict[str, Any]:
+    """Consistency on revisits: PSNR of generated frames at places seen in the context versus never seen (and, with
+    `at_last_pose`, at the last context frame's pose apart).
 
     Args:
       real: `(B, T, H, W, 3)` ground-truth frames of the generated steps (`uint8`, or floating in `[-1, 1]`).
       fake: the generated frames, same shape and convention.
       seen_mask: `(B, T)` bool, true where the agent's place at that step was visible earlier in the context.
+      at_last_pose: `(B, T)` bool or None, true where the pose is the last context frame's.
 
     Returns:
-      `masked_means` of the per-frame PSNR: `seen`, `unseen` (dB, or None when empty), `num_seen`, `num_unseen`.
+      `revisit_groups` of the per-frame PSNR (dB; uncapped, so an identical frame gives `+inf`).
     """
     _check_pair("revisit_psnr", real, fake)
-    return masked_means(np.asarray(psnr(real, fake)), seen_mask)
+    return revisit_groups(np.asarray(psnr(real, fake)), seen_mask, at_last_pose)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

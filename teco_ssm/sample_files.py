@@ -20,8 +20,10 @@ N * batch_size rows on as many devices. Each file holds:
            fingerprint, `vqgan.Tokenizer.fingerprint`, and where it was loaded from); data_path, split str: what
            produced the file. A resumed run refuses finished files of another origin, naming the field.
   seen     (B, T) bool, when the dataset holds MazeLab `poses` (its npz files, or the `poses` feature that
-           `vqgan/encode.py` keeps when encoding them): `evaluate.seen_mask`, True where the frame's pose was first
-           visited during the context, i.e. a generated frame at a place the context showed.
+           `vqgan/encode.py` keeps when encoding them): `evaluate.revisit_masks`, True where the frame's pose was
+           first visited during the context, i.e. a generated frame at a place the context showed
+  at_last_context_pose (B, T) bool, beside `seen`: True where the frame's pose is the last context frame's
+           (repeating that frame is exact there); files written before it existed lack it
 """
 from __future__ import annotations
 
@@ -249,10 +251,9 @@ def _sample_batches(model: Teco, variables: dict[str, Any], tokenizer: Any, data
         real, fake = _decode_videos(tokenizer, batch, codes[keep], sampled, protocol.context, keep, real_cache)
         arrays = dict(real=real, fake=fake, actions=actions[keep], index=batch["index"][keep],
                       batch=np.asarray(k), **{name: np.asarray(value) for name, value in expected.items()})
-        seen = evaluate.seen_mask(dataset, batch["index"][keep], np.asarray(batch["start"])[keep], protocol.context,
-                                  protocol.num_frames)
-        if seen is not None:
-            arrays["seen"] = seen
+        masks = evaluate.revisit_masks(dataset, batch["index"][keep], np.asarray(batch["start"])[keep],
+                                       protocol.context, protocol.num_frames)
+        arrays.update(masks or {})
         _write_npz_atomic(paths[k], arrays)
         written += 1
     return written

@@ -65,6 +65,9 @@ def test_sample_reads_the_test_split_of_a_run_trained_model(workdir, tmp_path):
                          "--batch_size", "4", *args]) == 0
         with np.load(sorted(out.glob("*.npz"))[0]) as sample:
             assert str(sample["split"]) == split
+            # MazeLab's poses travel through encoding: the revisit masks of the sampled videos.
+            seen, last, ctx = sample["seen"], sample["at_last_context_pose"], int(sample["context"])
+            assert seen.dtype == last.dtype == np.bool_ and last[:, ctx - 1].all() and not (last & ~seen).any()
 
 
 def test_rerun_skips_finished_stages(workdir, capsys):

@@ -350,3 +350,35 @@ def test_revisit_score_on_an_agent_that_returns_to_its_start_pose(tmp_path):
     assert revisit["seen"] == evaluate.PSNR_CAP_DB and (revisit["num_seen"], revisit["num_unseen"]) == (4, 8)
     unseen = np.asarray(metrics.psnr(real[:, 4:8], fake[:, 4:8]), np.float64)
     assert revisit["unseen"] == pytest.approx(unseen.mean(), rel=1e-6) and revisit["unseen"] < 10
+    assert "at_last_context_pose" not in revisit  # files written before that field keep two groups
+
+
+def test_revisits_of_the_last_context_pose_are_their_own_group(tmp_path):
+    """An agent that ends its context facing east at (3, 1), turns away, comes back to that exact pose, then walks
+    back to a pose it saw early in the context. Repeating the last context frame is exact at the returned pose, so
+    that frame gets its own group: the revisit group holds only places the context showed earlier, where the copy
+    is not exact, and the report's table names the three groups."""
+    poses = np.array([(1, 1, 0), (2, 1, 0), (3, 1, 0),                  # context, ending at (3, 1) facing east
+                      (3, 1, 4), (3, 1, 0),                              # a quarter turn and back: the last pose
+                      (2, 1, 8), (2, 1, 0), (4, 1, 0)])                  # west; (2, 1, 0) seen; (4, 1, 0) never
+    seen = evaluate.seen_in_context(poses, 3)
+    last = evaluate.at_last_context_pose(poses, 3)
+    np.testing.assert_array_equal(seen[3:], [False, True, False, True, False])
+    np.testing.assert_array_equal(last[3:], [False, True, False, False, False])
+
+    rng = np.random.default_rng(12)
+    real = rng.integers(0, 256, (2, len(poses), 16, 16, 3), dtype=np.uint8)
+    real[:, 4] = real[:, 2]  # equal poses render equal frames
+    real[:, 6] = real[:, 1]
+    np.savez(tmp_path / "batch_0.npz", real=real, fake=real.copy(), context=np.int64(3),
+             seen=np.repeat(seen[None], 2, axis=0), at_last_context_pose=np.repeat(last[None], 2, axis=0))
+    copy = evaluate.write_repeat_last_frame_samples(tmp_path, tmp_path / "copy")
+    numbers = evaluate.evaluate_samples(copy, copy / "report", lpips=lambda a, b: np.zeros(len(a)), i3d=tiny_i3d)
+    revisit = numbers["revisit_psnr"]
+    assert (revisit["num_seen"], revisit["num_at_last_context_pose"], revisit["num_unseen"]) == (2, 2, 6)
+    assert revisit["at_last_context_pose"] == evaluate.PSNR_CAP_DB
+    expected = np.asarray(metrics.psnr(real[:, 6], real[:, 2]), np.float64).mean()
+    assert revisit["seen"] == pytest.approx(expected, rel=1e-6) and revisit["seen"] < 15
+    table = (copy / "report" / "report.md").read_text()
+    assert "| at the last context frame's pose (repeating it is exact there) | 100" in table
+    assert "| at places seen in the context, other than its last frame's pose |" in table

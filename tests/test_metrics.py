@@ -151,6 +151,14 @@ def test_revisit_psnr_splits_seen_and_unseen_frames():
     assert none_seen["seen"] is None and none_seen["num_seen"] == 0
     with pytest.raises(TypeError, match="bool"):
         metrics.revisit_psnr(real, fake, seen.astype(np.int32))
+    last = np.array([[False, True, False], [False, False, True]])  # the second is not seen: not in the group
+    split = metrics.revisit_psnr(real, fake, seen, last)
+    assert (split["num_seen"], split["num_at_last_context_pose"], split["num_unseen"]) == (2, 1, 3)
+    assert split["seen"] == pytest.approx(10 * np.log10(25), rel=1e-6)
+    assert split["at_last_context_pose"] == pytest.approx(10 * np.log10(6.25), rel=1e-6)
+    assert split["unseen"] == out["unseen"]
+    with pytest.raises(ValueError, match="'at_last_context_pose'"):
+        metrics.revisit_psnr(real, fake, seen, last[:, :2])
 
 
 # ------------------------------------------------------------------------------------------------ LPIPS
