@@ -311,12 +311,13 @@ def write_run_report(report_dir: Path, summary: dict[str, Any]) -> Path:
         for label in ("trained", "unconditioned", "untrained", "repeat_last"):
             sub = report_dir / name / label
             blocks.append(f"[{label.replace('_', ' ')}]({name}/{label}/report.md)")
+            # Figure paths relative to the report folder: `sub` is relative to the working directory.
             if (sub / "curves" / "all.png").exists():
-                blocks.append(report_lib.Figure(sub / "curves" / "all.png",
+                blocks.append(report_lib.Figure(Path(name, label, "curves", "all.png"),
                                                 f"{name} {label}: PSNR, SSIM and LPIPS per frame"))
-            gif = sub / "videos" / "video_0.gif"
-            if gif.exists() and label in ("trained", "unconditioned"):
-                blocks.append(report_lib.Figure(gif, f"{name} {label}: ground truth (left), generated (right)"))
+            if (sub / "videos" / "video_0.gif").exists() and label in ("trained", "unconditioned"):
+                blocks.append(report_lib.Figure(Path(name, label, "videos", "video_0.gif"),
+                                                f"{name} {label}: ground truth (left), generated (right)"))
         sections[f"TECO-{name}"] = blocks
     path = report_dir / "report.md"
     path.write_text(report_lib.build_markdown(f"teco_ssm on {summary.get('dataset', 'MazeLab')}", sections,

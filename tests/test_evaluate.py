@@ -2,6 +2,7 @@
 built-in networks end to end through `teco-ssm eval`, and the run's summary tables."""
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -286,7 +287,7 @@ def test_vgg16_lpips_is_selectable_and_named(tmp_path):
     assert numbers["lpips_network"].startswith("VGG16 LPIPS") and "do not compare" in numbers["lpips_network"]
 
 
-def test_run_summary_tables_have_lpips_and_fvd_with_its_number_of_videos(tmp_path):
+def test_run_summary_tables_have_lpips_and_fvd_with_its_number_of_videos(tmp_path, monkeypatch):
     def result(psnr, lpips, fvd):
         return {"psnr": {"mean": psnr}, "ssim": {"mean": 0.5}, "lpips": {"mean": lpips},
                 "fvd": None if fvd is None else {"mean": fvd, "num_videos": 32},
@@ -307,6 +308,16 @@ def test_run_summary_tables_have_lpips_and_fvd_with_its_number_of_videos(tmp_pat
     assert "| backbone | PSNR | SSIM | LPIPS | FVD |" in text and "| 85.2 (32 videos) |" in text
     assert "| convt3 | baseline: repeat last frame | 16.3000 | 0.5000 | 0.2000 | — |" in text
     assert "LPIPS: AlexNet LPIPS" in text and "FVD: I3D (test)" in text
+
+    # The run's own workdir is relative (runs/mazelab): its figures are linked relative to the report folder.
+    monkeypatch.chdir(tmp_path)
+    report_dir = Path("runs") / "mazelab" / "report"
+    for label in ("trained", "unconditioned"):
+        for name in ("curves/all.png", "videos/video_0.gif"):
+            (report_dir / "convt3" / label / name).parent.mkdir(parents=True, exist_ok=True)
+            (report_dir / "convt3" / label / name).write_bytes(b"image")
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", run.write_run_report(report_dir, summary).read_text())
+    assert len(links) == 4 and all((report_dir / link).is_file() for link in links), links
 
 
 def test_repeat_last_frame_baseline_files(tmp_path):
