@@ -240,11 +240,13 @@ def write_report(report_dir: Union[str, os.PathLike], *, numbers: Mapping[str, A
     all_sections = dict(sections)
     if panel is not None:
         links = ", ".join(f"[{name.upper()}](curves/{p.name})" for name, p in curve_paths.items())
-        all_sections["Curves"] = [Figure(panel, " | ".join(n.upper() for n in curve_paths) + " per frame"),
+        # Figures relative to the report folder, which may itself be relative to the working directory.
+        all_sections["Curves"] = [Figure(panel.relative_to(report_dir),
+                                         " | ".join(n.upper() for n in curve_paths) + " per frame"),
                                   f"One curve per file: {links}."]
     if gif_paths:
         all_sections["Samples"] = ["Left: ground truth. Right: generated."] + [
-            Figure(p, f"video {i}") for i, p in enumerate(gif_paths)]
+            Figure(p.relative_to(report_dir), f"video {i}") for i, p in enumerate(gif_paths)]
     all_sections["Numbers"] = f"Every number is in [metrics.json]({json_path.name})."
     markdown_path = report_dir / "report.md"
     markdown_path.write_text(build_markdown(title, all_sections, report_dir))

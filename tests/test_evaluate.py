@@ -146,6 +146,19 @@ def test_report_files(evaluated):
     assert "LPIPS network: a user-supplied LPIPS function" in markdown and "context frames are the real ones" in markdown
 
 
+def test_report_links_hold_for_a_report_folder_relative_to_the_working_directory(tmp_path, monkeypatch):
+    """`teco-ssm run`'s workdir is relative (runs/mazelab): the report's figures still link inside its folder."""
+    from teco_ssm import report as report_lib
+
+    monkeypatch.chdir(tmp_path)
+    report_dir = Path("runs") / "mazelab" / "report" / "convt3" / "trained"
+    video = np.zeros((3, 8, 8, 3), np.uint8)
+    report_lib.write_report(report_dir, numbers={}, curves={"psnr": np.arange(3.0)}, videos=[(video, video)],
+                            sections={})
+    figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", (report_dir / "report.md").read_text())
+    assert sorted(figures) == ["curves/all.png", "videos/video_0.gif"]
+
+
 def test_fvd_absent_with_one_video_or_short_videos_and_the_rest_written(tmp_path):
     """FVD needs 2 videos per group and, with I3D, 9 frames per video; without them the other metrics and the report
     are still written, and every place that would show FVD says why it is absent."""
