@@ -206,7 +206,7 @@ def _exit_now(code: int, line: str) -> None:
     os.dup2(quiet, 2)
     # sys.stderr writes straight to its file descriptor, unlocked: a thread already inside a write to the old
     # stderr (blocked on a full pipe) finishes it as soon as the reader drains the pipe. The pause lets those
-    # writes land before the line.
+    # writes land before the line; a reader that drains more slowly than that can still get one after it.
     time.sleep(0.2)
     os.write(own, f"\n{line}\n".encode())
     os._exit(code)

@@ -59,4 +59,8 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
         value = float(value)
     if isinstance(current, tuple) and isinstance(value, list):
         value = tuple(value)
-    node[leaf] = value  # a locked config still takes new values for existing fields, type-checked
+    try:
+        node[leaf] = value  # a locked config still takes new values for existing fields, type-checked
+    except TypeError as error:  # the field's type refuses the value: a mistake in the request
+        raise ValueError(f"override {item!r}: field {key} holds {type(current).__name__} "
+                         f"({current!r}); {text!r} is not one") from error

@@ -55,6 +55,8 @@ def at_last_context_pose(poses: np.ndarray, context: int) -> np.ndarray:
     frames, so there repeating the last context frame is exact and needs no memory of the context (Memory Maze's
     poses are a cell and a heading: the same cell and heading)."""
     poses = np.asarray(poses)
+    if context < 1:  # no context frame: no last pose
+        return np.zeros(len(poses), bool)
     return (poses == poses[context - 1]).all(axis=-1)
 
 
@@ -253,10 +255,15 @@ def evaluate_samples(samples_dir: PathLike, report_dir: PathLike | None, *,
         numbers["fvd"] = metrics.grouped_fvd(np.concatenate(real_features), np.concatenate(fake_features),
                                              group_size)
         print(metrics.format_fvd(numbers["fvd"]))
+    if last_pose_masks and not seen_masks:
+        raise ValueError("the sample files hold 'at_last_context_pose' without 'seen'; the revisit groups need both")
     if seen_masks:
         if len(seen_masks) != len(files):
             raise ValueError("some sample files hold 'seen' and others do not; revisit PSNR needs it in every file")
-        last_pose = np.concatenate(last_pose_masks) if len(last_pose_masks) == len(files) else None
+        if last_pose_masks and len(last_pose_masks) != len(files):
+            raise ValueError("some sample files hold 'at_last_context_pose' and others do not; sample them again "
+                             "with one version, or remove the field from all of them")
+        last_pose = np.concatenate(last_pose_masks) if last_pose_masks else None
         numbers["revisit_psnr"] = metrics.revisit_groups(frames["psnr"], np.concatenate(seen_masks), last_pose)
     numbers["curves"] = {name: values.mean(axis=0) for name, values in frames.items()}
     numbers["curves_std"] = {name: values.std(axis=0) for name, values in frames.items()}
@@ -322,12 +329,12 @@ def write_evaluation_report(report_dir: PathLike, numbers: dict[str, Any],
         if "at_last_context_pose" in r:
             rows = [{"frames": "at places seen in the context, other than its last frame's pose", "PSNR": r["seen"],
                      "count": r["num_seen"]},
-                    {"frames": "at the last context frame's pose (repeating it is exact there)",
+                    {"frames": "at the last context frame's pose (repeating that frame needs no memory)",
                      "PSNR": r["at_last_context_pose"], "count": r["num_at_last_context_pose"]}]
         else:
             rows = [{"frames": "at places seen in the context", "PSNR": r["seen"], "count": r["num_seen"]}]
         rows.append({"frames": "at places never seen", "PSNR": r["unseen"], "count": r["num_unseen"]})
-        sections["Revisit consistency (MazeLab)"] = report_lib.Table(rows)
+        sections["Revisit consistency (poses)"] = report_lib.Table(rows)
     return report_lib.write_report(report_dir, numbers=numbers, curves=numbers["curves"], videos=videos,
                                    sections=sections, title=title, first_frame=numbers["context"],
                                    curve_spread=numbers["curves_std"])

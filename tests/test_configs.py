@@ -274,6 +274,18 @@ def test_command_line_overrides_and_typos():
         _parse(["prog", "--config=configs/dmlab.py:convt3", "--config.model.typo=1"])
 
 
+def test_an_override_of_the_wrong_type_names_the_field_and_its_type():
+    """A value the field's type refuses is a mistake in the request (ValueError: one line from `teco-ssm`), not an
+    unexpected error with a traceback."""
+    from teco_ssm import config_io
+
+    config = get_config("mazelab")
+    with pytest.raises(ValueError, match=r"override 'steps=abc': field steps holds int \(2000\); 'abc' is not one"):
+        config_io.apply_override(config, "steps=abc")
+    config_io.apply_override(config, "steps=12")
+    assert config.steps == 12
+
+
 def test_unknown_backbone_lists_the_valid_ones():
     with pytest.raises(ValueError, match="configs/dmlab.py: unknown backbone .lstm.; valid backbones: transformer, s5, convs5, convt3"):
         get_config("dmlab", "lstm")

@@ -404,5 +404,17 @@ def test_revisits_of_the_last_context_pose_are_their_own_group(tmp_path):
     expected = np.asarray(metrics.psnr(real[:, 6], real[:, 2]), np.float64).mean()
     assert revisit["seen"] == pytest.approx(expected, rel=1e-6) and revisit["seen"] < 15
     table = (copy / "report" / "report.md").read_text()
-    assert "| at the last context frame's pose (repeating it is exact there) | 100" in table
+    assert "| at the last context frame's pose (repeating that frame needs no memory) | 100" in table
     assert "| at places seen in the context, other than its last frame's pose |" in table
+    assert not evaluate.at_last_context_pose(poses, 0).any()
+
+    # Files of two versions (one without the field), or the field without `seen`, are refused.
+    with np.load(tmp_path / "batch_0.npz") as sample:
+        fields = dict(sample)
+    np.savez(tmp_path / "batch_1.npz", **{k: v for k, v in fields.items() if k != "at_last_context_pose"})
+    with pytest.raises(ValueError, match="some sample files hold 'at_last_context_pose' and others do not"):
+        evaluate.evaluate_samples(tmp_path, None, lpips=lambda a, b: np.zeros(len(a)), i3d=tiny_i3d)
+    np.savez(tmp_path / "batch_1.npz", **{k: v for k, v in fields.items() if k != "seen"})
+    np.savez(tmp_path / "batch_0.npz", **{k: v for k, v in fields.items() if k != "seen"})
+    with pytest.raises(ValueError, match="'at_last_context_pose' without 'seen'"):
+        evaluate.evaluate_samples(tmp_path, None, lpips=lambda a, b: np.zeros(len(a)), i3d=tiny_i3d)
