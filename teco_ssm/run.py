@@ -273,6 +273,25 @@ def metric_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
             for name, r in summary["backbones"].items() for label, text in EVALUATIONS.items()]
 
 
+def revisit_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per backbone and evaluation whose samples hold poses: PSNR over the generated frames at places
+    seen earlier in the context, at the last context frame's pose, and never seen (`metrics.revisit_groups`),
+    with the number of frames in each. Empty when no evaluation has them."""
+    rows = []
+    for name, r in summary["backbones"].items():
+        for label, text in EVALUATIONS.items():
+            revisit = (r.get(label) or {}).get("revisit_psnr")
+            if revisit is None:
+                continue
+            # Samples written before the last-pose group leave its cells empty (their `seen` includes it).
+            rows.append({"backbone": name, "evaluation": text, "PSNR seen": revisit["seen"],
+                         "frames seen": revisit["num_seen"],
+                         "PSNR at the last context pose": revisit.get("at_last_context_pose"),
+                         "frames at it": revisit.get("num_at_last_context_pose"),
+                         "PSNR never seen": revisit["unseen"], "frames never seen": revisit["num_unseen"]})
+    return rows
+
+
 def _protocol_text(summary: dict[str, Any], name: str, actions: str) -> str:
     """' (C context frames, then H generated with/without actions)', or '' for a summary that does not record it."""
     protocol = summary.get("protocols", {}).get(name)
@@ -283,8 +302,8 @@ def _protocol_text(summary: dict[str, Any], name: str, actions: str) -> str:
 
 
 def write_run_report(report_dir: Path, summary: dict[str, Any]) -> Path:
-    """`report_dir/report.md` (the summary table, stage times, links to each evaluation's curves and GIFs) and
-    `report_dir/summary.json`."""
+    """`report_dir/report.md` (the summary table, the revisit table when the samples hold poses, stage times,
+    links to each evaluation's curves and GIFs) and `report_dir/summary.json`."""
     from teco_ssm import report as report_lib
 
     report_dir.mkdir(parents=True, exist_ok=True)
@@ -302,6 +321,14 @@ def write_run_report(report_dir: Path, summary: dict[str, Any]) -> Path:
                   f"{networks.get('fvd_network', 'see each report')}."),
         "Results": report_lib.Table(summary_rows(summary)),
         "Every evaluation": report_lib.Table(metric_rows(summary)),
+    }
+    revisits = revisit_rows(summary)
+    if revisits:
+        sections["Revisits"] = [
+            "PSNR of the generated frames by where they are: places the context showed before its last frame, the "
+            "last context frame's own pose (repeating that frame needs no memory there), and places the context "
+            "never showed.", report_lib.Table(revisits)]
+    sections |= {
         "Tokenizer": report_lib.Table([{k: v for k, v in (summary["tokenizer"] or {}).items()
                                         if not isinstance(v, (dict, list))}]),
         "Stage times (s)": report_lib.Table([{"stage": k, "seconds": v} for k, v in summary["stage_seconds"].items()]),

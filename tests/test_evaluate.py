@@ -321,6 +321,20 @@ def test_run_summary_tables_have_lpips_and_fvd_with_its_number_of_videos(tmp_pat
     assert "| backbone | PSNR | SSIM | LPIPS | FVD |" in text and "| 85.2 (32 videos) |" in text
     assert "| convt3 | baseline: repeat last frame | 16.3000 | 0.5000 | 0.2000 | — |" in text
     assert "LPIPS: AlexNet LPIPS" in text and "FVD: I3D (test)" in text
+    assert "## Revisits" not in text  # no evaluation holds poses
+
+    summary["backbones"]["convt3"]["trained"]["revisit_psnr"] = metrics.revisit_groups(
+        np.array([[18.0, 14.0, 17.0]]), np.array([[True, True, False]]), np.array([[False, True, False]]))
+    summary["backbones"]["convt3"]["repeat_last"]["revisit_psnr"] = metrics.revisit_groups(
+        np.array([[16.0, 16.5]]), np.array([[True, False]]))  # written before the last-pose field
+    (trained, copy) = run.revisit_rows(summary)
+    assert trained == {"backbone": "convt3", "evaluation": "trained", "PSNR seen": 18.0, "frames seen": 1,
+                       "PSNR at the last context pose": 14.0, "frames at it": 1, "PSNR never seen": 17.0,
+                       "frames never seen": 1}
+    assert copy["evaluation"] == "baseline: repeat last frame" and copy["frames at it"] is None
+    text = run.write_run_report(tmp_path, summary).read_text()
+    assert "## Revisits" in text and "| convt3 | trained | 18.0000 | 1 | 14.0000 | 1 | 17.0000 | 1 |" in text
+    assert "| convt3 | baseline: repeat last frame | 16.0000 | 1 | — | — | 16.5000 | 1 |" in text
 
     # The run's own workdir is relative (runs/mazelab): its figures are linked relative to the report folder.
     monkeypatch.chdir(tmp_path)
