@@ -110,10 +110,14 @@ def read_sample_file(path: PathLike, default_context: int | None = None) -> dict
         for field in ("real", "fake"):
             if field not in data:
                 raise KeyError(f"{path}: missing field '{field}' (fields: {sorted(data.files)})")
-        real, fake = data["real"], data["fake"]
-        context = int(data["context"]) if "context" in data else default_context
-        seen = np.asarray(data["seen"]) if "seen" in data else None
-        last = np.asarray(data["at_last_context_pose"]) if "at_last_context_pose" in data else None
+        fields = {}
+        for field in ("real", "fake", "context", "seen", "at_last_context_pose"):
+            try:  # an object array (pickled) cannot be read: say which file and field
+                fields[field] = np.asarray(data[field]) if field in data else None
+            except ValueError as error:
+                raise ValueError(f"{path}: field '{field}' cannot be read: {error}") from None
+    real, fake, seen, last = fields["real"], fields["fake"], fields["seen"], fields["at_last_context_pose"]
+    context = default_context if fields["context"] is None else int(fields["context"])
     for field, video in (("real", real), ("fake", fake)):
         if video.ndim != 5 or video.shape[-1] != 3 or video.dtype != np.uint8:
             raise ValueError(f"{path}: field '{field}' must be uint8 (B, T, H, W, 3), got {video.dtype} {video.shape}")

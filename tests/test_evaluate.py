@@ -234,6 +234,10 @@ def test_bad_sample_file_names_the_file_and_field(tmp_path):
              fake=np.zeros((1, 3, 16, 16, 3), np.float32))
     with pytest.raises(ValueError, match=r"batch_0\.npz.*'fake' must be uint8"):
         evaluate.evaluate_samples(tmp_path, None, lpips=mean_abs, i3d=tiny_i3d)
+    video = np.zeros((1, 3, 16, 16, 3), np.uint8)
+    np.savez(tmp_path / "batch_0.npz", real=video, fake=video, seen=np.array([[True, None, False]], object))
+    with pytest.raises(ValueError, match=r"batch_0\.npz: field 'seen' cannot be read: Object arrays"):
+        evaluate.evaluate_samples(tmp_path, None, lpips=mean_abs, i3d=tiny_i3d)
 
 
 def test_identical_frames_count_at_the_psnr_cap(tmp_path):
