@@ -259,14 +259,13 @@ def evaluate_samples(samples_dir: PathLike, report_dir: PathLike | None, *,
         numbers["fvd"] = metrics.grouped_fvd(np.concatenate(real_features), np.concatenate(fake_features),
                                              group_size)
         print(metrics.format_fvd(numbers["fvd"]))
+    for field, masks in (("seen", seen_masks), ("at_last_context_pose", last_pose_masks)):
+        if masks and len(masks) != len(files):
+            raise ValueError(f"some sample files hold '{field}' and others do not; revisit PSNR needs it in every "
+                             "file (sample them again with one version, or remove the field from all of them)")
     if last_pose_masks and not seen_masks:
         raise ValueError("the sample files hold 'at_last_context_pose' without 'seen'; the revisit groups need both")
     if seen_masks:
-        if len(seen_masks) != len(files):
-            raise ValueError("some sample files hold 'seen' and others do not; revisit PSNR needs it in every file")
-        if last_pose_masks and len(last_pose_masks) != len(files):
-            raise ValueError("some sample files hold 'at_last_context_pose' and others do not; sample them again "
-                             "with one version, or remove the field from all of them")
         last_pose = np.concatenate(last_pose_masks) if last_pose_masks else None
         numbers["revisit_psnr"] = metrics.revisit_groups(frames["psnr"], np.concatenate(seen_masks), last_pose)
     numbers["curves"] = {name: values.mean(axis=0) for name, values in frames.items()}

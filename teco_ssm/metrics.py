@@ -223,20 +223,20 @@ def revisit_groups(values: np.ndarray, seen: np.ndarray, at_last_pose: np.ndarra
       ValueError for shapes that differ; TypeError for masks that are not bool.
     """
     values = np.asarray(values, np.float64)
-    masks = {"seen": np.asarray(seen),
-             "at_last_context_pose": None if at_last_pose is None else np.asarray(at_last_pose)}
-    for name, mask in masks.items():
-        if mask is None:
-            continue
+
+    def checked(mask: np.ndarray, name: str) -> np.ndarray:
+        mask = np.asarray(mask)
         if values.shape != mask.shape:
             raise ValueError(f"values {values.shape} and mask '{name}' {mask.shape} differ in shape")
         if mask.dtype != np.bool_:
             raise TypeError(f"the mask '{name}' must be bool, got {mask.dtype}")
-    seen = masks["seen"]
+        return mask
+
+    seen = checked(seen, "seen")
     groups = {"seen": seen, "unseen": ~seen}
     if at_last_pose is not None:
-        last = masks["at_last_context_pose"] & seen
-        groups = {"seen": seen & ~last, "unseen": ~seen, "at_last_context_pose": last}
+        last = checked(at_last_pose, "at_last_context_pose") & seen
+        groups |= {"seen": seen & ~last, "at_last_context_pose": last}
     numbers: dict[str, Any] = {}
     for name, mask in groups.items():
         numbers[name] = float(values[mask].mean()) if mask.any() else None
