@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from teco_ssm import modules
+
 _FILE = "teco_ssm/maskgit.py"
 SCHEDULES = ("cosine", "linear", "square", "sqrt")
 FEEDBACKS = ("sample", "posterior")
@@ -176,7 +178,7 @@ def sample_logits(rng: jax.Array, logits: jax.Array, temperature: float = 1.0, t
     codes whose probability reaches `top_p` (nucleus sampling; 1.0 keeps every code).
     """
     if temperature == 0.0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return modules.argmax(logits)
     logits = logits.astype(jnp.float32) / temperature
     if top_p < 1.0:
         sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]

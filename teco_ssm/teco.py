@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from teco_ssm import backbones
+from teco_ssm import backbones, modules
 from teco_ssm.maskgit import MaskGitPrior, SamplerSettings, draft_and_revise, masked_cross_entropy, training_mask
 from teco_ssm.modules import Codebook, Decoder, PosteriorEncoder
 
@@ -51,15 +51,59 @@ _FILE = "teco_ssm/teco.py"
 Carry = dict[str, Any]
 
 
+def _log_normaliser(logits: jax.Array) -> jax.Array:
+    """log sum_k exp(logits[..., k]), stabilised by the maximum: (..., K) float32 -> (..., 1) float32."""
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    return jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1, keepdims=True)) + top
+
+
+def _target_logit(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    return jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def smoothed_cross_entropy(logits: jax.Array, targets: jax.Array, smoothing: float) -> jax.Array:
     """Cross-entropy against one-hot targets mixed with the uniform distribution.
 
-    logits: (..., K) float; targets: (...) int. Labels are (1 - smoothing) * onehot + smoothing / K.
-    Returns (...) float32: -(1 - smoothing) log p[target] - smoothing * mean_k log p[k].
+    logits: (..., K) float; targets: (...) int in [0, K). Labels are (1 - smoothing) * onehot + smoothing / K.
+    Returns (...) float32: -(1 - smoothing) log p[target] - smoothing * mean_k log p[k]
+    = logZ - (1 - smoothing) logits[target] - smoothing * mean_k logits[k].
+
+    The gradient is written out, softmax - labels, as one pass over the logits (`_smoothed_cross_entropy_bwd`):
+    automatic differentiation of the log-softmax makes several passes over the (B, T, 16, 16, codes) logits, the
+    largest array of the MazeLab step (docs/training.md). Tested against automatic differentiation.
     """
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(log_probs, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return (1.0 - smoothing) * nll - smoothing * jnp.mean(log_probs, axis=-1)
+    return _smoothed_cross_entropy_fwd(logits, targets, smoothing)[0]
+
+
+def _smoothed_cross_entropy_fwd(logits, targets, smoothing):
+    z = logits.astype(jnp.float32)
+    log_normaliser = _log_normaliser(z)
+    loss = log_normaliser[..., 0] - (1.0 - smoothing) * _target_logit(z, targets) - smoothing * jnp.mean(z, axis=-1)
+    return loss, (logits, targets, log_normaliser)
+
+
+def _smoothed_cross_entropy_bwd(smoothing, residuals, g):
+    logits, targets, log_normaliser = residuals
+    z = logits.astype(jnp.float32)
+    grad = g[..., None] * (jnp.exp(z - log_normaliser) - smoothing / z.shape[-1])
+    rows = grad.reshape(-1, z.shape[-1])
+    rows = rows.at[jnp.arange(rows.shape[0]), targets.reshape(-1)].add(-(1.0 - smoothing) * g.reshape(-1))
+    return rows.reshape(z.shape).astype(logits.dtype), None
+
+
+smoothed_cross_entropy.defvjp(_smoothed_cross_entropy_fwd, _smoothed_cross_entropy_bwd)
+
+
+def top_hits(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Whether each target's logit is the largest: (..., K) float, (...) int -> (...) bool.
+
+    `argmax(logits) == targets` except at an exact tie for the maximum, which counts as a hit here. It reads the
+    logits once, sharing the maximum with the cross-entropy's, where XLA's CPU backend runs an argmax over the
+    MazeLab decoder's logits in 15-40 ms (docs/training.md).
+    """
+    z = logits.astype(jnp.float32)
+    return _target_logit(z, targets) >= jnp.max(z, axis=-1)
 
 
 def drop_loss_count(num_steps: int, drop_loss_rate: float) -> int:
@@ -310,12 +354,12 @@ class Teco(nn.Module):
         prior_loss = masked_cross_entropy(prior_logits, prior_targets, mask)
 
         loss = recon_loss + prior_loss + terms["codebook_loss"] + terms["commitment_loss"]
-        prior_hits = (jnp.argmax(prior_logits, -1) == prior_targets) & mask
+        prior_hits = (modules.argmax(prior_logits) == prior_targets) & mask
         metrics = dict(
             loss=loss, recon_loss=recon_loss, prior_loss=prior_loss,
             codebook_loss=terms["codebook_loss"], commitment_loss=terms["commitment_loss"],
             code_perplexity=terms["code_perplexity"],
-            recon_accuracy=jnp.mean(jnp.argmax(logits, -1) == targets),
+            recon_accuracy=jnp.mean(top_hits(logits, targets)),
             prior_accuracy=jnp.sum(prior_hits) / jnp.maximum(jnp.sum(mask), 1),
             actions_given=jnp.mean(given.astype(jnp.float32)))
         return loss, metrics
@@ -380,7 +424,7 @@ class Teco(nn.Module):
         hidden, carry = self._advance(carry, action)
         latent = self.codebook.lookup(latent_codes)
         logits = self._decode(hidden, latent)
-        return dict(carry, latent=latent, codes=jnp.argmax(logits, axis=-1).astype(jnp.int32)), logits
+        return dict(carry, latent=latent, codes=modules.argmax(logits)), logits
 
     def generate_step(self, carry: Carry, action: jax.Array | None, rng: jax.Array, *,
                       settings: SamplerSettings = SamplerSettings()) -> tuple[Carry, jax.Array]:
@@ -403,7 +447,7 @@ class Teco(nn.Module):
 
         latent_codes = draft_and_revise(predict, rng, batch, h * w, self.prior.mask_id, settings)
         latent = self.codebook.lookup(latent_codes.reshape(batch, h, w))
-        codes = jnp.argmax(self._decode(hidden, latent), axis=-1).astype(jnp.int32)
+        codes = modules.argmax(self._decode(hidden, latent))
         if settings.feedback == "posterior":
             table = self.code_embeddings
             latent, _, _ = self.codebook(self._encode_pairs(table[carry["codes"]], table[codes]))

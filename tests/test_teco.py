@@ -12,8 +12,9 @@ import pytest
 from teco_ssm import backbones
 from teco_ssm.maskgit import SamplerSettings
 from teco_ssm.modules import Decoder
+from teco_ssm import modules
 from teco_ssm.teco import (Teco, drop_loss_count, drop_loss_steps, init_variables, set_code_embeddings,
-                           smoothed_cross_entropy)
+                           smoothed_cross_entropy, top_hits)
 
 from toy import TOY_BACKBONES, TOY_MODEL
 
@@ -64,6 +65,49 @@ def test_label_smoothing_against_numpy():
     expected = -(labels * log_probs).sum(-1)
     got = smoothed_cross_entropy(jnp.asarray(logits, jnp.float32), jnp.asarray(targets), 0.01)
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5)
+
+
+def test_label_smoothing_gradient_is_softmax_minus_labels():
+    """The written-out gradient against float64 NumPy (softmax - labels, times each position's cotangent) and
+    against automatic differentiation of the log-softmax form, for a non-uniform cotangent and two smoothings."""
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(3, 4, 9)) * 3
+    targets = rng.integers(0, 9, size=(3, 4))
+    weights = rng.uniform(0.5, 2.0, size=(3, 4))
+
+    def autodiff_form(z, t, smoothing):
+        log_probs = jax.nn.log_softmax(z, axis=-1)
+        nll = -jnp.take_along_axis(log_probs, t[..., None], axis=-1)[..., 0]
+        return (1.0 - smoothing) * nll - smoothing * jnp.mean(log_probs, axis=-1)
+
+    for smoothing in (0.0, 0.1):
+        labels = np.eye(9)[targets] * (1 - smoothing) + smoothing / 9
+        softmax = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+        expected = weights[..., None] * (softmax - labels)
+        z, t = jnp.asarray(logits, jnp.float32), jnp.asarray(targets)
+        got = jax.grad(lambda z: jnp.sum(weights * smoothed_cross_entropy(z, t, smoothing)))(z)
+        np.testing.assert_allclose(np.asarray(got), expected, atol=1e-6)
+        autodiff = jax.grad(lambda z: jnp.sum(weights * autodiff_form(z, t, smoothing)))(z)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(autodiff), atol=1e-6)
+    bf16 = jax.grad(lambda z: jnp.sum(smoothed_cross_entropy(z, t, 0.01)))(z.astype(jnp.bfloat16))
+    assert bf16.dtype == jnp.bfloat16
+
+
+def test_argmax_and_top_hits_against_jnp_argmax():
+    """`modules.argmax` equals `jnp.argmax` on ties (the first maximum) and NaN (the first NaN); `top_hits` equals
+    `argmax == target` away from ties and counts a tied maximum as a hit."""
+    x = np.array(jax.random.normal(jax.random.key(0), (6, 5, 40)))
+    x[0, 0, [3, 17]] = 9.0       # a tie: the first index wins
+    x[0, 1, [2, 30]] = np.nan    # NaN: the first NaN wins, as in jnp.argmax
+    x[0, 2, :] = 1.0             # all equal
+    np.testing.assert_array_equal(np.asarray(modules.argmax(jnp.asarray(x))), np.asarray(jnp.argmax(x, axis=-1)))
+    assert int(modules.argmax(jnp.asarray(x))[0, 0]) == 3 and modules.argmax(jnp.asarray(x)).dtype == jnp.int32
+    targets = np.array(jax.random.randint(jax.random.key(1), (6, 5), 0, 40))
+    targets[1:3] = np.argmax(x[1:3], axis=-1)  # some hits
+    hits = np.asarray(top_hits(jnp.asarray(x), jnp.asarray(targets)))
+    np.testing.assert_array_equal(hits[1:], (np.argmax(x, -1) == targets)[1:])
+    assert hits[1:3].all() and not hits[3:].all()
+    assert bool(top_hits(jnp.asarray(x[:1, :1]), jnp.asarray([[17]]))[0, 0])  # the later of two tied maxima
 
 
 def test_drop_loss_count_is_the_release_count():
