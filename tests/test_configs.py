@@ -61,8 +61,8 @@ def test_blocks_are_the_dataclasses_fields_and_defaults():
 # time), as JSON, with one structural change applied to it: the single `optim` block is now `optim.<backbone>`,
 # one block per backbone (the variant's own block the old one; each other backbone's block the one of that
 # backbone's variant), and ssm_lr, which every config set equal to lr, is None (= lr). Added since: eval_every and
-# eval_batches (the held-out loss during training); the MazeLab (and Memory Maze) budget of 2,000 steps (was 700;
-# docs/training.md); scan_mode auto (was associative; the same on accelerators); sampling.feedback (MazeLab and
+# eval_batches (the held-out loss during training); the MazeLab (and Memory Maze) budget of 3,000 steps (was 700, then
+# 2,000; docs/training.md); scan_mode auto (was associative; the same on accelerators); sampling.feedback (MazeLab and
 # Memory Maze: posterior).
 EXPECTED_DUMP = "tests/data/config_dump.json"
 
@@ -280,7 +280,7 @@ def test_an_override_of_the_wrong_type_names_the_field_and_its_type():
     from teco_ssm import config_io
 
     config = get_config("mazelab")
-    with pytest.raises(ValueError, match=r"override 'steps=abc': field steps holds int \(2000\); 'abc' is not one"):
+    with pytest.raises(ValueError, match=r"override 'steps=abc': field steps holds int \(3000\); 'abc' is not one"):
         config_io.apply_override(config, "steps=abc")
     config_io.apply_override(config, "steps=12")
     assert config.steps == 12

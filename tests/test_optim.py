@@ -125,7 +125,7 @@ def test_zero_gradients_show_each_groups_weight_decay_and_rate():
 def test_from_config_and_bad_settings():
     config = mazelab.get_config("convs5")
     s = optim.OptimizerSettings.of_experiment(config)
-    assert (s.lr, s.warmup_steps, s.total_steps, s.peak_ssm_lr) == (3e-3, 50, 2000, 3e-3)
+    assert (s.lr, s.warmup_steps, s.total_steps, s.peak_ssm_lr) == (3e-3, 50, 3000, 3e-3)
     config.optim.convs5.ssm_lr = 1e-3
     assert optim.OptimizerSettings.from_config(config.optim.convs5, 100).peak_ssm_lr == 1e-3
     hash(s)  # static argument of the jitted train step
