@@ -35,7 +35,7 @@ import ml_collections
 import numpy as np
 
 import vqgan
-from teco_ssm import checkpoint, config_io, evaluate, metrics, sample, teco
+from teco_ssm import checkpoint, config_io, evaluate, metrics, modules, sample, teco
 from teco_ssm.data import batch_codes, open_dataset
 from teco_ssm.teco import Teco
 
@@ -64,7 +64,7 @@ def teacher_and_one_step(model: Teco, variables, codes, actions, context: int, r
         true_latent = model.apply(variables, latent, method=lambda m, c: m.codebook.lookup(c))
         hits = jnp.mean(jnp.all(gen_carry["latent"] == true_latent, axis=-1), axis=(1, 2))
         carry, logits = model.apply(variables, carry, action, latent, method=Teco.teacher_forced_step)
-        return carry, (jnp.argmax(logits, -1).astype(jnp.int32), sampled, hits)
+        return carry, (modules.argmax(logits), sampled, hits)
 
     horizon = codes.shape[1] - context
     xs = (jnp.moveaxis(actions[:, context:], 1, 0), jnp.moveaxis(latent_codes[:, context:], 1, 0),

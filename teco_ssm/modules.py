@@ -98,15 +98,17 @@ class Decoder(nn.Module):
 
 def argmax(x: jax.Array) -> jax.Array:
     """`jnp.argmax(x, axis=-1)` as int32, computed as two plain reductions: the maximum, then the first index holding
-    it (or the first NaN, as `jnp.argmax` takes). Same result, ties included.
+    it, or the first NaN in a row holding one, as `jnp.argmax` takes. Same result, ties and NaN included.
 
     x: (..., K) float -> (...) int32. XLA's CPU backend runs `jnp.argmax`'s paired (value, index) reduction far
-    below memory speed: on the MazeLab decoder's logits, 4 x 31 x 16 x 16 x 512 with a log-softmax beside it, 40 ms
-    against 15 ms for this (docs/training.md, "The decoder's logits").
+    below memory speed: on the MazeLab decoder's logits, 4 x 31 x 16 x 16 x 512 with a log-softmax beside it, 38 ms
+    against 18 ms for this (docs/training.md, "The decoder's logits").
     """
+    # NaN is tested on its own: the CPU backend's fused maximum of a large array can skip NaN.
+    nan = jnp.isnan(x)
     top = jnp.max(x, axis=-1, keepdims=True)
-    index = jnp.arange(x.shape[-1], dtype=jnp.int32)
-    return jnp.min(jnp.where((x == top) | jnp.isnan(x), index, x.shape[-1]), axis=-1)
+    holds = jnp.where(jnp.any(nan, axis=-1, keepdims=True), nan, x == top)
+    return jnp.min(jnp.where(holds, jnp.arange(x.shape[-1], dtype=jnp.int32), x.shape[-1]), axis=-1)
 
 
 def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-6) -> jax.Array:

@@ -61,17 +61,19 @@ def _target_logit(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+@jax.custom_vjp
 def smoothed_cross_entropy(logits: jax.Array, targets: jax.Array, smoothing: float) -> jax.Array:
     """Cross-entropy against one-hot targets mixed with the uniform distribution.
 
-    logits: (..., K) float; targets: (...) int in [0, K). Labels are (1 - smoothing) * onehot + smoothing / K.
+    logits: (..., K) float; targets: (...) int in [0, K); smoothing: float in [0, 1), a Python float or a traced
+    scalar (no gradient flows to it). Labels are (1 - smoothing) * onehot + smoothing / K.
     Returns (...) float32: -(1 - smoothing) log p[target] - smoothing * mean_k log p[k]
     = logZ - (1 - smoothing) logits[target] - smoothing * mean_k logits[k].
 
     The gradient is written out, softmax - labels, as one pass over the logits (`_smoothed_cross_entropy_bwd`):
     automatic differentiation of the log-softmax makes several passes over the (B, T, 16, 16, codes) logits, the
-    largest array of the MazeLab step (docs/training.md). Tested against automatic differentiation.
+    largest array of the MazeLab step (docs/training.md). Tested against automatic differentiation. Reverse mode
+    only: `jax.jvp` and `jax.jacfwd` of it raise TypeError.
     """
     return _smoothed_cross_entropy_fwd(logits, targets, smoothing)[0]
 
@@ -80,16 +82,16 @@ def _smoothed_cross_entropy_fwd(logits, targets, smoothing):
     z = logits.astype(jnp.float32)
     log_normaliser = _log_normaliser(z)
     loss = log_normaliser[..., 0] - (1.0 - smoothing) * _target_logit(z, targets) - smoothing * jnp.mean(z, axis=-1)
-    return loss, (logits, targets, log_normaliser)
+    return loss, (logits, targets, smoothing, log_normaliser)
 
 
-def _smoothed_cross_entropy_bwd(smoothing, residuals, g):
-    logits, targets, log_normaliser = residuals
+def _smoothed_cross_entropy_bwd(residuals, g):
+    logits, targets, smoothing, log_normaliser = residuals
     z = logits.astype(jnp.float32)
     grad = g[..., None] * (jnp.exp(z - log_normaliser) - smoothing / z.shape[-1])
     rows = grad.reshape(-1, z.shape[-1])
     rows = rows.at[jnp.arange(rows.shape[0]), targets.reshape(-1)].add(-(1.0 - smoothing) * g.reshape(-1))
-    return rows.reshape(z.shape).astype(logits.dtype), None
+    return rows.reshape(z.shape).astype(logits.dtype), None, None
 
 
 smoothed_cross_entropy.defvjp(_smoothed_cross_entropy_fwd, _smoothed_cross_entropy_bwd)
@@ -98,9 +100,10 @@ smoothed_cross_entropy.defvjp(_smoothed_cross_entropy_fwd, _smoothed_cross_entro
 def top_hits(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """Whether each target's logit is the largest: (..., K) float, (...) int -> (...) bool.
 
-    `argmax(logits) == targets` except at an exact tie for the maximum, which counts as a hit here. It reads the
-    logits once, sharing the maximum with the cross-entropy's, where XLA's CPU backend runs an argmax over the
-    MazeLab decoder's logits in 15-40 ms (docs/training.md).
+    `argmax(logits) == targets` except at an exact tie for the maximum, which counts as a hit here, and on rows
+    holding NaN, where it is unspecified (the loss is then NaN too, which stops training). It reads the logits
+    once, sharing the maximum with the cross-entropy's, where XLA's CPU backend runs an argmax over the MazeLab
+    decoder's logits in 15-40 ms (docs/training.md).
     """
     z = logits.astype(jnp.float32)
     return _target_logit(z, targets) >= jnp.max(z, axis=-1)

@@ -91,6 +91,8 @@ def test_label_smoothing_gradient_is_softmax_minus_labels():
         np.testing.assert_allclose(np.asarray(got), np.asarray(autodiff), atol=1e-6)
     bf16 = jax.grad(lambda z: jnp.sum(smoothed_cross_entropy(z, t, 0.01)))(z.astype(jnp.bfloat16))
     assert bf16.dtype == jnp.bfloat16
+    traced = jax.jit(jax.grad(lambda z, s: jnp.sum(weights * smoothed_cross_entropy(z, t, s))))(z, 0.1)
+    np.testing.assert_allclose(np.asarray(traced), np.asarray(got), atol=1e-6)  # got: smoothing 0.1
 
 
 def test_argmax_and_top_hits_against_jnp_argmax():
@@ -102,6 +104,12 @@ def test_argmax_and_top_hits_against_jnp_argmax():
     x[0, 2, :] = 1.0             # all equal
     np.testing.assert_array_equal(np.asarray(modules.argmax(jnp.asarray(x))), np.asarray(jnp.argmax(x, axis=-1)))
     assert int(modules.argmax(jnp.asarray(x))[0, 0]) == 3 and modules.argmax(jnp.asarray(x)).dtype == jnp.int32
+    # At the sizes of real logits the CPU backend's fused maximum can skip NaN; argmax must still take the first NaN.
+    big = np.zeros((32, 512), np.float32)
+    big[:, 0], big[:, 3] = 2.0, np.nan
+    big[1, 3], big[2, 0] = 1.0, np.nan
+    np.testing.assert_array_equal(np.asarray(modules.argmax(jnp.asarray(big))), np.asarray(jnp.argmax(big, axis=-1)))
+    np.testing.assert_array_equal(np.asarray(jax.jit(modules.argmax)(jnp.asarray(big)))[:3], [3, 0, 0])
     targets = np.array(jax.random.randint(jax.random.key(1), (6, 5), 0, 40))
     targets[1:3] = np.argmax(x[1:3], axis=-1)  # some hits
     hits = np.asarray(top_hits(jnp.asarray(x), jnp.asarray(targets)))
