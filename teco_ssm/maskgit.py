@@ -219,7 +219,7 @@ def masked_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array)
     logits: (N, L, K) float; targets: (N, L) int; mask: (N, L) bool with at least one True. Returns () float32.
     """
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(log_probs, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    nll = -modules.at_targets(log_probs, targets)
     mask = mask.astype(jnp.float32)
     return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0) * targets.shape[-1]
 

@@ -111,6 +111,11 @@ def argmax(x: jax.Array) -> jax.Array:
     return jnp.min(jnp.where(holds, jnp.arange(x.shape[-1], dtype=jnp.int32), x.shape[-1]), axis=-1)
 
 
+def at_targets(values: jax.Array, targets: jax.Array) -> jax.Array:
+    """values[..., targets]: (..., K), (...) int in [0, K) -> (...), e.g. each target code's logit."""
+    return jnp.take_along_axis(values, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
 def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-6) -> jax.Array:
     """x / max(||x||, eps) along `axis`."""
     return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), eps)

@@ -52,13 +52,10 @@ Carry = dict[str, Any]
 
 
 def _log_normaliser(logits: jax.Array) -> jax.Array:
-    """log sum_k exp(logits[..., k]), stabilised by the maximum: (..., K) float32 -> (..., 1) float32."""
+    """log sum_k exp(logits[..., k]), stabilised by the maximum: (..., K) float32 -> (..., 1) float32.
+    `jax.nn.logsumexp` in its place ran the ConvS5 MazeLab train step at 3.86 steps/s against 4.20 (one sitting)."""
     top = jnp.max(logits, axis=-1, keepdims=True)
     return jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1, keepdims=True)) + top
-
-
-def _target_logit(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    return jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
 
 
 @jax.custom_vjp
@@ -81,7 +78,8 @@ def smoothed_cross_entropy(logits: jax.Array, targets: jax.Array, smoothing: flo
 def _smoothed_cross_entropy_fwd(logits, targets, smoothing):
     z = logits.astype(jnp.float32)
     log_normaliser = _log_normaliser(z)
-    loss = log_normaliser[..., 0] - (1.0 - smoothing) * _target_logit(z, targets) - smoothing * jnp.mean(z, axis=-1)
+    loss = (log_normaliser[..., 0] - (1.0 - smoothing) * modules.at_targets(z, targets)
+            - smoothing * jnp.mean(z, axis=-1))
     return loss, (logits, targets, smoothing, log_normaliser)
 
 
@@ -106,7 +104,7 @@ def top_hits(logits: jax.Array, targets: jax.Array) -> jax.Array:
     decoder's logits in 15-40 ms (docs/training.md).
     """
     z = logits.astype(jnp.float32)
-    return _target_logit(z, targets) >= jnp.max(z, axis=-1)
+    return modules.at_targets(z, targets) >= jnp.max(z, axis=-1)
 
 
 def drop_loss_count(num_steps: int, drop_loss_rate: float) -> int:

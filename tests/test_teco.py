@@ -9,10 +9,9 @@ import numpy as np
 import optax
 import pytest
 
-from teco_ssm import backbones
+from teco_ssm import backbones, modules
 from teco_ssm.maskgit import SamplerSettings
 from teco_ssm.modules import Decoder
-from teco_ssm import modules
 from teco_ssm.teco import (Teco, drop_loss_count, drop_loss_steps, init_variables, set_code_embeddings,
                            smoothed_cross_entropy, top_hits)
 
