@@ -23,7 +23,7 @@ import time
 import traceback
 from typing import Sequence
 
-from teco_ssm import host_memory, metrics, stages
+from teco_ssm import compile_cache, host_memory, metrics, stages
 
 
 def _add_overrides(parser: argparse.ArgumentParser, example: str) -> None:
@@ -221,6 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     as_command = argv is None
     if as_command:
         host_memory.configure()  # before XLA's threads allocate: buffers keep their pages between steps
+        compile_cache.configure()  # a rerun or resumed run loads its compiled programs from disk
     kwargs = vars(parser().parse_args(argv))
     command, stage = kwargs.pop("command"), kwargs.pop("stage")
     try:

@@ -1,0 +1,111 @@
+"""The front end's persistent compilation cache (`teco_ssm.compile_cache`): where it lives, that it is scoped to the
+host, and that a second process loads what a first one compiled and computes the same values with it."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jaxlib
+
+from teco_ssm import compile_cache
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CPU = "processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {first}\n\nprocessor\t: 1\nmodel name\t: Some CPU\nflags\t\t: {second}\n"
+
+# A child process: the front end's setup, then one program compiled (or loaded) and run. The compile-time threshold
+# is lowered after `configure` so the toy program is stored; the child reports what `configure` set first.
+CHILD = textwrap.dedent("""
+    import json, sys
+    import jax, jax.numpy as jnp
+    from teco_ssm import compile_cache
+    path = compile_cache.configure()
+    settings = dict(dir=jax.config.jax_compilation_cache_dir,
+                    min_seconds=jax.config.jax_persistent_cache_min_compile_time_secs,
+                    max_bytes=jax.config.jax_compilation_cache_max_size)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    hits = []
+    jax.monitoring.register_event_listener(
+        lambda event, **kw: hits.append(event) if event == "/jax/compilation_cache/cache_hits" else None)
+
+    def f(x):
+        for k in range(20):
+            x = jnp.sin(x) * 1.5 + jnp.cos(x * k)
+        return x
+
+    y = jax.device_get(jax.jit(f)(jnp.linspace(-2.0, 2.0, 64))).tolist()
+    print(json.dumps(dict(path=None if path is None else str(path), settings=settings, hits=len(hits), y=y)))
+""")
+
+
+def child(env):
+    proc = subprocess.run([sys.executable, "-c", CHILD], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=dict({k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"},
+                                   PYTHONPATH=str(ROOT), **env))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_a_second_process_loads_the_first_ones_program_and_computes_the_same_values(tmp_path):
+    root = tmp_path / "cache"
+    first = child({compile_cache.ENV: str(root)})
+    assert Path(first["path"]).parent == root and Path(first["path"]).name == compile_cache.host_tag()
+    assert first["settings"] == dict(dir=first["path"], min_seconds=compile_cache.MIN_COMPILE_SECONDS,
+                                     max_bytes=compile_cache.MAX_BYTES)
+    assert first["hits"] == 0
+    stored = [name for name in os.listdir(first["path"]) if name.startswith("jit_f-") and name.endswith("-cache")]
+    assert len(stored) == 1
+    second = child({compile_cache.ENV: str(root)})
+    assert second["hits"] == len([name for name in os.listdir(first["path"]) if name.endswith("-cache")])
+    assert second["y"] == first["y"]
+
+
+def test_off_turns_the_cache_off(tmp_path):
+    result = child({compile_cache.ENV: "off", "XDG_CACHE_HOME": str(tmp_path)})
+    assert result["path"] is None and result["settings"]["dir"] is None
+    assert result["hits"] == 0 and not any(tmp_path.iterdir())
+
+
+def test_the_directory_by_precedence(tmp_path, monkeypatch):
+    for name in ("JAX_COMPILATION_CACHE_DIR", compile_cache.ENV, "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    tag = compile_cache.host_tag()
+    assert compile_cache.directory() == tmp_path / "home" / ".cache" / "teco_ssm" / "xla" / tag
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert compile_cache.directory() == tmp_path / "xdg" / "teco_ssm" / "xla" / tag
+    monkeypatch.setenv(compile_cache.ENV, str(tmp_path / "mine"))
+    assert compile_cache.directory() == tmp_path / "mine" / tag
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax"))  # JAX's own variable, as it is
+    assert compile_cache.directory() == tmp_path / "jax"
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+    monkeypatch.setenv(compile_cache.ENV, "off")
+    assert compile_cache.directory() is None
+
+
+def test_the_host_tag_separates_cpus_with_other_features(tmp_path):
+    files = {}
+    for name, first, second in (("plain", "fpu avx2", "fpu avx2"), ("again", "fpu avx2", "fpu avx2"),
+                                ("wider", "fpu avx2 avx512f", "fpu avx2 avx512f"),
+                                ("second_differs", "fpu avx2", "fpu avx2 avx512f")):
+        files[name] = tmp_path / name
+        files[name].write_text(CPU.format(first=first, second=second))
+    tag = {name: compile_cache.host_tag(str(path)) for name, path in files.items()}
+    assert tag["plain"] == tag["again"]
+    assert tag["plain"] != tag["wider"]
+    assert tag["plain"] == tag["second_differs"]  # the first CPU's lines describe the machine
+    assert tag["plain"].startswith(f"jax{jax.__version__}-jaxlib{jaxlib.__version__}-")
+    assert compile_cache.host_tag(str(tmp_path / "missing")).startswith("jax")
+
+
+def test_an_uncreatable_directory_leaves_the_cache_off_with_a_warning(tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    monkeypatch.setenv(compile_cache.ENV, str(blocker / "below"))
+    assert compile_cache.configure() is None
+    err = capsys.readouterr().err
+    assert "compilation cache off" in err and str(blocker) in err and compile_cache.ENV in err
