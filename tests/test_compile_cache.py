@@ -14,7 +14,8 @@ from teco_ssm import compile_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 
-CPU = "processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {first}\n\nprocessor\t: 1\nmodel name\t: Some CPU\nflags\t\t: {second}\n"
+CPU = ("processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {first}\n\n"
+       "processor\t: 1\nmodel name\t: Some CPU\nflags\t\t: {second}\n")
 
 # A child process: the front end's setup, then one program compiled (or loaded) and run. The compile-time threshold
 # is lowered after `configure` so the toy program is stored; the child reports what `configure` set first.
@@ -41,12 +42,21 @@ CHILD = textwrap.dedent("""
 """)
 
 
+def start(env):
+    """The child process with `env` over this one's environment (JAX's own cache variable removed)."""
+    base = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    return subprocess.Popen([sys.executable, "-c", CHILD], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=dict(base, PYTHONPATH=str(ROOT), **env))
+
+
+def result(proc):
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def child(env):
-    proc = subprocess.run([sys.executable, "-c", CHILD], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env=dict({k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"},
-                                   PYTHONPATH=str(ROOT), **env))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return result(start(env))
 
 
 def test_a_second_process_loads_the_first_ones_program_and_computes_the_same_values(tmp_path):
@@ -61,6 +71,15 @@ def test_a_second_process_loads_the_first_ones_program_and_computes_the_same_val
     second = child({compile_cache.ENV: str(root)})
     assert second["hits"] == len([name for name in os.listdir(first["path"]) if name.endswith("-cache")])
     assert second["y"] == first["y"]
+
+
+def test_processes_that_fill_one_cache_at_once_all_finish_and_leave_whole_entries(tmp_path):
+    env = {compile_cache.ENV: str(tmp_path / "cache")}
+    first, second = [result(proc) for proc in [start(env), start(env)]]  # both running before either finishes
+    assert first["y"] == second["y"]
+    third = child(env)
+    assert third["hits"] == len([name for name in os.listdir(third["path"]) if name.endswith("-cache")]) > 0
+    assert third["y"] == first["y"]
 
 
 def test_off_turns_the_cache_off(tmp_path):
