@@ -215,3 +215,70 @@ def test_s5_initial_C_is_complex_lecun_normal():
 def test_unknown_initialisation_is_an_error():
     with pytest.raises(ValueError, match="initialisation"):
         common.DiagonalSSM(8, 1, 4, 4, init_scheme="glorot").init(jax.random.key(0))
+
+
+# ------------------------------------------------------------------------------------ the Winograd convolution
+def conv_same_adjoint(x, kernel, g):
+    """The float64 gradients of sum(g * conv_same(x, kernel)) with respect to x and kernel (3x3, 'SAME')."""
+    H, W = x.shape[1:3]
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    dkernel = np.stack([np.stack([np.einsum("nhwc,nhwo->co", xp[:, a:a + H, b:b + W], g) for b in range(3)])
+                        for a in range(3)])
+    dx = conv_same(g, kernel[::-1, ::-1].transpose(0, 1, 3, 2))
+    return dx, dkernel
+
+
+@pytest.mark.parametrize("shape", [(3, 8, 8, 5, 6), (2, 7, 9, 4, 3), (1, 1, 1, 2, 2), (2, 5, 6, 3, 8)])
+def test_winograd_convolution_and_its_gradients_equal_a_float64_convolution(shape):
+    n, h, w, cin, cout = shape
+    x = jax.random.normal(jax.random.key(0), (n, h, w, cin))
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, cin, cout))
+    g = jax.random.normal(jax.random.key(2), (n, h, w, cout))
+    y, vjp = jax.vjp(jax.jit(common.winograd_conv3x3), x, kernel)
+    want = conv_same(*f64((x, kernel)))
+    np.testing.assert_allclose(np.asarray(y), want, atol=1e-5 * np.abs(want).max())
+    for got, want in zip(vjp(g), conv_same_adjoint(*f64((x, kernel, g)))):
+        np.testing.assert_allclose(np.asarray(got), want, atol=1e-5 * np.abs(want).max())
+
+
+def test_the_convolution_algorithm_by_backend_width_and_dtype():
+    wide, narrow = jnp.zeros((1, 4, 4, 256)), jnp.zeros((1, 4, 4, 128))
+    assert common.conv_algorithm(wide, jnp.zeros((3, 3, 256, 512))) == "winograd"  # on this CPU backend
+    assert common.conv_algorithm(narrow, jnp.zeros((3, 3, 128, 256))) == "xla"
+    assert common.conv_algorithm(wide, jnp.zeros((5, 5, 256, 512))) == "xla"
+    assert common.conv_algorithm(wide.astype(jnp.bfloat16), jnp.zeros((3, 3, 256, 512), jnp.bfloat16)) == "xla"
+    assert common.conv_algorithm(wide.astype(jnp.complex64), jnp.zeros((3, 3, 256, 512), jnp.complex64)) == "xla"
+    with pytest.raises(ValueError, match="3x3 float32"):
+        common.conv2d(wide, jnp.zeros((5, 5, 256, 8)), "winograd")
+    with pytest.raises(ValueError, match="unknown convolution algorithm 'fast'"):
+        common.conv2d(wide, jnp.zeros((3, 3, 256, 8)), "fast")
+
+
+@pytest.mark.parametrize("name", ["convs5", "convt3"])
+def test_layer_stack_with_winograd_convolutions_matches_release_reference(name, monkeypatch):
+    """Every ConvSSM core convolution as Winograd's (the CPU's choice at DMLab width, here forced at toy width),
+    forward and step by step, against the float64 release reference; gradients against the XLA convolutions'."""
+    extra = dict(stencil_init=0.0) if name == "convt3" else {}
+    model = build(name, n_layers=2, scan_mode="sequential", **extra)
+    x = jax.random.normal(jax.random.key(0), (2, 5, 4, 4, 3))
+    variables = init(model, x)
+    loss = lambda v: jnp.mean(model.apply(v, x)[0] ** 2)
+    reference_grads = jax.jit(jax.grad(loss))(variables)
+    monkeypatch.setattr(common, "WINOGRAD_MIN_CHANNELS", 1)
+    assert common.conv_algorithm(x, jnp.zeros((3, 3, 8, 8))) == "winograd"
+    want = reference_stack(f64(variables["params"]), np.asarray(x, np.float64), 2, 3, 3, 4)
+    got, _ = jax.jit(lambda v, x: model.apply(v, x))(variables, x)
+    scale = np.abs(want).max()
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5 * scale)
+    state = model.apply(variables, 2, (4, 4), method=model.init_state)
+    step = jax.jit(lambda v, xt, s: model.apply(v, xt, s, method=model.step))
+    steps = []
+    for t in range(x.shape[1]):
+        y_t, state = step(variables, x[:, t], state)
+        steps.append(y_t)
+    np.testing.assert_allclose(np.stack(steps, 1), want, atol=1e-5 * scale)
+    grads = jax.jit(jax.grad(lambda v: jnp.mean(model.apply(v, x)[0] ** 2)))(variables)
+    for path, a in jax.tree_util.tree_leaves_with_path(reference_grads):
+        b = dict(jax.tree_util.tree_leaves_with_path(grads))[path]
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5 * float(jnp.abs(a).max()) + 1e-9,
+                                   err_msg=jax.tree_util.keystr(path))

@@ -38,7 +38,8 @@ def input_conv(u: jax.Array, kernel: jax.Array) -> jax.Array:
     """B_bar (*) u for a real input as ONE real convolution with 2P outputs: [Re B_bar, Im B_bar] (*) u.
 
     u: (N, H, W, U) real; kernel: (k, k, U, P) complex64 -> (N, H, W, P) complex64. Equals the complex convolution
-    `conv2d(u, kernel)` to float32 rounding, without complex arrays around the convolution (docs/backbones.md).
+    `conv2d(u, kernel)` to float32 rounding, without complex arrays around the convolution (docs/backbones.md); on
+    CPU a wide one runs as Winograd's (`common.conv_algorithm`).
     """
     P = kernel.shape[-1]
     y = conv2d(u.astype(jnp.float32), jnp.concatenate([kernel.real, kernel.imag], axis=-1))
