@@ -2,6 +2,7 @@
 host, and that a second process loads what a first one compiled and computes the same values with it."""
 import json
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -101,11 +102,15 @@ def test_the_directory_by_precedence(tmp_path, monkeypatch):
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax"))  # JAX's own variable, as it is
     assert compile_cache.directory() == tmp_path / "jax"
     monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
-    monkeypatch.setenv(compile_cache.ENV, "off")
-    assert compile_cache.directory() is None
+    for off in ("off", " OFF ", "0", "false", "No", "none"):
+        monkeypatch.setenv(compile_cache.ENV, off)
+        assert compile_cache.directory() is None, off
+    monkeypatch.delenv(compile_cache.ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")  # not absolute: ignored, as the XDG specification says
+    assert compile_cache.directory() == tmp_path / "home" / ".cache" / "teco_ssm" / "xla" / tag
 
 
-def test_the_host_tag_separates_cpus_with_other_features(tmp_path):
+def test_the_host_tag_separates_cpus_with_other_features(tmp_path, monkeypatch):
     files = {}
     for name, first, second in (("plain", "fpu avx2", "fpu avx2"), ("again", "fpu avx2", "fpu avx2"),
                                 ("wider", "fpu avx2 avx512f", "fpu avx2 avx512f"),
@@ -117,7 +122,11 @@ def test_the_host_tag_separates_cpus_with_other_features(tmp_path):
     assert tag["plain"] != tag["wider"]
     assert tag["plain"] == tag["second_differs"]  # the first CPU's lines describe the machine
     assert tag["plain"].startswith(f"jax{jax.__version__}-jaxlib{jaxlib.__version__}-")
-    assert compile_cache.host_tag(str(tmp_path / "missing")).startswith("jax")
+    # no description of the CPU: the host's name keeps two such machines apart
+    monkeypatch.setattr(platform, "node", lambda: "host-a")
+    unknown_a = compile_cache.host_tag(str(tmp_path / "missing"))
+    monkeypatch.setattr(platform, "node", lambda: "host-b")
+    assert unknown_a.startswith("jax") and unknown_a != compile_cache.host_tag(str(tmp_path / "missing"))
 
 
 def test_an_uncreatable_directory_leaves_the_cache_off_with_a_warning(tmp_path, capsys, monkeypatch):
@@ -128,3 +137,13 @@ def test_an_uncreatable_directory_leaves_the_cache_off_with_a_warning(tmp_path, 
     assert compile_cache.configure() is None
     err = capsys.readouterr().err
     assert "compilation cache off" in err and str(blocker) in err and compile_cache.ENV in err
+
+
+def test_a_directory_it_cannot_write_leaves_the_cache_off_with_one_warning(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    monkeypatch.setenv(compile_cache.ENV, str(tmp_path / "cache"))
+    assert compile_cache._can_write(tmp_path)
+    monkeypatch.setattr(compile_cache, "_can_write", lambda path: False)  # e.g. read-only, or another user's
+    assert compile_cache.configure() is None
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "compilation cache off" in err and "not writable" in err

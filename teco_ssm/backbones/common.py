@@ -68,7 +68,7 @@ def discretize_zoh(Lambda: jax.Array, B_tilde: jax.Array, Delta: jax.Array) -> t
 
 
 CONV_ALGORITHMS = ("auto", "xla", "winograd")
-WINOGRAD_MIN_CHANNELS = 256  # on CPU, narrower 3x3 convolutions run as fast or faster in XLA's own (docs/backbones.md)
+WINOGRAD_MIN_CHANNELS = 256  # on CPU, narrower 3x3 convolutions run as fast in XLA's own (docs/backbones.md)
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, algorithm: str = "auto") -> jax.Array:
@@ -127,7 +127,9 @@ def winograd_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
     (cross-correlation, as every convolution here) up to float rounding. The input is cut into 4x4 tiles with
     stride 2, transformed (additions only), multiplied with the transformed kernel as 16 matrix products over the
     channels, and transformed back; odd H or W get one more zero row or column, cropped from the output. The
-    gradients are those of this expression, so the backward pass also takes 16 products per tile.
+    gradients are those of this expression, so the backward pass also takes 16 products per tile. Non-finite inputs
+    reach the same outputs as in XLA's convolution, but an infinite input can give NaN where XLA's gives +-inf (the
+    transforms subtract it from itself).
     """
     n, h, w, cin = x.shape
     cout = kernel.shape[-1]
