@@ -81,7 +81,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, algorithm: str = "auto") -> jax.Arra
     if algorithm == "auto":
         algorithm = conv_algorithm(x, kernel)
     if algorithm == "winograd":
-        if kernel.shape[:2] != (3, 3) or jnp.result_type(x, kernel) != jnp.float32:
+        if not _winograd_covers(x, kernel):
             raise ValueError(f"the Winograd convolution takes 3x3 float32 kernels; got {kernel.shape[:2]} "
                              f"{jnp.result_type(x, kernel)}")
         return winograd_conv3x3(x.astype(jnp.float32), kernel.astype(jnp.float32))
@@ -98,10 +98,12 @@ def conv_algorithm(x: jax.Array, kernel: jax.Array) -> str:
     forward and backward there), 'xla' otherwise (every accelerator, whose convolution libraries choose their own
     algorithms)."""
     wide = min(kernel.shape[2], kernel.shape[3]) >= WINOGRAD_MIN_CHANNELS
-    if (jax.default_backend() == "cpu" and wide and kernel.shape[:2] == (3, 3)
-            and jnp.result_type(x, kernel) == jnp.float32):
-        return "winograd"
-    return "xla"
+    return "winograd" if jax.default_backend() == "cpu" and wide and _winograd_covers(x, kernel) else "xla"
+
+
+def _winograd_covers(x: jax.Array, kernel: jax.Array) -> bool:
+    """Whether `winograd_conv3x3` computes this convolution: a 3x3 kernel, real float32 arithmetic."""
+    return kernel.shape[:2] == (3, 3) and jnp.result_type(x, kernel) == jnp.float32
 
 
 # Winograd F(2x2, 3x3) (Lavin & Gray 2016, "Fast Algorithms for Convolutional Neural Networks", Section 4.1): a 2x2
@@ -144,7 +146,7 @@ def winograd_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
     u = jnp.einsum("ia,abco,jb->ijco", g, kernel, g).reshape(16, cin, cout)  # G g G^T per channel pair
     m = jnp.einsum("ktc,kco->kto", v, u).reshape(4, 4, n, h2, w2, cout)
     cols = [_winograd_output([m[i, j] for i in range(4)]) for j in range(4)]  # cols[j][r]
-    y = [[_winograd_output([cols[j][r] for j in range(4)])[c] for c in range(2)] for r in range(2)]  # y[r][c]
+    y = [_winograd_output([cols[j][r] for j in range(4)]) for r in range(2)]  # y[r][c]
     y = jnp.stack([jnp.stack(y[r], axis=3) for r in range(2)], axis=2)  # (N, h2, 2, w2, 2, Cout)
     return y.reshape(n, 2 * h2, 2 * w2, cout)[:, :h, :w].astype(x.dtype)
 
