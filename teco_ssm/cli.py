@@ -5,7 +5,8 @@ generated benchmark.
     teco-ssm run --quick                  # the same chain at smoke-test size
     teco-ssm run --backbone all           # the four backbones with equal budgets, one comparison table
     teco-ssm run --dataset memory-maze    # the same chain on Memory Maze (pip install -e '.[memory-maze]')
-    teco-ssm data | tokenizer | encode | train | sample | eval | convert-taming --help
+    teco-ssm convert-teco --ckpt RUN --tokenizer VQGAN --out WORKDIR   # a released TECO / TECO-ConvS5 model
+    teco-ssm data | tokenizer | encode | train | sample | eval | convert-taming | convert-teco --help
 
 Each subcommand parses its options into the keyword arguments of one function of `teco_ssm.stages` (or
 `teco_ssm.run.run`) and prints what it returns; nothing else parses a command line. `run` keeps everything under one
@@ -159,6 +160,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--resolution", type=int, required=True, help="frame size the VQGAN was trained at")
     p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser(allow_abbrev=False, name="convert-teco",
+                       help="import a released TECO, TECO-ConvS5 or TECO-S5 world-model checkpoint",
+                       description="Reads a released run folder (args + checkpoints/checkpoint_<step>, the highest "
+                                   "step) of wilson1yan/teco or NVlabs/ConvSSM and the VQGAN folder it was trained "
+                                   "with; writes a new workdir OUT (config.json, an orbax checkpoint at the release's "
+                                   "step with a fresh optimiser state, released_from.json) that sample, eval and "
+                                   "train use like any other. The source folder is only read.")
+    p.set_defaults(stage=stages.convert_teco)
+    p.add_argument("--ckpt", required=True, help="the released run folder (args + checkpoints/)")
+    p.add_argument("--tokenizer", required=True, help="the VQGAN folder the model was trained with")
+    p.add_argument("--out", required=True, help="the new workdir (must not exist, or be empty)")
+    p.add_argument("--config", default=None,
+                   help="the release's YAML (e.g. NVlabs/ConvSSM configs/3D_ENV_BENCHMARK/habitat/"
+                        "habitat_teco_convS5.yaml), read instead of the folder's args")
     return top
 
 

@@ -16,9 +16,18 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     """Builds the config `path.py[:arg]` and applies overrides `a.b=value` (values parsed as Python literals).
 
     A path that does not exist on disk is looked up among the installed `configs` package
-    (`configs/mazelab.py` -> `configs.mazelab`). Unknown fields are an error naming the field.
+    (`configs/mazelab.py` -> `configs.mazelab`). A `.json` file is a workdir's `config.json` (as `train` and
+    `teco-ssm convert-teco` write it), read as it is. Unknown fields are an error naming the field.
     """
     path, _, arg = spec.partition(":")
+    config = _json_config(Path(path)) if path.endswith(".json") else _python_config(path, arg)
+    for item in overrides:
+        apply_override(config, item)
+    return config
+
+
+def _python_config(path: str, arg: str) -> ml_collections.ConfigDict:
+    """`get_config(arg)` of the config file `path`, or of the installed `configs` module of that name."""
     file = Path(path)
     if file.exists():
         module_spec = importlib.util.spec_from_file_location(f"_config_{file.stem}", file)
@@ -29,10 +38,23 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
             module = importlib.import_module(f"configs.{file.stem}")
         except ModuleNotFoundError:
             raise FileNotFoundError(f"config file {path} does not exist (nor an installed configs.{file.stem})")
-    config = module.get_config(arg) if arg else module.get_config()
-    for item in overrides:
-        apply_override(config, item)
-    return config
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def _json_config(file: Path) -> ml_collections.ConfigDict:
+    """A workdir's config.json as a config: FileNotFoundError / ValueError naming the file."""
+    import json
+
+    try:
+        with open(file) as f:
+            values = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file {file} does not exist") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{file}: not valid JSON ({error})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{file}: expected a config (a JSON object), found {type(values).__name__}")
+    return ml_collections.ConfigDict(values)
 
 
 def apply_override(config: ml_collections.ConfigDict, item: str) -> None:

@@ -8,6 +8,7 @@ chains (`teco_ssm.run`), and what the tests call.
     sample(workdir, out, protocol=..., ...)           rollouts of a trained model: out/batch_*.npz
     evaluate(samples, report=None, ...)               PSNR, SSIM, LPIPS, FVD and report.md of a samples folder
     convert_taming(ckpt, out, resolution)             a taming-transformers VQGAN as a folder `vqgan.load` reads
+    convert_teco(ckpt, tokenizer, out, config=None)   a released TECO / TECO-ConvS5 / TECO-S5 model as a workdir
 
 Each returns a JSON-friendly dict of what it made. Heavy libraries are imported inside the functions, so
 `teco-ssm --help` answers at once.
@@ -192,3 +193,12 @@ def convert_taming(ckpt: str, out: str, *, resolution: int, overwrite: bool = Fa
     from vqgan import convert
 
     return {"path": convert.convert_taming(ckpt, out, resolution, overwrite=overwrite)}
+
+
+def convert_teco(ckpt: str, tokenizer: str, out: str, *, config: str | None = None) -> dict[str, Any]:
+    """Converts a released TECO (wilson1yan/teco), TECO-ConvS5 or TECO-S5 (NVlabs/ConvSSM) run folder into a
+    workdir `out` that `sample`, `eval` and `train` take like any other (`teco_ssm.released.convert`); config: the
+    release's YAML, read instead of the folder's `args`. Returns {path, step, backbone, release, num_params}."""
+    from teco_ssm import released
+
+    return released.convert(ckpt, tokenizer, out, config=config)

@@ -37,6 +37,7 @@ import functools
 import itertools
 import logging
 import os
+import sys
 import time
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -48,7 +49,7 @@ import optax
 from jax.sharding import Mesh
 
 from teco_ssm import checkpoint as ckpt
-from teco_ssm import config_check, lock, optim, sample, sample_files, sharding, teco
+from teco_ssm import config_check, lock, optim, released, sample, sample_files, sharding, teco
 from teco_ssm.data import DataError, batch_codes, check_tokenizer, inspect_dataset, open_dataset
 from teco_ssm.progress import ProgressBar, ScalarWriter, check_finite
 
@@ -335,6 +336,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, tokenizer: Any, mode
         else:
             abstract = checkpoint_items(*abstract_train_state(model, settings, mesh, shard_params))
             state, constants = from_checkpoint_items(ckpt.restore(mngr, abstract, start))
+            origin = released.provenance(workdir)
+            if lead and origin is not None and origin.get("step") == start:
+                print(f"train: fine-tuning the released weights of {origin['release']} ({origin['checkpoint']}, "
+                      f"step {start}) with a fresh optimiser state (its learning-rate schedule starts again from "
+                      f"its warm-up)", file=sys.stderr, flush=True)
         bar = ProgressBar(total=config.steps, initial=start, desc=f"train {config.backbone}", disable=not lead,
                           keys=("loss", "recon_loss", "prior_loss"))
         context = max(model.condition_frames, min(config.sampling.action_conditioned.context, config.seq_len // 2))
