@@ -169,7 +169,8 @@ def _protocols(settings: Settings, seq_len: int) -> dict[str, dict[str, Any]]:
     """The two evaluation protocols from the release's sampling settings: the action-conditioned context is
     `open_loop_ctx_1` (ConvSSM), else 144 frames when the clips are longer, else `open_loop_ctx`; the
     unconditioned context is `open_loop_ctx_2`, else `open_loop_ctx` (36), with actions when
-    `action_conditioned_2` says so (ConvSSM's Minecraft). Each generates the rest of `eval_seq_len`."""
+    `action_conditioned_2` says so (ConvSSM's Minecraft). Each generates the rest of `eval_seq_len`; a model
+    trained without actions (use_actions false) is given none in either."""
     length = settings.number("eval_seq_len", int, seq_len)
     open_loop = settings.number("open_loop_ctx", int, 36)
     conditioned = settings.number("open_loop_ctx_1", int, 144 if length > 144 else open_loop)
@@ -178,10 +179,11 @@ def _protocols(settings: Settings, seq_len: int) -> dict[str, dict[str, Any]]:
         if not 1 <= context < length:
             raise ReleaseError(f"{settings.source}: context {context} ({name} or open_loop_ctx) must lie in "
                                f"[1, eval_seq_len={length})")
+    actions = settings.number("use_actions", bool)
     return dict(
-        action_conditioned=dict(context=conditioned, horizon=length - conditioned, use_actions=True),
+        action_conditioned=dict(context=conditioned, horizon=length - conditioned, use_actions=actions),
         unconditioned=dict(context=unconditioned, horizon=length - unconditioned,
-                           use_actions=settings.number("action_conditioned_2", bool, False)))
+                           use_actions=actions and settings.number("action_conditioned_2", bool, False)))
 
 
 def _action_dropout(settings: Settings, kind: str) -> float:
