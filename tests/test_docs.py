@@ -59,6 +59,12 @@ def test_documented_command_parses_and_its_config_exists(where, command):
         pytest.fail(f"{where}: `{command}` is not a valid teco-ssm command")
     if args["command"] == "sample":
         stages.parse_protocol(args["protocol"])
+    if args["command"] == "train" and args["config"].endswith(".json"):  # a workdir's config.json
+        workdir = args["config"].removesuffix("/config.json")
+        makers = [shlex.split(c) for _, c in COMMANDS if not _is_synopsis(c)]
+        assert any(m[1] in ("convert-teco", "train") and workdir in m for m in makers), \
+            f"{where}: no documented command writes {args['config']}"
+        return
     if args["command"] in ("train", "tokenizer"):
         paths = ([f"data.path={args['data']}"] if args["command"] == "tokenizer" else
                  [f"dataset.path={args['data']}"] if args.get("data") else [])
