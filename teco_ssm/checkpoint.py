@@ -73,6 +73,25 @@ def read_config(workdir: str) -> dict[str, Any]:
             raise ValueError(f'{path}: not valid JSON ({e})') from None
 
 
+GLOB_CHARACTERS = '[]'
+
+
+def check_path(path: str | os.PathLike, what: str = 'workdir') -> None:
+    """Refuses a checkpoint folder whose absolute path holds '[' or ']'.
+
+    orbax (0.11) finds the files tensorstore's OCDBT driver writes for each process with a glob over the
+    checkpoint's path, so in a folder named like `runs/exp[1]` a save reports success and leaves an item no restore
+    can read (tensorstore: NOT_FOUND ... array metadata). Every stage that writes or reads checkpoints calls this
+    before any work. Raises ValueError naming `what`, the path and the characters.
+    """
+    path = os.path.abspath(os.fspath(path))
+    found = sorted({c for c in path if c in GLOB_CHARACTERS})
+    if found:
+        raise ValueError(f'{what} {path}: contains {" and ".join(repr(c) for c in found)}, which the checkpoint '
+                         'library (orbax over tensorstore) reads as a glob pattern, so its checkpoints could not be '
+                         'read back; choose a path without square brackets')
+
+
 def has_checkpoints(workdir: str) -> bool:
     """True when `workdir` holds a config.json and a checkpoints folder of this layout."""
     return (os.path.isfile(os.path.join(workdir, CONFIG_FILE))
@@ -157,6 +176,7 @@ def manager(workdir: str, config: Any = None, *, keep: int = 3, save_every: int 
     manager first moves incomplete step folders aside (`_move_incomplete`).
     """
     workdir = os.path.abspath(workdir)
+    check_path(workdir)
     if not read_only and jax.process_index() == 0:
         _move_incomplete(workdir)
     if config is not None and not read_only:

@@ -525,6 +525,7 @@ def convert(ckpt: str, tokenizer: str, out: str, *, config: str | None = None) -
     from vqgan.tokenizer import latest_teco_checkpoint
 
     folder, out = os.path.abspath(ckpt), os.path.abspath(out)
+    ckpt_lib.check_path(out, "--out")
     if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)):
         raise FileExistsError(f"{out}: already exists; convert into a new folder")
     if not os.path.isdir(folder):

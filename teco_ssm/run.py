@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 import ml_collections
 
 from teco_ssm import backbones, lock, stages as stage_fns
+from teco_ssm import checkpoint as ckpt
 
 
 # ------------------------------------------------------------------------------------------------ sizes of `run`
@@ -132,6 +133,7 @@ def run(*, dataset: str = "mazelab", backbone: str = "convt3", quick: bool = Fal
         backbones.default_config(name)  # an unknown name fails here, listing the valid ones
     stage_fns.require_source(bench.source)
     root = Path(workdir or f"runs/{bench.name}{'_quick' if quick else ''}")
+    ckpt.check_path(root)
     reference = world_model_config(names[0], size, steps, dataset=dataset)
     with lock.hold(root):
         _claim_workdir(root, {"dataset": dataset, "size": size_name, "train_steps": reference.steps})

@@ -272,6 +272,7 @@ def sample_workdir(workdir: PathLike, out_dir: PathLike, *,
     workdir, ValueError naming the missing field."""
     import vqgan
 
+    checkpoint.check_path(workdir)
     sharding.maybe_initialize_distributed()  # before the tokenizer touches a device
     source = os.path.join(os.fspath(workdir), checkpoint.CONFIG_FILE)
     held = checkpoint.read_config(os.fspath(workdir)) if checkpoint.has_checkpoints(os.fspath(workdir)) else {}

@@ -275,6 +275,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, tokenize
       codes another tokenizer made, FloatingPointError for a non-finite training term, naming the step and the
       term, lock.Busy when another process trains in `workdir`.
     """
+    ckpt.check_path(workdir)
     sharding.maybe_initialize_distributed()
     config_check.validate(config)
     ckpt.check_resume(workdir, config, resume_fields(config), ignore=resume_ignored(config))

@@ -130,3 +130,38 @@ def test_a_checkpoint_with_other_shapes_is_refused_naming_them(tmp_path):
     back = ckpt.restore(mngr, {'model': _teco_variables(dict(ssm_size=8))})['model']
     ckpt.close(mngr)
     assert _paths(back) == _paths(_teco_variables(dict(ssm_size=8)))
+
+
+# ------------------------------------------------------------------------------------ square brackets in paths
+def test_bracketed_paths_are_what_orbax_cannot_read_back(tmp_path):
+    """The library fault the check guards against: a save into `w[ab]x` restores nothing (orbax's glob)."""
+    import orbax.checkpoint as ocp
+
+    folder = tmp_path / "w[ab]x"
+    with ocp.CheckpointManager(str(folder / "checkpoints")) as mngr:
+        mngr.save(1, args=ocp.args.Composite(model=ocp.args.StandardSave({"a": np.ones(3, np.float32)})))
+        mngr.wait_until_finished()
+    with ocp.CheckpointManager(str(folder / "checkpoints")) as mngr, pytest.raises(ValueError, match="NOT_FOUND"):
+        mngr.restore(1, args=ocp.args.Composite(model=ocp.args.StandardRestore({"a": np.ones(3, np.float32)})))
+
+
+@pytest.mark.parametrize("name", ["exp[1]", "a]b", "c[d"])
+def test_every_stage_with_checkpoints_refuses_a_bracketed_path_before_any_work(tmp_path, name):
+    from teco_ssm import released, run, stages
+
+    bad = tmp_path / name
+    match = r"contains .*'\['|contains .*'\]'"
+    calls = {
+        "run": lambda: run.run(quick=True, workdir=str(bad)),
+        "tokenizer": lambda: stages.train_tokenizer(str(tmp_path / "data"), str(bad)),
+        "train": lambda: stages.train(str(bad), config="configs/mazelab.py:convt3", data=str(tmp_path / "data"),
+                                      tokenizer=str(tmp_path / "vqgan")),
+        "sample": lambda: stages.sample(str(bad), str(tmp_path / "samples")),
+        "convert-teco": lambda: released.convert(str(tmp_path / "release"), str(tmp_path / "vqgan"), str(bad)),
+        "manager": lambda: ckpt.manager(str(bad)),
+    }
+    for stage, call in calls.items():
+        with pytest.raises(ValueError, match=match):
+            call()
+        assert not bad.exists(), stage
+        assert sorted(p.name for p in tmp_path.iterdir()) == [], stage

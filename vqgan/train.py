@@ -234,6 +234,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     Raises ValueError, before anything is written, when `workdir` holds checkpoints of another `config.model`
     (naming the field), and lock.Busy when another process trains in `workdir`.
     """
+    ckpt.check_path(workdir)
     if not config.data.path:
         raise ValueError('config.data.path: required (a video dataset root, e.g. a MazeLab or TECO npz folder)')
     from teco_ssm.data import inspect_dataset
