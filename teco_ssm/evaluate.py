@@ -21,7 +21,7 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Callable, Sequence, Union
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -87,16 +87,66 @@ def revisit_masks(dataset: Any, indices: Any, starts: Any, context: int,
 
 
 # ------------------------------------------------------------------------------------------------- evaluation
-def sample_files(samples_dir: PathLike) -> list[Path]:
-    """The `.npz` files of `samples_dir` in natural order (`batch_2` before `batch_10`)."""
+# What a sample file records of where it came from (`teco_ssm.sample_files`): one folder's files must agree on
+# every one of them.
+ORIGIN_FIELDS = ("context", "horizon", "use_actions", "seed", "draft_steps", "revise_steps", "revise_rounds",
+                 "temperature", "top_p", "draft_schedule", "feedback", "checkpoint_step", "model_sha256",
+                 "tokenizer_sha256", "data_path", "split")
+
+
+def natural_key(path: Path) -> list[Any]:
+    """Sort key of a file name in natural order (`batch_2` before `batch_10`)."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
+
+
+def sample_files(samples_dir: PathLike, allow_empty: bool = False) -> list[Path]:
+    """The `.npz` files of `samples_dir` in natural order (`batch_2` before `batch_10`); FileNotFoundError when the
+    folder is missing, or holds none unless `allow_empty`."""
     directory = Path(samples_dir)
     if not directory.is_dir():
         raise FileNotFoundError(f"samples folder {directory} does not exist")
-    files = sorted(directory.glob("*.npz"),
-                   key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)])
-    if not files:
+    files = sorted(directory.glob("*.npz"), key=natural_key)
+    if not files and not allow_empty:
         raise FileNotFoundError(f"no .npz files in {directory}")
     return files
+
+
+def held_videos(files: Sequence[Path], require_index: bool = False) -> dict[int, Path]:
+    """Video index -> the file holding it, over sample `files` (their `index` field). ValueError naming both files
+    when a video is held twice, and, with `require_index`, naming a file that records no `index`."""
+    held: dict[int, Path] = {}
+    for path in files:
+        with np.load(path) as data:
+            if "index" not in data:
+                if require_index:
+                    raise ValueError(f"{path}: field 'index' is absent (which videos the file holds), so it was not "
+                                     "written by `teco-ssm sample`: move it out of the folder")
+                continue
+            indices = np.asarray(data["index"]).reshape(-1).tolist()
+        for video in indices:
+            if video in held:
+                raise ValueError(f"{path} and {held[video]} both hold video {video}: a folder holds each video "
+                                 "once; remove the repeated file")
+            held[video] = path
+    return held
+
+
+def check_one_sample_set(files: Sequence[Path]) -> None:
+    """Refuses sample files that are not one set of distinct videos from one origin: a video (`index`) held twice
+    (`held_videos`), or files that differ in one of `ORIGIN_FIELDS` (another model, checkpoint, protocol, sampler
+    setting, tokenizer or dataset). Files without those fields (written by hand or by other tools) are not
+    compared on them. Raises ValueError naming both files and the video or the field."""
+    held_videos(files)
+    first: dict[str, tuple[Any, Path]] = {}
+    for path in files:
+        with np.load(path) as data:
+            fields = {f: data[f].item() for f in ORIGIN_FIELDS if f in data and data[f].shape == ()}
+        for field, value in fields.items():
+            if field in first and first[field][0] != value:
+                raise ValueError(f"{path} and {first[field][1]} come from different runs: field '{field}' is "
+                                 f"{value!r} in one and {first[field][0]!r} in the other; evaluate each run's "
+                                 "samples in a folder of their own")
+            first.setdefault(field, (value, path))
 
 
 def read_sample_file(path: PathLike, default_context: int | None = None) -> dict[str, Any]:
@@ -198,10 +248,12 @@ def evaluate_samples(samples_dir: PathLike, report_dir: PathLike | None, *,
       the report is written).
 
     Raises:
-      ValueError for malformed sample files or frames the networks cannot take (e.g. under 31x31 for AlexNet);
+      ValueError for malformed sample files, a folder holding a video twice or files of different origins
+        (`check_one_sample_set`), or frames the networks cannot take (e.g. under 31x31 for AlexNet);
       FileNotFoundError when a network's files are missing.
     """
     files = sample_files(samples_dir)
+    check_one_sample_set(files)
     lpips_fn, lpips_name = resolve_lpips(lpips)
     i3d_fn, i3d_name = resolve_i3d(i3d)
     first = read_sample_file(files[0], context)
@@ -359,6 +411,8 @@ def write_repeat_last_frame_samples(samples_dir: PathLike, out_dir: PathLike) ->
         for field in ("seen", "at_last_context_pose"):
             if sample[field] is not None:
                 arrays[field] = sample[field]
+        with np.load(path) as data:  # which videos, and from where: checked like any sample folder's
+            arrays.update({f: data[f] for f in ("index", *ORIGIN_FIELDS) if f in data and f != "context"})
         tmp = out / f".{path.stem}.tmp.npz"
         np.savez(tmp, **arrays)
         os.replace(tmp, out / path.name)

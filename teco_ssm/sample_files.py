@@ -15,10 +15,18 @@ N * batch_size rows on as many devices. Each file holds:
   context, horizon  int; use_actions bool; seed int (the run's seed; batch k samples with fold_in(key(seed), k));
   draft_steps, revise_steps, revise_rounds int; temperature, top_p float; draft_schedule, feedback str: the sampler's
            settings
-  batch    int, this file's batch index; index (B,) int32, the dataset's video indices
-  checkpoint_step int (-1 when variables were given); tokenizer_sha256, tokenizer_source str (the tokenizer's
+  batch    int, this file's batch index; index (B,) int32, the dataset's video indices (each requested video is in
+           exactly one file of a folder); batch_size, process_count int: the layout that wrote the file
+  checkpoint_step int (-1 when variables were given); model_sha256 str (`model_fingerprint` of the parameters),
+           model_source str (the workdir, or 'variables'); tokenizer_sha256, tokenizer_source str (the tokenizer's
            fingerprint, `vqgan.Tokenizer.fingerprint`, and where it was loaded from); data_path, split str: what
-           produced the file. A resumed run refuses finished files of another origin, naming the field.
+           produced the file (`evaluate.ORIGIN_FIELDS` are compared, the sources are recorded for the reader). A
+           resumed run refuses finished files of another origin, naming the field; `teco_ssm.evaluate` refuses a
+           folder mixing origins or holding a video twice.
+
+Resuming with another batch size or number of processes keeps what the folder holds: the videos of its files are
+done, a batch is sampled only for videos no file holds, and only those rows are written (under a name no file
+has), so each requested video is in the folder exactly once.
   seen     (B, T) bool, when the dataset holds MazeLab `poses` (its npz files, or the `poses` feature that
            `vqgan/encode.py` keeps when encoding them): `evaluate.revisit_masks`, True where the frame's pose was
            first visited during the context, i.e. a generated frame at a place the context showed
@@ -92,7 +100,18 @@ def _write_npz_atomic(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
     os.replace(tmp, path)
 
 
-NOT_COMPARED = ("tokenizer_source",)  # recorded for the reader; the same tokenizer may be loaded from elsewhere
+NOT_COMPARED = ("tokenizer_source", "model_source")  # recorded for the reader; the same files may sit elsewhere
+
+
+def model_fingerprint(variables: Mapping[str, Any]) -> str:
+    """sha256 (hex) over the 'params' collection (key paths, shapes, float32 bytes): which model made a sample."""
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(variables["params"]))[0]:
+        value = np.ascontiguousarray(np.asarray(leaf, np.float32))
+        digest.update(jax.tree_util.keystr(path).encode())
+        digest.update(str(value.shape).encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
 
 
 def _check_finished(path: Path, expected: Mapping[str, Any]) -> None:
@@ -182,63 +201,77 @@ def _sample_dataset(config: ml_collections.ConfigDict, model: Teco,
                     step: int, split: str, settings: SamplerSettings, mesh: Any,
                     data_kwargs: dict[str, Any], real_cache: dict[Any, np.ndarray] | None) -> dict[str, Any]:
     count = jax.process_count()
+    process = data_kwargs["process_index"]
     num_videos = min(num_videos, dataset.info.num_videos)
-    num_batches = min(len(dataset), math.ceil(num_videos / (batch_size * count)))
+    group = batch_size * count  # videos per batch: batch k holds [k group, (k + 1) group), process i its share
+    num_batches = min(len(dataset), math.ceil(num_videos / group))
     out_dir.mkdir(parents=True, exist_ok=True)
-
-    def share(k: int, process: int) -> Path | None:
-        """The file of `process`'s rows of batch k; None when they hold none of the first num_videos videos."""
-        if (k * count + process) * batch_size >= num_videos:
-            return None
-        return out_dir / (f"batch_{k:05d}_p{process}.npz" if count > 1 else f"batch_{k:05d}.npz")
-
-    shares = [[share(k, process) for process in range(count)] for k in range(num_batches)]
-    paths = [files[data_kwargs["process_index"]] for files in shares]
+    if isinstance(workdir_or_variables, Mapping):
+        variables, source = dict(workdir_or_variables), "variables"
+    else:
+        variables = checkpoint.load_variables(config, workdir_or_variables, step)
+        source = os.path.abspath(os.fspath(workdir_or_variables))
     expected = dict(context=chosen.context, horizon=chosen.horizon, use_actions=chosen.use_actions, seed=seed,
-                    **dataclasses.asdict(settings), checkpoint_step=step,
-                    tokenizer_sha256=getattr(tokenizer, "fingerprint", ""),
+                    **dataclasses.asdict(settings), checkpoint_step=step, model_sha256=model_fingerprint(variables),
+                    model_source=source, tokenizer_sha256=getattr(tokenizer, "fingerprint", ""),
                     tokenizer_source=str(getattr(tokenizer, "source", "")),
                     data_path=os.path.abspath(os.fspath(data_path)), split=split)
-    # A batch is finished when every process's file of it is: the same answer on every process (one folder), so
-    # they all sample the same batches together.
-    finished = [all(path is None or path.exists() for path in files) for files in shares]
-    for path in (path for files in shares for path in files):
-        if path is not None and path.exists():
-            _check_finished(path, expected)
-    first = next((k for k, done in enumerate(finished) if not done), num_batches)
-    written = 0
+    existing = evaluate.sample_files(out_dir, allow_empty=True)
+    for path in existing:
+        _check_finished(path, expected)
+    # The same answer on every process (one folder), so they all sample the same batches.
+    done = evaluate.held_videos(existing, require_index=True)
+
+    def share(k: int, i: int) -> range:
+        return range(min((k * count + i) * batch_size, num_videos), min((k * count + i + 1) * batch_size, num_videos))
+
+    def name(k: int) -> Path | None:
+        """This process's file of batch k, None when its share holds no video still to sample; a name no file has
+        (a folder written with another batch size or process count may hold this layout's plain name)."""
+        if all(video in done for video in share(k, process)):
+            return None
+        suffix = f"_p{process}" if count > 1 else ""
+        candidates = [f"batch_{k:05d}{suffix}.npz", f"batch_{k:05d}_{batch_size}x{count}{suffix}.npz"]
+        candidates += [f"batch_{k:05d}_{batch_size}x{count}_{j}{suffix}.npz" for j in range(1, len(existing) + 2)]
+        return next(out_dir / c for c in candidates if not (out_dir / c).exists())
+
+    finished = [all(v in done for i in range(count) for v in share(k, i)) for k in range(num_batches)]
+    paths = [name(k) for k in range(num_batches)]
+    first = next((k for k, is_done in enumerate(finished) if not is_done), num_batches)
+    written: list[Path] = []
     if first < num_batches:
-        if isinstance(workdir_or_variables, Mapping):
-            variables = dict(workdir_or_variables)
-        else:
-            variables = checkpoint.load_variables(config, workdir_or_variables, step)
         if "tokenizer" in variables:  # frozen code embeddings: the tokenizer's codebook, checked for shape
             variables = teco.set_code_embeddings(variables, tokenizer.codebook)
         written = _sample_batches(model, variables, tokenizer, dataset, paths, finished, first, chosen,
                                   num_videos=num_videos, seed=seed, expected=expected, settings=settings,
-                                  mesh=mesh, batches=open_dataset(data_path, split, start_step=first, **data_kwargs),
+                                  mesh=mesh, done=done, layout=dict(batch_size=batch_size, process_count=count),
+                                  batches=open_dataset(data_path, split, start_step=first, **data_kwargs),
                                   real_cache={} if real_cache is None else real_cache)
-    paths = [path for path in paths if path is not None]
-    total = sum(formats.npz_header(str(path))["real"][0][0] for path in paths)
-    return dict(files=[str(p) for p in paths], written=written, skipped=len(paths) - written,
-                num_videos=int(total), protocol=chosen, settings=settings)
+    held = evaluate.held_videos(evaluate.sample_files(out_dir, allow_empty=True))
+    files = sorted({held[v] for v in range(num_videos) if v in held}, key=evaluate.natural_key)
+    return dict(files=[str(p) for p in files], written=len(written),
+                skipped=sum(finished), num_videos=sum(v in held for v in range(num_videos)), protocol=chosen,
+                settings=settings)
 
 
 def _sample_batches(model: Teco, variables: dict[str, Any], tokenizer: Any, dataset: Any, paths: list[Path | None],
                     finished: list[bool], first: int, protocol: Protocol, *, num_videos: int, seed: int,
-                    expected: dict[str, Any], settings: SamplerSettings, mesh: Any, batches: Any,
-                    real_cache: dict[Any, np.ndarray]) -> int:
-    """Samples the unfinished batches from `first` on (every process takes part) and writes this process's file of
-    each (`paths[k]`, None when it holds no row to keep); returns how many it wrote."""
+                    expected: dict[str, Any], settings: SamplerSettings, mesh: Any, done: Mapping[int, Path],
+                    layout: Mapping[str, int], batches: Any, real_cache: dict[Any, np.ndarray]) -> list[Path]:
+    """Samples the unfinished batches from `first` on (every process takes part) and writes this process's rows of
+    each that no file of the folder holds (`done`) to `paths[k]` (None when there are none); returns the files
+    written."""
     # Through host memory: every process places its copy (JAX moves no arrays between hosts).
     variables = jax.device_put(jax.device_get(variables), sharding.replicated(mesh))
     batches = iter(batches)
-    written = 0
+    written = []
     for k in tqdm(range(first, len(paths)), desc="sampling", unit="batch", initial=first, total=len(paths)):
         batch = next(batches)
         if finished[k]:
             continue
-        keep = np.flatnonzero(batch["valid"] & (batch["index"] < num_videos))  # the first num_videos videos
+        index = np.asarray(batch["index"])
+        todo = batch["valid"] & (index < num_videos) & ~np.isin(index, list(done))  # the first num_videos videos
+        keep = np.flatnonzero(todo)
         codes = batch_codes(batch, tokenizer)
         actions = np.asarray(batch["actions"], np.int32)
         rng = jax.random.fold_in(jax.random.key(seed), k)
@@ -246,16 +279,16 @@ def _sample_batches(model: Teco, variables: dict[str, Any], tokenizer: Any, data
         sampled = rollout(model, variables, inputs["codes"], inputs["actions"] if protocol.use_actions else None, rng,
                           horizon=protocol.horizon, use_actions=protocol.use_actions, settings=settings)
         sampled = sharding.local_rows(mesh, sampled)[keep]
-        if paths[k] is None or paths[k].exists():  # nothing of this process's to keep, or kept from before
+        if paths[k] is None or not len(keep):  # nothing of this process's still to sample
             continue
         real, fake = _decode_videos(tokenizer, batch, codes[keep], sampled, protocol.context, keep, real_cache)
-        arrays = dict(real=real, fake=fake, actions=actions[keep], index=batch["index"][keep],
-                      batch=np.asarray(k), **{name: np.asarray(value) for name, value in expected.items()})
-        masks = evaluate.revisit_masks(dataset, batch["index"][keep], np.asarray(batch["start"])[keep],
+        arrays = dict(real=real, fake=fake, actions=actions[keep], index=index[keep], batch=np.asarray(k),
+                      **{name: np.asarray(value) for name, value in {**expected, **layout}.items()})
+        masks = evaluate.revisit_masks(dataset, index[keep], np.asarray(batch["start"])[keep],
                                        protocol.context, protocol.num_frames)
         arrays.update(masks or {})
         _write_npz_atomic(paths[k], arrays)
-        written += 1
+        written.append(paths[k])
     return written
 
 

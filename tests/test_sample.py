@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -356,6 +357,65 @@ def test_sample_dataset_files_sharding_and_resume(tmp_path):
                             horizon=FILE_HORIZON, use_actions=False, settings=hotter)
     np.testing.assert_array_equal(step5["fake"], sample_files.to_uint8(tokenizer.decode(np.asarray(direct))))
     assert not np.array_equal(step5["fake"], batch0["fake"])
+
+
+def test_resume_with_another_batch_size_or_process_count_keeps_each_video_once(tmp_path):
+    """A folder begun with batch 4 by two processes (files batch_<k>_p<i>, the last one lost) and resumed by one
+    process with batch 8 holds each requested video exactly once; `eval` refuses a repeated video and mixed
+    origins, naming the files."""
+    config = toy_config()
+    workdir = tmp_path / "workdir"
+    mngr = checkpoint.manager(str(workdir), config)
+    checkpoint.save(mngr, 10, {"model": toy_variables("convs5")}, force=True)
+    checkpoint.close(mngr)
+    vq = VQGAN(**TOKENIZER_FIELDS, num_groups=2)
+    tokenizer = Tokenizer(vq, vqgan_init(vq, 3), chunk_size=16)
+    data = tmp_path / "data"
+    write_dataset(data, num_videos=12, frames=FILE_CONTEXT + FILE_HORIZON)
+    out = tmp_path / "samples"
+    run = functools.partial(sample_files.sample_dataset, config, str(workdir), tokenizer, str(data), str(out),
+                            protocol=(FILE_CONTEXT, FILE_HORIZON, False), seed=7)
+    run(num_videos=8, batch_size=4)  # videos 0-3 | 4-7
+    # as two processes of batch 4 name them (batch 0 of 8 videos: p0 holds 0-3 and p1 4-7); p1's file is lost
+    (out / "batch_00000.npz").rename(out / "batch_00000_p0.npz")
+    (out / "batch_00001.npz").rename(out / "batch_00000_p1.npz")
+    (out / "batch_00000_p1.npz").unlink()
+    result = run(num_videos=12, batch_size=8)
+    assert result["num_videos"] == 12 and result["written"] == 2
+    held = evaluate.held_videos(evaluate.sample_files(out), require_index=True)
+    assert sorted(held) == list(range(12))  # each once: held_videos raises on a repeat
+    assert {held[v] for v in range(4)} == {out / "batch_00000_p0.npz"}
+    assert {held[v] for v in range(4, 8)} == {out / "batch_00000.npz"}  # batch 0 of 8 rows: the videos missing
+    assert {held[v] for v in range(8, 12)} == {out / "batch_00001.npz"}
+    assert run(num_videos=12, batch_size=8)["written"] == 0
+    assert run(num_videos=12, batch_size=4)["written"] == 0  # and back: nothing twice
+    evaluate.check_one_sample_set(evaluate.sample_files(out))
+
+    shutil.copy(out / "batch_00001.npz", out / "batch_00009.npz")  # the same videos counted twice
+    with pytest.raises(ValueError, match=r"batch_00009.npz and .*batch_00001.npz both hold video 8"):
+        evaluate.evaluate_samples(out, None)
+    with np.load(out / "batch_00009.npz") as f:
+        other = dict(f, index=np.array([20, 21, 22, 23], np.int32), model_sha256=np.asarray("0" * 64))
+    np.savez(out / "batch_00009.npz", **other)  # other videos, another model
+    with pytest.raises(ValueError, match=r"batch_00009.npz and .*batch_00000.npz come from different runs: field "
+                                         r"'model_sha256'"):
+        evaluate.evaluate_samples(out, None)
+    with pytest.raises(ValueError, match=r"batch_00009.npz: field 'model_sha256' is 0+, this run asks for"):
+        run(num_videos=12, batch_size=8)  # resuming refuses it too
+    (out / "batch_00009.npz").unlink()
+    with np.load(out / "batch_00001.npz") as f:
+        np.savez(tmp_path / "stray.npz", **{k: v for k, v in f.items() if k != "index"})
+    shutil.copy(tmp_path / "stray.npz", out / "batch_00010.npz")
+    with pytest.raises(ValueError, match=r"batch_00010.npz: field 'index' is absent"):
+        run(num_videos=12, batch_size=8)
+
+
+def test_origin_fields_are_what_sample_files_record():
+    fields = {f.name for f in dataclasses.fields(SamplerSettings)} | {
+        "context", "horizon", "use_actions", "seed", "checkpoint_step", "model_sha256", "tokenizer_sha256",
+        "data_path", "split"}
+    assert set(evaluate.ORIGIN_FIELDS) == fields
+    assert set(sample_files.NOT_COMPARED) == {"tokenizer_source", "model_source"}
 
 
 def test_dataset_poses_from_an_encoded_dataset(tmp_path):
