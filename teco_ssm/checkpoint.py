@@ -33,6 +33,17 @@ from etils import epath
 CONFIG_FILE = 'config.json'
 CHECKPOINT_DIR = 'checkpoints'
 INCOMPLETE_DIR = 'incomplete_checkpoints'
+# What orbax logs (as warnings, through absl) for every manager that only reads: `manager(read_only=True)` is how
+# this project reads a checkpoint, so they say nothing to a user, except the word "read only" about their folder.
+_READ_ONLY_NOTICES = ('Given directory is read only', 'CheckpointManagerOptions.read_only=True')
+
+
+class _QuietReadOnly(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(notice in record.getMessage() for notice in _READ_ONLY_NOTICES)
+
+
+logging.getLogger('absl').addFilter(_QuietReadOnly())
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

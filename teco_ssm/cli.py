@@ -22,9 +22,25 @@ import os
 import sys
 import time
 import traceback
-from typing import Sequence
+from typing import Callable, Sequence
 
 from teco_ssm import compile_cache, host_memory, metrics, stages
+
+
+def _count(name: str) -> Callable[[str], int]:
+    """The argparse type of the numeric option `name`: an int in its range (`stages.RANGES`), else argparse's
+    error naming the option, the value and the range, before any work."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or stages.range_error(name, value):
+            raise argparse.ArgumentTypeError(f"must be {stages.range_text(name)}, got {text!r}")
+        return value
+
+    parse.__name__ = name  # argparse names the type in some messages
+    return parse
 
 
 def _add_overrides(parser: argparse.ArgumentParser, example: str) -> None:
@@ -58,7 +74,7 @@ def parser() -> argparse.ArgumentParser:
                         "memory-maze extra and uses configs/memory_maze.py and configs/vqgan_memory_maze.py")
     p.add_argument("--backbone", default="convt3", help="transformer | s5 | convs5 | convt3 | all (default: convt3)")
     p.add_argument("--quick", action="store_true", help="smoke-test size (a few minutes on 2 CPU cores)")
-    p.add_argument("--steps", type=int, default=None, help="TECO training steps (default: the size's budget)")
+    p.add_argument("--steps", type=_count("steps"), default=None, help="TECO training steps (default: the size's budget)")
 
     p = sub.add_parser(allow_abbrev=False, name="data", help="generate MazeLab or Memory Maze trajectories",
                        description="Writes OUT/{train,test[,valid]}/<shard>/*.npz (video, actions, poses), metadata.json and "
@@ -69,17 +85,17 @@ def parser() -> argparse.ArgumentParser:
                    help="mazelab (default) or memory-maze (needs pip install -e '.[memory-maze]' and EGL or OSMesa)")
     p.add_argument("--maze_size", type=int, default=None, choices=[9, 11, 13, 15],
                    help="Memory Maze cells per side (default 9)")
-    p.add_argument("--num_train", type=int, default=1000)
-    p.add_argument("--num_test", type=int, default=100)
-    p.add_argument("--num_valid", type=int, default=0,
+    p.add_argument("--num_train", type=_count("num_train"), default=1000)
+    p.add_argument("--num_test", type=_count("num_test"), default=100)
+    p.add_argument("--num_valid", type=_count("num_valid"), default=0,
                    help="MazeLab: trajectories of a validation split OUT/valid (default none)")
-    p.add_argument("--length", type=int, default=300, help="frames per trajectory")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: every core)")
-    p.add_argument("--files_per_shard", type=int, default=100)
+    p.add_argument("--length", type=_count("length"), default=300, help="frames per trajectory")
+    p.add_argument("--seed", type=_count("seed"), default=0)
+    p.add_argument("--workers", type=_count("workers"), default=os.cpu_count() or 1, help="processes (default: every core)")
+    p.add_argument("--files_per_shard", type=_count("files_per_shard"), default=100)
     p.add_argument("--no_compress", dest="compress", action="store_false",
                    help="MazeLab: np.savez instead of np.savez_compressed")
-    p.add_argument("--sheet_rows", type=int, default=4, help="training videos on the contact sheet")
+    p.add_argument("--sheet_rows", type=_count("sheet_rows"), default=4, help="training videos on the contact sheet")
 
     p = sub.add_parser(allow_abbrev=False, name="tokenizer", help="train a VQGAN",
                        description="Reads a video dataset (MazeLab or TECO npz/mp4 folders); writes orbax "
@@ -102,8 +118,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--splits", type=lambda text: tuple(text.split(",")), default=("train", "test"),
                    help="comma-separated splits (default train,test)")
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--chunk_size", type=int, default=64, help="frames per tokenizer call")
-    p.add_argument("--examples_per_shard", type=int, default=64, help="videos per tfrecord shard")
+    p.add_argument("--chunk_size", type=_count("chunk_size"), default=64, help="frames per tokenizer call")
+    p.add_argument("--examples_per_shard", type=_count("examples_per_shard"), default=64, help="videos per tfrecord shard")
 
     p = sub.add_parser(allow_abbrev=False, name="train", help="train a TECO world model",
                        description="Reads a dataset (codes, or frames with the tokenizer in the loop) and the "
@@ -111,7 +127,9 @@ def parser() -> argparse.ArgumentParser:
                                    "to --workdir. Resumes from the last complete checkpoint. On several hosts, start "
                                    "the same command on each (jax.distributed reads the launcher's variables).")
     p.set_defaults(stage=stages.train)
-    p.add_argument("--config", default="configs/mazelab.py:convt3", help="config file[:backbone]")
+    p.add_argument("--config", default=None,
+                   help="config file[:backbone], or a workdir's config.json (default: the workdir's config.json when it "
+                        f"has one, else {stages.DEFAULT_TRAIN_CONFIG})")
     p.add_argument("--data", help="dataset folder (sets dataset.path)")
     p.add_argument("--tokenizer", help="tokenizer folder (sets tokenizer.path)")
     p.add_argument("--workdir", required=True)
@@ -129,10 +147,10 @@ def parser() -> argparse.ArgumentParser:
                    help="action_conditioned | unconditioned | CONTEXT,HORIZON[,actions] (e.g. 32,16,actions)")
     p.add_argument("--data", help="dataset folder (default: the one the model trained on)")
     p.add_argument("--tokenizer", help="tokenizer folder (default: the one the model trained with)")
-    p.add_argument("--num_videos", type=int, default=None, help="default: the config's sampling.num_videos")
-    p.add_argument("--batch_size", type=int, default=None, help="videos per file (default: sampling.batch_size)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--num_videos", type=_count("num_videos"), default=None, help="default: the config's sampling.num_videos")
+    p.add_argument("--batch_size", type=_count("batch_size"), default=None, help="videos per file (default: sampling.batch_size)")
+    p.add_argument("--seed", type=_count("seed"), default=0)
+    p.add_argument("--step", type=_count("step"), default=None, help="checkpoint step (default: the latest)")
     p.add_argument("--split", default="test", help="the dataset split to sample (default test)")
     _add_overrides(p, "--set sampling.temperature=0.5 (the sampler's settings only)")
 
@@ -146,10 +164,10 @@ def parser() -> argparse.ArgumentParser:
                    help="LPIPS network (default alexnet, the one TECO and the ConvS5 paper report)")
     p.add_argument("--i3d", default=None, help="an I3D SavedModel directory (the TF Hub module "
                    "deepmind/i3d-kinetics-400) instead of the built-in I3D")
-    p.add_argument("--context", type=int, default=None, help="context frames, for files that do not store it")
-    p.add_argument("--group_size", type=int, default=metrics.TECO_GROUP_SIZE,
+    p.add_argument("--context", type=_count("context"), default=None, help="context frames, for files that do not store it")
+    p.add_argument("--group_size", type=_count("group_size"), default=metrics.TECO_GROUP_SIZE,
                    help=f"videos per group for mean and std (default TECO's {metrics.TECO_GROUP_SIZE})")
-    p.add_argument("--num_gifs", type=int, default=4, help="side-by-side GIFs written (default 4)")
+    p.add_argument("--num_gifs", type=_count("num_gifs"), default=4, help="side-by-side GIFs written (default 4)")
     p.add_argument("--fvd_generated_only", action="store_true", help="FVD over the generated frames only")
 
     p = sub.add_parser(allow_abbrev=False, name="convert-taming", help="convert a taming-transformers VQGAN checkpoint",
@@ -158,7 +176,7 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(stage=stages.convert_taming)
     p.add_argument("--ckpt", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--resolution", type=int, required=True, help="frame size the VQGAN was trained at")
+    p.add_argument("--resolution", type=_count("resolution"), required=True, help="frame size the VQGAN was trained at")
     p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser(allow_abbrev=False, name="convert-teco",

@@ -19,16 +19,24 @@ by evicting the least recently used entries (which also makes concurrent process
 reads another's half-written entry).
 
 Entries are found by the program and the options it was compiled with, which include the cache's own path: a cache
-directory moved or copied elsewhere is not found there. A damaged entry is reported with a warning and the program
-compiled again, each time, until the directory is deleted.
+directory moved or copied elsewhere is not found there.
+
+JAX (0.10) never replaces an entry it cannot read, and an entry whose write was cut off (a full disk, a killed
+process) leaves a `<key>-cache` file without its `<key>-atime` record, after which every eviction, and so every new
+entry, fails. This module repairs both: `repair` removes entries whose write did not finish when the cache is
+configured, and a damaged entry found while reading (JAX's warning "Error reading persistent compilation cache
+entry for '<name>'") has the entries of that program name removed at once (`_remove_damaged`), so the program
+compiled again is stored again; one line on stderr names the folder each time.
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import platform
+import re
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import jax
@@ -100,7 +108,77 @@ def configure() -> Path | None:
         if os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # JAX would still try it on its own
             jax.config.update("jax_compilation_cache_dir", None)
         return None
+    removed = repair(path)
+    if removed:
+        print(f"teco-ssm: compilation cache {path}: removed {removed} entries whose write did not finish (an "
+              "interrupted run or a full disk); their programs are compiled and stored again", file=sys.stderr)
+    _watch_damaged_entries(path)
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
     jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
     return path
+
+
+CACHE_SUFFIX, ATIME_SUFFIX = "-cache", "-atime"  # JAX's LRU cache files: jax/_src/lru_cache.py
+_DAMAGED = re.compile(r"Error reading persistent compilation cache entry for '([^']+)'")
+
+
+def repair(path: Path) -> int:
+    """Removes the entries of `path` whose write did not finish: a `<key>-cache` file that is empty or has no
+    `<key>-atime` record (JAX writes the record last), and a record without its entry. Returns how many entries
+    were removed."""
+    removed = 0
+    names = set(os.listdir(path))
+    for name in names:
+        if name.endswith(CACHE_SUFFIX):
+            key = name[:-len(CACHE_SUFFIX)]
+            complete = key + ATIME_SUFFIX in names and os.path.getsize(path / name) > 0
+        elif name.endswith(ATIME_SUFFIX):
+            key = name[:-len(ATIME_SUFFIX)]
+            complete = key + CACHE_SUFFIX in names
+        else:
+            continue
+        if not complete:
+            for suffix in (CACHE_SUFFIX, ATIME_SUFFIX):
+                try:
+                    os.remove(path / (key + suffix))
+                except FileNotFoundError:
+                    continue
+            removed += name.endswith(CACHE_SUFFIX)
+    return removed
+
+
+def _remove_damaged(path: Path, program: str) -> int:
+    """Removes every entry of program name `program` (JAX's keys are '<program name>-<hash>'), which holds the one
+    JAX could not read; returns how many."""
+    removed = 0
+    for entry in path.glob(f"{glob_escape(program)}-*{CACHE_SUFFIX}"):
+        key = entry.name[:-len(CACHE_SUFFIX)]
+        for suffix in (CACHE_SUFFIX, ATIME_SUFFIX):
+            try:
+                os.remove(path / (key + suffix))
+            except FileNotFoundError:
+                continue
+        removed += 1
+    return removed
+
+
+def glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", text)
+
+
+def _watch_damaged_entries(path: Path) -> None:
+    """Replaces JAX's warning about an unreadable cache entry by its removal and one line naming the folder."""
+    warnings.filterwarnings("always", message="Error reading persistent compilation cache entry")
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        match = _DAMAGED.search(str(message))
+        if match is None:
+            return shown(message, category, filename, lineno, file, line)
+        removed = _remove_damaged(path, match.group(1))
+        print(f"teco-ssm: compilation cache {path}: an entry of {match.group(1)} could not be read ("
+              f"{str(message).split(': ', 1)[-1]}); removed {removed} entries of that program, which is compiled "
+              "and stored again", file=sys.stderr)
+
+    warnings.showwarning = show

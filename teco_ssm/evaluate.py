@@ -173,6 +173,8 @@ def read_sample_file(path: PathLike, default_context: int | None = None) -> dict
             raise ValueError(f"{path}: field '{field}' must be uint8 (B, T, H, W, 3), got {video.dtype} {video.shape}")
     if real.shape != fake.shape:
         raise ValueError(f"{path}: fields 'real' {real.shape} and 'fake' {fake.shape} differ in shape")
+    if real.shape[0] == 0 or real.shape[1] == 0:
+        raise ValueError(f"{path}: holds no videos (fields 'real' and 'fake' have shape {real.shape}); remove it")
     context = 0 if context is None else context
     if not 0 <= context < real.shape[1]:
         raise ValueError(f"{path}: field 'context' = {context} must be in [0, T = {real.shape[1]})")

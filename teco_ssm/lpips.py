@@ -231,8 +231,10 @@ def lpips(params: Params, x: Array, y: Array) -> Array:
         raise ValueError(f"LPIPS takes two image batches (N, H, W, 3) of one shape, got {x.shape} and {y.shape}")
     name = network_of(params)
     if min(x.shape[1:3]) < MIN_SIZE[name]:
+        fits = [other for other, size in MIN_SIZE.items() if other != name and min(x.shape[1:3]) >= size]
+        hint = f"; {fits[0]} takes them (teco-ssm eval --lpips_network {fits[0]})" if fits else ""
         raise ValueError(f"{name} LPIPS needs frames of at least {MIN_SIZE[name]}x{MIN_SIZE[name]} pixels (its "
-                         f"deepest layer would be empty), got {x.shape[1]}x{x.shape[2]}")
+                         f"deepest layer would be empty), got {x.shape[1]}x{x.shape[2]}{hint}")
     both = features(params, jnp.concatenate([x, y]).astype(jnp.float32))
     total = jnp.zeros(x.shape[0], jnp.float32)
     for feature, weight in zip(both, params["lin"]):

@@ -16,6 +16,11 @@ Both rates follow the same schedule shape: 0 -> peak linearly over `warmup_steps
 releases' `get_learning_rate_fn` pass decay_steps = total_steps - warmup_steps to optax's
 `warmup_cosine_decay_schedule`, whose decay_steps already counts the warm-up), then constant. Gradients are clipped to global norm `grad_clip` (over all groups)
 before the groups' updates.
+
+The schedule runs over the steps from `schedule_start` to `total_steps`, read from the optimiser's own step count,
+which starts at 0 with a fresh optimiser state: 0 for a model trained from scratch (the count is then the training
+step), the release's step for a model converted from a release (`teco_ssm.released`), whose fine-tuning starts a
+fresh optimiser at that step and so gets a warm-up and decay of its own.
 """
 from __future__ import annotations
 
@@ -58,6 +63,12 @@ class OptimizerSettings:
     ssm_params: str = SSM_PARAMS
     decay_all: bool = False
     schedule_ends_early: bool = False
+    schedule_start: int = 0
+
+    @property
+    def schedule_steps(self) -> int:
+        """The steps the schedule spans: total_steps - schedule_start."""
+        return self.total_steps - self.schedule_start
 
     def __post_init__(self):
         for name, value in (("lr", self.lr), ("ssm_lr", self.ssm_lr)):
@@ -66,13 +77,21 @@ class OptimizerSettings:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"{_FILE}: schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)} "
                              f"(config.optim.<backbone>.schedule)")
-        if not 0 <= self.warmup_steps < self.total_steps:
+        if isinstance(self.schedule_start, bool) or not isinstance(self.schedule_start, int) or not (
+                0 <= self.schedule_start <= self.total_steps):
+            raise ValueError(f"{_FILE}: need 0 <= schedule_start ({self.schedule_start}) <= total_steps "
+                             f"({self.total_steps}) (config.optim.<backbone>.schedule_start, config.steps)")
+        span = self.schedule_steps
+        if span == 0:  # a run with nothing left to train (a converted release before `steps` is raised)
+            return
+        start = f" - schedule_start ({self.schedule_start})" if self.schedule_start else ""
+        if not 0 <= self.warmup_steps < span:
             raise ValueError(f"{_FILE}: need 0 <= warmup_steps ({self.warmup_steps}) < total_steps "
-                             f"({self.total_steps}) (config.optim.<backbone>.warmup_steps, config.steps)")
-        if self.schedule_ends_early and 2 * self.warmup_steps >= self.total_steps:
+                             f"({self.total_steps}){start} (config.optim.<backbone>.warmup_steps, config.steps)")
+        if self.schedule_ends_early and 2 * self.warmup_steps >= span:
             raise ValueError(f"{_FILE}: with schedule_ends_early the cosine ends at total_steps - warmup_steps, so "
-                             f"need 2 * warmup_steps ({self.warmup_steps}) < total_steps ({self.total_steps}) "
-                             f"(config.optim.<backbone>.warmup_steps, config.steps)")
+                             f"need 2 * warmup_steps ({self.warmup_steps}) < total_steps ({self.total_steps})"
+                             f"{start} (config.optim.<backbone>.warmup_steps, config.steps)")
         try:
             re.compile(self.ssm_params)
         except re.error as error:
@@ -106,12 +125,15 @@ class OptimizerSettings:
 
 
 def learning_rate_schedule(peak: float, settings: OptimizerSettings) -> optax.Schedule:
-    """step (int) -> learning rate: linear warm-up from 0 to `peak`, then `settings.schedule` decay."""
+    """count (int) -> learning rate: linear warm-up from 0 to `peak`, then `settings.schedule` decay; 0 for a
+    schedule of no steps (a run with nothing left to train)."""
+    if settings.schedule_steps == 0:
+        return optax.constant_schedule(0.0)
     if settings.schedule == "constant":
         return optax.join_schedules(
             [optax.linear_schedule(0.0, peak, max(settings.warmup_steps, 1)), optax.constant_schedule(peak)],
             [settings.warmup_steps])
-    length = settings.total_steps - (settings.warmup_steps if settings.schedule_ends_early else 0)
+    length = settings.schedule_steps - (settings.warmup_steps if settings.schedule_ends_early else 0)
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=peak, warmup_steps=settings.warmup_steps, decay_steps=length,
         end_value=settings.end_lr_factor * peak)
@@ -173,6 +195,7 @@ def build(settings: OptimizerSettings) -> optax.GradientTransformation:
 
 
 def learning_rates(settings: OptimizerSettings) -> Callable[[Any], dict[str, Any]]:
-    """step -> {'lr': ..., 'ssm_lr': ...}, the two peaks' schedules (for logging)."""
+    """count -> {'lr': ..., 'ssm_lr': ...}, the two peaks' schedules (for logging); count is the optimiser's step
+    count, the training step minus `schedule_start`."""
     main, ssm = learning_rate_schedule(settings.lr, settings), learning_rate_schedule(settings.peak_ssm_lr, settings)
     return lambda step: {"lr": main(step), "ssm_lr": ssm(step)}

@@ -123,11 +123,14 @@ def read_settings(folder: str, config: str | None = None) -> Settings:
     if config is not None:
         import yaml
 
+        if not os.path.isfile(config):
+            raise FileNotFoundError(f"--config {config}: {'a folder' if os.path.isdir(config) else 'no such file'}; "
+                                    "expected the release's YAML settings")
         try:
             with open(config) as f:
                 values = yaml.safe_load(f)
-        except yaml.YAMLError as error:
-            raise ReleaseError(f"{config}: not a readable YAML file ({error})") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as error:
+            raise ReleaseError(f"--config {config}: not a readable YAML file ({error})") from None
         if not isinstance(values, Mapping):
             raise ReleaseError(f"{config}: expected the release's YAML settings (a mapping), found "
                                f"{type(values).__name__}")
@@ -152,6 +155,9 @@ def kind_of(settings: Settings) -> str:
 
 def check_supported(settings: Settings, kind: str) -> None:
     """ReleaseError naming the first option whose value this project does not implement (never approximated)."""
+    for group in sorted({option.rpartition(".")[0] for option in UNSUPPORTED[kind]} - {""}):
+        if not isinstance(settings.get(group), Mapping):
+            raise ReleaseError(f"{settings.source}: setting {group} is not a group of settings")
     for option, (implemented, default) in UNSUPPORTED[kind].items():
         value = settings.get(option, default)
         if value is None and default is None:
@@ -175,10 +181,11 @@ def _protocols(settings: Settings, seq_len: int) -> dict[str, dict[str, Any]]:
     open_loop = settings.number("open_loop_ctx", int, 36)
     conditioned = settings.number("open_loop_ctx_1", int, 144 if length > 144 else open_loop)
     unconditioned = settings.number("open_loop_ctx_2", int, open_loop)
-    for name, context in (("open_loop_ctx_1", conditioned), ("open_loop_ctx_2", unconditioned)):
+    for name, context, fallback in (("open_loop_ctx_1", conditioned, "144 or open_loop_ctx"),
+                                    ("open_loop_ctx_2", unconditioned, "open_loop_ctx, else 36")):
         if not 1 <= context < length:
-            raise ReleaseError(f"{settings.source}: context {context} ({name} or open_loop_ctx) must lie in "
-                               f"[1, eval_seq_len={length})")
+            raise ReleaseError(f"{settings.source}: the protocol's context {context} ({name}, else {fallback}) must "
+                               f"lie in [1, eval_seq_len={length})")
     actions = settings.number("use_actions", bool)
     return dict(
         action_conditioned=dict(context=conditioned, horizon=length - conditioned, use_actions=actions),
@@ -226,9 +233,9 @@ def settings_to_config(settings: Settings, kind: str, tokenizer: Any, tokenizer_
     """A locked experiment config (`teco_ssm.schema`) that builds the released model exactly.
 
     tokenizer: the VQGAN whose codes the model reads (`vqgan.load`): it gives code_shape, vqgan_codes and
-    vqgan_embedding_dim. step: the checkpoint's step; `steps` is the release's total_steps (or `step` when that is
-    larger), so `train` continues from `step`. Raises ReleaseError naming the setting for a missing, malformed or
-    unsupported one.
+    vqgan_embedding_dim. step: the checkpoint's step, which is also `steps` (nothing left to train until it is
+    raised) and every optimiser block's `schedule_start` (fine-tuning gets a warm-up and decay of its own, over the
+    steps after the release's). Raises ReleaseError naming the setting for a missing, malformed or unsupported one.
     """
     from configs import common
     from teco_ssm import config_check, schema
@@ -236,6 +243,12 @@ def settings_to_config(settings: Settings, kind: str, tokenizer: Any, tokenizer_
     n = settings.number
     check_supported(settings, kind)
     code_shape = tuple(int(s) for s in tokenizer.latent_shape)
+    frame = getattr(tokenizer, "frame_shape", None)
+    image_size = settings.get("image_size", None)
+    if frame is not None and image_size is not None and int(image_size) != int(frame[0]):
+        raise ReleaseError(f"{settings.source}: setting image_size={image_size}, but the tokenizer "
+                           f"({getattr(tokenizer, 'source', 'given')}) takes {frame[0]}x{frame[1]} frames: pass the "
+                           "VQGAN the model was trained with")
     depths = settings.ints("encoder.depths")
     factor = 2 ** (len(depths) - 1)
     latent_shape = (code_shape[0] // factor, code_shape[1] // factor)
@@ -257,9 +270,13 @@ def settings_to_config(settings: Settings, kind: str, tokenizer: Any, tokenizer_
         mask_future_frames=causal, mask_future_after=n("open_loop_ctx_1") if causal else 144,
         drop_loss_rate=n("drop_loss_rate", float, 0.0) or 0.0, label_smoothing=0.01)
     seq_len = n("seq_len")
-    total = n("total_steps")
+    schedule = settings.get("lr_schedule", "cosine")
+    if schedule not in ("cosine", "constant"):
+        raise ReleaseError(f"{settings.source}: setting lr_schedule={schedule!r} is not implemented here (only "
+                           "'cosine' or 'constant')")
     optimizer = dict(common.release_optimizer(n("lr", float)), warmup_steps=n("warmup_steps"),
-                     weight_decay=n("weight_decay", float), ssm_weight_decay=n("weight_decay", float))
+                     weight_decay=n("weight_decay", float), ssm_weight_decay=n("weight_decay", float),
+                     schedule=schedule, schedule_start=step)
     sampling = common.sampling(batch_size=16)
     for name, protocol in _protocols(settings, seq_len).items():
         sampling[name].update(protocol)
@@ -270,7 +287,7 @@ def settings_to_config(settings: Settings, kind: str, tokenizer: Any, tokenizer_
             dataset=str(settings.get("dataset", "released")), backbone=backbone, model=model,
             backbone_settings={backbone: backbone_settings(settings, kind, latent_shape)},
             optim={name: optimizer for name in backbones.NAMES}, seed=n("seed", int, 1),
-            batch_size=n("batch_size"), seq_len=seq_len, steps=max(total, step), sampling=sampling)
+            batch_size=n("batch_size"), seq_len=seq_len, steps=step, sampling=sampling)
         config.tokenizer.path = tokenizer_path
         config_check.validate(config, check_paths=False)
     except ValueError as error:
@@ -496,6 +513,58 @@ def _check_tokenizer(params: Mapping[str, Any], tokenizer: Any, source: str) -> 
             f"{trained[2][0]}x{trained[2][1]} grid (params/sos_post): pass the VQGAN it was trained with")
 
 
+def _check_folders(folder: str, tokenizer: str, out: str) -> None:
+    """Errors naming the option, before any work: --ckpt not a run folder, --tokenizer missing, --out existing (and
+    not an empty folder) or inside the source folder (which is only read)."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--ckpt {folder}: {'a file' if os.path.exists(folder) else 'no such folder'}; "
+                                "expected a released run folder (args and checkpoints/checkpoint_<step>)")
+    if not os.path.isdir(os.path.join(folder, "checkpoints")) and any(
+            name.startswith("checkpoint_") for name in os.listdir(folder)):
+        raise FileNotFoundError(f"--ckpt {folder}: holds checkpoint_<step> files itself; give the run folder, the "
+                                "one that holds args and checkpoints/")
+    if not os.path.isdir(tokenizer):
+        raise FileNotFoundError(f"--tokenizer {os.path.abspath(tokenizer)}: no such folder (the VQGAN folder the "
+                                "model was trained with)")
+    real_out = os.path.realpath(out)
+    for option, source in (("--ckpt", folder), ("--tokenizer", tokenizer)):
+        real_source = os.path.realpath(source)
+        if os.path.commonpath([real_out, real_source]) == real_source:
+            raise ValueError(f"--out {out}: inside the {option} folder {os.path.abspath(source)}, which is only "
+                             "read; convert into a folder outside it")
+    if os.path.lexists(out) and not (os.path.isdir(out) and not os.path.islink(out) and not os.listdir(out)):
+        raise FileExistsError(f"--out {out}: already exists; convert into a new folder")
+
+
+def _partial_folder(out: str) -> str:
+    """A new folder `.<name>.partial-<pid>-<random>` beside `out`, where the conversion is written before it is
+    renamed into place. Those of earlier conversions whose process no longer runs (killed) are removed first."""
+    parent, name = os.path.split(out)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        for entry in os.listdir(parent):
+            match = re.fullmatch(re.escape(f".{name}.partial-") + r"(\d+)-\w+", entry)
+            if match and not _running(int(match.group(1))):
+                shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+        partial = tempfile.mkdtemp(prefix=f".{name}.partial-{os.getpid()}-", dir=parent)
+    except OSError as error:
+        raise ValueError(f"--out {out}: cannot write in {parent} ({error.strerror or error})") from None
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(partial, 0o777 & ~umask)  # mkdtemp's 0700 would outlive the rename
+    return partial
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def convert(ckpt: str, tokenizer: str, out: str, *, config: str | None = None) -> dict[str, Any]:
     """Converts a released TECO, TECO-ConvS5 or TECO-S5 run folder `ckpt` into a teco_ssm workdir `out`.
 
@@ -526,11 +595,7 @@ def convert(ckpt: str, tokenizer: str, out: str, *, config: str | None = None) -
 
     folder, out = os.path.abspath(ckpt), os.path.abspath(out)
     ckpt_lib.check_path(out, "--out")
-    if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)):
-        raise FileExistsError(f"{out}: already exists; convert into a new folder")
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"{folder}: no such folder (expected a released run folder with "
-                                "checkpoints/checkpoint_<step>)")
+    _check_folders(folder, tokenizer, out)
     settings = read_settings(folder, config)
     kind = kind_of(settings)
     file = latest_teco_checkpoint(folder)
@@ -553,12 +618,7 @@ def convert(ckpt: str, tokenizer: str, out: str, *, config: str | None = None) -
     state = dict(step=jnp.asarray(step, jnp.int32), params=params, opt_state=opt_state)
     constants = {"tokenizer": {"code_embeddings": jnp.asarray(variables["tokenizer"]["code_embeddings"])}}
 
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    partial = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(partial, 0o777 & ~umask)  # mkdtemp's 0700 would outlive the rename
+    partial = _partial_folder(out)
     try:
         mngr = ckpt_lib.manager(partial, config=experiment, keep=1, async_save=False)
         try:

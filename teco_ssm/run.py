@@ -112,6 +112,7 @@ class Stages:
         return record["result"]
 
 
+@stage_fns.checked
 def run(*, dataset: str = "mazelab", backbone: str = "convt3", quick: bool = False, steps: int | None = None,
         workdir: str | None = None) -> dict[str, Any]:
     """The whole chain: data, tokenizer, encode, then per backbone train, sample (trained, unconditioned, untrained)
@@ -205,10 +206,10 @@ def _run_backbone(stages: Stages, workdir: Path, name: str, size: RunSize, steps
         sampled = stages(f"sample-{name}-{label}", lambda: sample_files.sample_dataset(
             config, variables(), tok, data, samples / label, protocol=protocol, split="test",
             real_cache=real_videos))
-        if label == "trained":
-            seconds = stages.records[f"sample-{name}-{label}"]["seconds"]
-            generated = sampled["num_videos"] * config.sampling[protocol].horizon
-            out["sampling"] = {"frames_per_second": generated / seconds, "num_files": len(sampled["files"])}
+        if label == "trained":  # from what the files record, so a rerun that only finds them reports it too
+            speed = sample_files.sampling_speed(samples / label) or {}
+            out["sampling"] = {"frames_per_second": speed.get("frames_per_second"),
+                               "num_files": len(sampled["files"])}
         out[label] = stages(f"eval-{name}-{label}", lambda: evaluate.evaluate_samples(
             str(samples / label), str(reports / label), title=f"TECO-{name}: {label.replace('_', ' ')}",
             feature_cache=real_features))

@@ -16,7 +16,9 @@ N * batch_size rows on as many devices. Each file holds:
   draft_steps, revise_steps, revise_rounds int; temperature, top_p float; draft_schedule, feedback str: the sampler's
            settings
   batch    int, this file's batch index; index (B,) int32, the dataset's video indices (each requested video is in
-           exactly one file of a folder); batch_size, process_count int: the layout that wrote the file
+           exactly one file of a folder); batch_size, process_count int: the layout that wrote the file; seconds
+           float: the time from the previous file's write (or the first batch's start) to this one's, so the
+           files of a folder tell its sampling speed (`sampling_speed`)
   checkpoint_step int (-1 when variables were given); model_sha256 str (`model_fingerprint` of the parameters),
            model_source str (the workdir, or 'variables'); tokenizer_sha256, tokenizer_source str (the tokenizer's
            fingerprint, `vqgan.Tokenizer.fingerprint`, and where it was loaded from); data_path, split str: what
@@ -40,6 +42,7 @@ import dataclasses
 import hashlib
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence, Union
 
@@ -112,6 +115,20 @@ def model_fingerprint(variables: Mapping[str, Any]) -> str:
         digest.update(str(value.shape).encode())
         digest.update(value.tobytes())
     return digest.hexdigest()
+
+
+def sampling_speed(samples_dir: PathLike) -> dict[str, float] | None:
+    """Generated frames per second of a samples folder, from what its files record (their videos times the
+    protocol's horizon, over their `seconds`): {'frames_per_second', 'seconds', 'frames'}; None when a file lacks
+    `seconds` (written before it was recorded) or none took time."""
+    frames, seconds = 0, 0.0
+    for path in evaluate.sample_files(samples_dir):
+        with np.load(path) as data:
+            if "seconds" not in data or "horizon" not in data:
+                return None
+            frames += int(data["index"].shape[0]) * int(data["horizon"])
+            seconds += float(data["seconds"])
+    return dict(frames_per_second=frames / seconds, seconds=seconds, frames=frames) if seconds > 0 else None
 
 
 def _check_finished(path: Path, expected: Mapping[str, Any]) -> None:
@@ -265,6 +282,7 @@ def _sample_batches(model: Teco, variables: dict[str, Any], tokenizer: Any, data
     variables = jax.device_put(jax.device_get(variables), sharding.replicated(mesh))
     batches = iter(batches)
     written = []
+    since = time.perf_counter()
     for k in tqdm(range(first, len(paths)), desc="sampling", unit="batch", initial=first, total=len(paths)):
         batch = next(batches)
         if finished[k]:
@@ -282,8 +300,11 @@ def _sample_batches(model: Teco, variables: dict[str, Any], tokenizer: Any, data
         if paths[k] is None or not len(keep):  # nothing of this process's still to sample
             continue
         real, fake = _decode_videos(tokenizer, batch, codes[keep], sampled, protocol.context, keep, real_cache)
+        now = time.perf_counter()
         arrays = dict(real=real, fake=fake, actions=actions[keep], index=index[keep], batch=np.asarray(k),
+                      seconds=np.asarray(now - since),
                       **{name: np.asarray(value) for name, value in {**expected, **layout}.items()})
+        since = now
         masks = evaluate.revisit_masks(dataset, index[keep], np.asarray(batch["start"])[keep],
                                        protocol.context, protocol.num_frames)
         arrays.update(masks or {})
@@ -319,9 +340,10 @@ def sample_workdir(workdir: PathLike, out_dir: PathLike, *,
         config_io.apply_override(config, item)
     data_path = data_path if data_path is not None else config.dataset.path
     tokenizer_path = tokenizer_path if tokenizer_path is not None else config.tokenizer.path
-    for field, value in (("dataset.path", data_path), ("tokenizer.path", tokenizer_path)):
+    for field, value, option in (("dataset.path", data_path, "--data"),
+                                 ("tokenizer.path", tokenizer_path, "--tokenizer")):
         if value is None:
-            raise ValueError(f"{source}: field {field} is not set; pass it explicitly")
+            raise ValueError(f"{source}: field {field} is not set; pass {option}")
     return sample_dataset(config, workdir, vqgan.load(tokenizer_path), data_path, out_dir, protocol=protocol,
                           num_videos=num_videos, batch_size=batch_size, seed=seed, step=step, settings=settings,
                           split=split)

@@ -13,8 +13,12 @@ depend on the device count: only the placement does.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import socket
+import sys
+import time
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -105,17 +109,145 @@ def distributed_arguments(env: Mapping[str, str] | None = None) -> dict[str, Any
     return None
 
 
+TIMEOUT_VARIABLE = "TECO_SSM_LAUNCH_TIMEOUT"
+DEFAULT_LAUNCH_TIMEOUT = 300.0  # seconds, JAX's own initialization_timeout
+
+
+def launch_timeout(env: Mapping[str, str] | None = None) -> float:
+    """Seconds the processes of a launch wait for each other: TECO_SSM_LAUNCH_TIMEOUT (default 300); LaunchError
+    naming the variable when it is not a positive number."""
+    env = os.environ if env is None else env
+    text = env.get(TIMEOUT_VARIABLE, "").strip()
+    if not text:
+        return DEFAULT_LAUNCH_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise LaunchError(f"{TIMEOUT_VARIABLE}={text!r} must be a positive number of seconds")
+    return value
+
+
+def _say(line: str) -> None:
+    print(f"teco-ssm: {line}", file=sys.stderr, flush=True)
+
+
+def _reply(connection: socket.socket, text: str) -> None:
+    with contextlib.suppress(OSError):
+        connection.sendall(text.encode() + b"\n")
+        connection.close()
+
+
+def _read_line(connection: socket.socket, deadline: float) -> str | None:
+    """One line from `connection` before `deadline` (time.monotonic), or None (closed, timed out)."""
+    data = b""
+    while not data.endswith(b"\n"):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None
+        connection.settimeout(remaining)
+        try:
+            chunk = connection.recv(256)
+        except OSError:
+            return None
+        if not chunk:
+            return None
+        data += chunk
+    return data.decode(errors="replace").strip()
+
+
+def rendezvous(address: str, count: int, index: int, timeout: float) -> None:
+    """Checks, before JAX's coordination service starts, that the `count` processes of a launch can meet: process
+    0 listens on the coordinator's port (all interfaces, as the service will), the others connect and send their
+    id, and process 0 answers each once every id has joined exactly once. The port is then free for the service.
+
+    Raises LaunchError naming the cause and the variable to fix: the port in use on process 0's host, a process id
+    claimed twice, processes that did not join within `timeout` seconds (process 0), process 0 not reachable
+    within it, or process 0 reporting one of these (the others).
+    """
+    host, _, port_text = address.rpartition(":")
+    port = int(port_text)
+    deadline = time.monotonic() + timeout
+    _say(f"process {index} of {count}: waiting up to {timeout:.0f} s for "
+         f"{'the other processes to join' if index == 0 else f'process 0 at {address}'} "
+         f"(JAX_COORDINATOR_ADDRESS; {TIMEOUT_VARIABLE} sets the wait)")
+    if index == 0:
+        try:
+            server = socket.create_server(("", port), family=socket.AF_INET6, dualstack_ipv6=True) \
+                if socket.has_dualstack_ipv6() else socket.create_server(("", port))
+        except OSError as error:
+            raise LaunchError(f"JAX_COORDINATOR_ADDRESS={address}: port {port} cannot be opened on this host, "
+                              f"process 0's ({error.strerror or error}; another program, or another process 0 of "
+                              "this launch, holds it): set JAX_COORDINATOR_ADDRESS to a free port on every process"
+                              ) from None
+        joined: dict[int, socket.socket] = {}
+        problem = None
+        with server:
+            while len(joined) < count - 1 and problem is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    missing = [i for i in range(1, count) if i not in joined]
+                    problem = (f"process{'es' if len(missing) > 1 else ''} {', '.join(map(str, missing))} of "
+                               f"JAX_NUM_PROCESSES={count} did not join within {timeout:.0f} s: start every process, "
+                               f"each with its own JAX_PROCESS_ID, or raise {TIMEOUT_VARIABLE}")
+                    break
+                server.settimeout(remaining)
+                try:
+                    connection, _ = server.accept()
+                except socket.timeout:
+                    continue
+                line = _read_line(connection, min(deadline, time.monotonic() + 10))
+                claimed = int(line) if line and line.isdigit() else None
+                if claimed is None or not 0 < claimed < count:
+                    _reply(connection, f"refused: JAX_PROCESS_ID={line!r} is not one of 1 .. {count - 1}")
+                elif claimed in joined:
+                    problem = (f"JAX_PROCESS_ID={claimed} is set on two processes: give each process its own id "
+                               f"0 .. {count - 1}")
+                    _reply(connection, problem)
+                else:
+                    joined[claimed] = connection
+        for connection in joined.values():
+            _reply(connection, "ok" if problem is None else problem)
+        if problem is not None:
+            raise LaunchError(problem)
+        return
+    while True:
+        try:
+            connection = socket.create_connection((host, port), timeout=max(deadline - time.monotonic(), 0.1))
+            break
+        except OSError:
+            if time.monotonic() >= deadline:
+                raise LaunchError(f"process 0 at JAX_COORDINATOR_ADDRESS={address} could not be reached within "
+                                  f"{timeout:.0f} s: start it (JAX_PROCESS_ID=0) on that host with the same address, "
+                                  f"or raise {TIMEOUT_VARIABLE}") from None
+            time.sleep(0.2)
+    with connection:
+        connection.sendall(f"{index}\n".encode())
+        answer = _read_line(connection, deadline + 5)
+    if answer != "ok":
+        raise LaunchError(f"process 0 at {address} reports: {answer}" if answer else
+                          f"process 0 at JAX_COORDINATOR_ADDRESS={address} gave no answer within {timeout:.0f} s "
+                          f"(it stopped, or another program holds that port): check process 0's output")
+
+
 def maybe_initialize_distributed() -> bool:
     """Calls `jax.distributed.initialize` with `distributed_arguments()` when launched as several processes and not
-    yet initialised; call it before anything touches the devices. CPU collectives across processes use gloo (unless
-    JAX_CPU_COLLECTIVES_IMPLEMENTATION chooses otherwise). Returns whether it initialised; raises LaunchError
-    (before any work) for inconsistent launch variables."""
+    yet initialised; call it before anything touches the devices. An explicit launch (JAX_COORDINATOR_ADDRESS)
+    first meets its processes (`rendezvous`), each saying once what it waits for, for at most
+    TECO_SSM_LAUNCH_TIMEOUT seconds (`launch_timeout`), which also bounds JAX's own wait. CPU collectives across
+    processes use gloo (unless JAX_CPU_COLLECTIVES_IMPLEMENTATION chooses otherwise). Returns whether it
+    initialised; raises LaunchError (before any work) for inconsistent launch variables or processes that cannot
+    meet, naming the cause and the variable to fix."""
     arguments = distributed_arguments()
     if arguments is None or jax.distributed.is_initialized():
         return False
+    timeout = launch_timeout()
+    if arguments:
+        rendezvous(arguments["coordinator_address"], arguments["num_processes"], arguments["process_id"], timeout)
     if not os.environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(**arguments)
+    jax.distributed.initialize(**arguments, initialization_timeout=int(max(timeout, 1)))
     logging.info("jax.distributed: process %d of %d, %d local of %d devices", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
     return True

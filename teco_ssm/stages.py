@@ -15,12 +15,57 @@ Each returns a JSON-friendly dict of what it made. Heavy libraries are imported 
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from teco_ssm import metrics
 
 SOURCES = ("mazelab", "memory-maze")
+
+# The valid range (lowest, highest or None) of every numeric argument of the stages and of `teco_ssm.run.run`, by
+# parameter name: the functions check their arguments against it before any work (`checked`), and the `teco-ssm`
+# options take their argument checks from it (`teco_ssm.cli`).
+RANGES = {
+    "num_train": (1, None), "num_test": (1, None), "num_valid": (0, None), "length": (2, None), "seed": (0, None),
+    "workers": (1, None), "files_per_shard": (1, None), "sheet_rows": (0, None), "chunk_size": (1, None),
+    "examples_per_shard": (1, None), "num_videos": (1, None), "batch_size": (1, None), "step": (0, None),
+    "context": (0, None), "group_size": (1, None), "num_gifs": (0, None), "resolution": (1, None),
+    "steps": (1, None),
+}
+
+
+def range_text(name: str) -> str:
+    low, high = RANGES[name]
+    return f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+
+
+def range_error(name: str, value: Any) -> str | None:
+    """Why `value` is not valid for argument `name` (`RANGES`), or None; None values (defaults) are valid."""
+    if value is None or name not in RANGES:
+        return None
+    low, high = RANGES[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        return f"{name}={value!r} must be {range_text(name)}"
+    return None
+
+
+def checked(function: Callable[..., Any]) -> Callable[..., Any]:
+    """`function` with its numeric arguments checked against `RANGES` first: StageError naming the argument, its
+    value and the range, before any work."""
+    signature = inspect.signature(function)
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        for name, value in bound.arguments.items():
+            problem = range_error(name, value)
+            if problem:
+                raise StageError(problem)
+        return function(*args, **kwargs)
+
+    return wrapper
 
 
 class StageError(Exception):
@@ -41,6 +86,7 @@ def require_source(source: str) -> None:
             raise StageError(str(error)) from None
 
 
+@checked
 def make_dataset(out: str, *, source: str = "mazelab", num_train: int = 1000, num_test: int = 100,
                  length: int = 300, seed: int = 0, workers: int = 2, maze_size: int | None = None,
                  files_per_shard: int = 100, compress: bool = True, sheet_rows: int = 4,
@@ -104,6 +150,7 @@ def train_tokenizer(data: str, workdir: str, *, config: str = "configs/vqgan_maz
     return vqgan_train.train_and_evaluate(load_config(config, [f"data.path={data}", *overrides]), workdir)
 
 
+@checked
 def encode(tokenizer: str, data: str, out: str, *, name: str = "encoded", splits: Sequence[str] = ("train", "test"),
            overwrite: bool = False, chunk_size: int = 64, examples_per_shard: int = 64) -> dict[str, Any]:
     """Encodes every video of `splits` of `data` with `tokenizer` (a TECO VQGAN folder or a tokenizer workdir) into the
@@ -115,14 +162,24 @@ def encode(tokenizer: str, data: str, out: str, *, name: str = "encoded", splits
                                        examples_per_shard=examples_per_shard, chunk_size=chunk_size)
 
 
-def train(workdir: str, *, config: str = "configs/mazelab.py:convt3", data: str | None = None,
+DEFAULT_TRAIN_CONFIG = "configs/mazelab.py:convt3"
+
+
+def train(workdir: str, *, config: str | None = None, data: str | None = None,
           tokenizer: str | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Trains (or resumes) the TECO model of `config` (a config file[:backbone]) in `workdir`. data and tokenizer set
-    dataset.path and tokenizer.path; `overrides` are `field=value` settings applied after them. On several hosts,
-    `jax.distributed` is initialised from the launcher's variables. Returns the last logged metrics
-    (`teco_ssm.train.train_and_evaluate`)."""
+    """Trains (or resumes) the TECO model of `config` (a config file[:backbone], or a workdir's config.json) in
+    `workdir`; without one, the workdir's own config.json when it has one (a workdir trained before, or converted
+    from a release), else `DEFAULT_TRAIN_CONFIG`. data and tokenizer set dataset.path and tokenizer.path;
+    `overrides` are `field=value` settings applied after them. On several hosts, `jax.distributed` is initialised
+    from the launcher's variables. Returns the last logged metrics (`teco_ssm.train.train_and_evaluate`)."""
+    import os
+
     from teco_ssm import train as train_lib
     from teco_ssm.config_io import load_config
+
+    if config is None:
+        held = os.path.join(workdir, "config.json")
+        config = held if os.path.isfile(held) else DEFAULT_TRAIN_CONFIG
 
     paths = ([f"dataset.path={data}"] if data else []) + ([f"tokenizer.path={tokenizer}"] if tokenizer else [])
     return train_lib.train_and_evaluate(load_config(config, [*paths, *overrides]), workdir)
@@ -143,6 +200,7 @@ def parse_protocol(text: str) -> str | tuple[int, int, bool]:
                          "CONTEXT,HORIZON[,actions], e.g. 32,16,actions") from None
 
 
+@checked
 def sample(workdir: str, out: str, *, protocol: str = "action_conditioned", data: str | None = None,
            tokenizer: str | None = None, num_videos: int | None = None, batch_size: int | None = None,
            seed: int = 0, step: int | None = None, overrides: Sequence[str] = (),
@@ -168,6 +226,7 @@ def sample(workdir: str, out: str, *, protocol: str = "action_conditioned", data
                                        seed=seed, step=step, overrides=overrides, split=split)
 
 
+@checked
 def evaluate(samples: str, report: str | None = None, *, lpips_network: str = "alexnet", i3d: str | None = None,
              context: int | None = None, group_size: int = metrics.TECO_GROUP_SIZE, num_gifs: int = 4,
              fvd_generated_only: bool = False) -> dict[str, Any]:
@@ -187,6 +246,7 @@ def evaluate(samples: str, report: str | None = None, *, lpips_network: str = "a
                                          fvd_generated_only=fvd_generated_only)
 
 
+@checked
 def convert_taming(ckpt: str, out: str, *, resolution: int, overwrite: bool = False) -> dict[str, Any]:
     """Converts a taming-transformers VQGAN checkpoint (`.ckpt`, PyTorch; the torch extra) into a TECO-layout folder
     `out` and checks that `vqgan.load` reads it. Returns {'path': out}."""

@@ -129,6 +129,23 @@ def field_errors(fields: Any) -> list[str]:
     """What is wrong with TECO's fields, read as attributes of `fields` (a `Teco`, or a config's `model` block):
     one message per problem, each starting with the field's name; [] when they are valid."""
     errors = []
+    count = lambda v: isinstance(v, int) and not isinstance(v, bool)
+    for name in ("vqgan_codes", "vqgan_embedding_dim", "encoder_blocks", "decoder_blocks", "latent_codes",
+                 "latent_proj_dim", "latent_dim", "prior_width", "prior_mlp_dim", "prior_heads", "prior_layers",
+                 "prior_token_dim", "num_actions", "action_embed_dim"):
+        value = getattr(fields, name)
+        if not count(value) or value < 1:
+            errors.append(f"{name}={value!r} must be an integer >= 1")
+    for name in ("code_shape", "encoder_depths", "decoder_depths"):
+        value = tuple(getattr(fields, name))
+        if not value or not all(count(v) and v >= 1 for v in value):
+            errors.append(f"{name}={value!r} must be a non-empty tuple of integers >= 1")
+    if errors:  # the checks below read these values
+        return errors
+    if not count(fields.mask_future_after) or fields.mask_future_after < 0:
+        errors.append(f"mask_future_after={fields.mask_future_after!r} must be an integer >= 0")
+    if fields.prior_width % fields.prior_heads:
+        errors.append(f"prior_width={fields.prior_width} must be divisible by prior_heads={fields.prior_heads}")
     factor = 2 ** (len(fields.encoder_depths) - 1)
     if len(fields.code_shape) != 2 or any(int(s) % factor for s in fields.code_shape):
         errors.append(f"code_shape={tuple(fields.code_shape)} must be (H, W) divisible by "

@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import json
 import logging
 import os
 import sys
@@ -130,7 +131,7 @@ def train_step(state: State, constants: Constants, batch: Mapping[str, jax.Array
     new_state, _ = _constrain(dict(step=state["step"] + 1, params=params, opt_state=opt_state), constants, mesh,
                               settings, shard_params)
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params),
-                   **optim.learning_rates(settings)(state["step"]))
+                   **optim.learning_rates(settings)(state["step"] - settings.schedule_start))
     return new_state, metrics
 
 
@@ -278,7 +279,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, tokenize
     ckpt.check_path(workdir)
     sharding.maybe_initialize_distributed()
     config_check.validate(config)
-    ckpt.check_resume(workdir, config, resume_fields(config), ignore=resume_ignored(config))
+    ignored = resume_ignored(config)
+    if _at_released_step(workdir):  # its optimiser state is made afresh: its settings may still change
+        ignored += (f"optim.{config.backbone}",)
+    ckpt.check_resume(workdir, config, resume_fields(config), ignore=ignored)
     if tokenizer is None:
         import vqgan
 
@@ -288,6 +292,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, tokenize
     check_tokenizer(inspect_dataset(config.dataset.path, config.dataset.train_split), tokenizer)
     with lock.hold(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
         return _train(config, workdir, tokenizer, model, hooks)
+
+
+def _at_released_step(workdir: str) -> bool:
+    """Whether `workdir` is a converted release (`teco_ssm.released`) not yet fine-tuned: its latest complete step
+    is the release's."""
+    origin = released.provenance(workdir)
+    if origin is None or not ckpt.has_checkpoints(workdir):
+        return False
+    mngr = ckpt.manager(workdir, read_only=True)
+    try:
+        return ckpt.latest_step(mngr) == origin.get("step")
+    finally:
+        mngr.close()
+
+
+@functools.partial(jax.jit, static_argnames=("settings", "mesh", "shard_params"))
+def fresh_optimizer_state(params: Any, constants: Constants, step: jax.Array, *, settings: optim.OptimizerSettings,
+                          mesh: Mesh, shard_params: bool = False) -> tuple[State, Constants]:
+    """A train state at `step` holding `params` and a fresh optimiser state (its count 0), laid out on `mesh`."""
+    state = dict(step=step, params=params, opt_state=optim.build(settings).init(params))
+    return _constrain(state, constants, mesh, settings, shard_params)
 
 
 def resume_fields(config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -323,8 +348,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, tokenizer: Any, mode
     bar = None
     try:
         start = ckpt.latest_step(mngr) or 0
-        if start >= config.steps:
-            return {"step": start}
+        if start >= config.steps:  # finished before (perhaps stopped before its caller recorded it)
+            if lead:
+                print(f"train: {workdir} holds step {start}, config.steps is {config.steps}: nothing to train (set "
+                      f"steps above {start} to train further)", file=sys.stderr, flush=True)
+            return summary_from_workdir(workdir, start, model)
         # The data is opened (and checked) before anything is compiled.
         ds = open_dataset(config.dataset.path, config.dataset.train_split, start_step=start, **ds_kwargs)
         batches = code_batches(ds, tokenizer, model.vqgan_codes)
@@ -336,12 +364,23 @@ def _train(config: ml_collections.ConfigDict, workdir: str, tokenizer: Any, mode
                          optim.group_sizes(state["params"], settings.ssm_params))
         else:
             abstract = checkpoint_items(*abstract_train_state(model, settings, mesh, shard_params))
-            state, constants = from_checkpoint_items(ckpt.restore(mngr, abstract, start))
             origin = released.provenance(workdir)
-            if lead and origin is not None and origin.get("step") == start:
-                print(f"train: fine-tuning the released weights of {origin['release']} ({origin['checkpoint']}, "
-                      f"step {start}) with a fresh optimiser state (its learning-rate schedule starts again from "
-                      f"its warm-up)", file=sys.stderr, flush=True)
+            if origin is not None and origin.get("step") == start:  # a converted release: a fresh optimiser
+                if settings.schedule_start != start:
+                    raise ValueError(f"config.optim.{config.backbone}.schedule_start={settings.schedule_start}: a "
+                                     f"fresh optimiser state starts its schedule at the release's step {start} "
+                                     f"({released.PROVENANCE_FILE}); set schedule_start={start}")
+                items = ckpt.restore(mngr, {"model": abstract["model"]}, start)
+                params, constants = _split_variables(items["model"])
+                state, constants = fresh_optimizer_state(params, constants, jnp.asarray(start, jnp.int32),
+                                                         settings=settings, mesh=mesh, shard_params=shard_params)
+                if lead:
+                    print(f"train: fine-tuning the released weights of {origin['release']} ({origin['checkpoint']}, "
+                          f"step {start}) with a fresh optimiser state; its learning-rate schedule runs from "
+                          f"schedule_start={settings.schedule_start} to steps={config.steps}", file=sys.stderr,
+                          flush=True)
+            else:
+                state, constants = from_checkpoint_items(ckpt.restore(mngr, abstract, start))
         bar = ProgressBar(total=config.steps, initial=start, desc=f"train {config.backbone}", disable=not lead,
                           keys=("loss", "recon_loss", "prior_loss"))
         context = max(model.condition_frames, min(config.sampling.action_conditioned.context, config.seq_len // 2))
@@ -373,7 +412,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, tokenizer: Any, mode
                     pending = None
                 now = time.time()
                 summary = dict(_mean(records), step=step,
-                               steps_per_second=(step - interval_step) / max(now - interval_start, 1e-9))
+                               steps_per_second=(step - interval_step) / max(now - interval_start, 1e-9),
+                               num_processes=jax.process_count())
                 interval_start, interval_step, records = now, step, []
                 if writer is not None:
                     writer.write(step, {k: v for k, v in summary.items() if k != "step"})
@@ -395,12 +435,44 @@ def _train(config: ml_collections.ConfigDict, workdir: str, tokenizer: Any, mode
             bar.update(step)
             for hook in hooks:
                 hook(step)
-        summary["num_params"] = int(sum(np.size(x) for x in jax.tree_util.tree_leaves(state["params"])))
+        summary["num_params"] = count_params(model)
         summary["num_processes"] = jax.process_count()
-        return summary
     finally:
         if bar is not None:
             bar.close()
         if writer is not None:
             writer.close()
         ckpt.close(mngr)
+    return summary_from_workdir(workdir, config.steps, model) if lead else summary
+
+
+def count_params(model: teco.Teco) -> int:
+    """The number of trained parameter values (the 'params' collection), from shapes alone."""
+    abstract = jax.eval_shape(lambda key: teco.init_variables(model, key), jax.random.key(0))
+    return int(sum(np.prod(x.shape, dtype=np.int64) for x in jax.tree_util.tree_leaves(abstract["params"])))
+
+
+def summary_from_workdir(workdir: str, step: int, model: teco.Teco) -> dict[str, Any]:
+    """What a finished training run reports, read back from `<workdir>/metrics.jsonl` (not from the process that
+    trained, which a restart may not be): the last interval's means logged at `step` (loss, ..., steps_per_second,
+    num_processes), the held-out figures of that step as eval_<name>, 'step' and 'num_params'. A record cut off
+    by a crash is skipped; figures never logged are absent."""
+    summary: dict[str, Any] = {"step": int(step), "num_params": count_params(model)}
+    path = os.path.join(workdir, "metrics.jsonl")
+    records = []
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+    for record in records:  # later records of a step (a resumed run logs it again) replace earlier ones
+        if record.get("step") != step:
+            continue
+        for key, value in record.items():
+            if key.startswith("eval/"):
+                summary[f"eval_{key[len('eval/'):]}"] = value
+            elif key not in ("step", "time"):
+                summary[key] = value
+    return summary

@@ -60,6 +60,52 @@ def child(env):
     return result(start(env))
 
 
+def child_with_stderr(env):
+    proc = start(env)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1]), err
+
+
+def entries(path, suffix="-cache"):
+    return sorted(name for name in os.listdir(path) if name.endswith(suffix))
+
+
+def test_a_damaged_entry_is_replaced_and_the_next_process_loads_every_entry(tmp_path):
+    env = {compile_cache.ENV: str(tmp_path / "cache")}
+    first = child(env)
+    path = Path(first["path"])
+    (entry,) = [path / name for name in entries(path) if name.startswith("jit_f-")]
+    entry.write_bytes(entry.read_bytes()[:100])  # damaged: a truncated write
+    second, err = child_with_stderr(env)
+    assert second["y"] == first["y"] and second["hits"] == len(entries(path)) - 1
+    assert f"compilation cache {path}: an entry of jit_f could not be read" in err
+    assert "UserWarning" not in err
+    assert entry.stat().st_size > 100  # stored again
+    third, err = child_with_stderr(env)
+    assert third["hits"] == len(entries(path)) and third["y"] == first["y"] and "compilation cache" not in err
+
+
+def test_an_entry_whose_write_was_cut_off_is_removed_and_new_programs_are_stored_again(tmp_path):
+    """An entry without its access-time record (the write stopped between the two files) made every later eviction,
+    and so every new entry, fail."""
+    env = {compile_cache.ENV: str(tmp_path / "cache")}
+    first = child(env)
+    path = Path(first["path"])
+    (record,) = [path / name for name in entries(path, "-atime") if name.startswith("jit_f-")]
+    record.unlink()
+    (path / "jit_g-0123-cache").write_bytes(b"")  # an empty entry, begun and never written
+    count = len(entries(path))
+    second, err = child_with_stderr(env)
+    assert f"compilation cache {path}: removed 2 entries whose write did not finish" in err
+    assert "Error writing" not in err and "UserWarning" not in err
+    keys = lambda suffix: {name[:-len(suffix)] for name in entries(path, suffix)}  # noqa: E731
+    assert keys("-cache") == keys("-atime")  # every entry whole
+    assert len(entries(path)) == count - 1 and second["hits"] == count - 2  # jit_f compiled and stored again
+    third, err = child_with_stderr(env)
+    assert third["hits"] == len(entries(path)) and "compilation cache" not in err
+
+
 def test_a_second_process_loads_the_first_ones_program_and_computes_the_same_values(tmp_path):
     root = tmp_path / "cache"
     first = child({compile_cache.ENV: str(root)})

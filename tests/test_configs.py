@@ -64,7 +64,7 @@ def test_blocks_are_the_dataclasses_fields_and_defaults():
 # backbone's variant), and ssm_lr, which every config set equal to lr, is None (= lr). Added since: eval_every and
 # eval_batches (the held-out loss during training); the MazeLab (and Memory Maze) budget of 3,000 steps (was 700, then
 # 2,000; docs/training.md); scan_mode auto (was associative; the same on accelerators); sampling.feedback (MazeLab and
-# Memory Maze: posterior).
+# Memory Maze: posterior); optim.<backbone>.schedule_start (0: the schedule starts at step 0, as before).
 EXPECTED_DUMP = "tests/data/config_dump.json"
 
 
@@ -373,3 +373,43 @@ def test_paths_fail_fast_with_what_was_expected(tmp_path):
         validate(config)
     config.eval_every = 0
     validate(config)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("model.latent_codes", 0, r"config.model.latent_codes=0 must be an integer >= 1"),
+    ("model.prior_heads", -1, r"config.model.prior_heads=-1 must be an integer >= 1"),
+    ("model.prior_heads", 3, r"config.model.prior_width=512 must be divisible by prior_heads=3"),
+    ("model.encoder_depths", (0, 4), r"config.model.encoder_depths=\(0, 4\) must be a non-empty tuple of integers"),
+    ("model.mask_future_after", -1, r"config.model.mask_future_after=-1 must be an integer >= 0"),
+    ("convs5.ssm_size", 0, r"config.convs5: field ssm_size=0 must be an integer >= 1"),
+    ("convs5.n_layers", 0, r"config.convs5: field n_layers=0 must be an integer >= 1"),
+    ("convs5.B_kernel_size", -3, r"config.convs5: field B_kernel_size=-3 must be an integer >= 1"),
+    ("convs5.dt_min", 0.0, r"config.convs5: field dt_min=0.0 must be a number > 0"),
+    ("convs5.dt_max", 1e-4, r"config.convs5: fields dt_min=0.001 and dt_max=0.0001: need dt_min <= dt_max"),
+    ("convs5.dropout", 1.0, r"config.convs5: field dropout=1.0 must lie in \[0, 1\)"),
+])
+def test_a_field_outside_its_range_is_refused_naming_field_value_and_range(field, value, message):
+    config = load_config("configs/dmlab.py:convs5", [f"{field}={value!r}"])
+    with pytest.raises(ValueError, match=message):
+        validate(config, check_paths=False)
+
+
+def test_every_numeric_option_refuses_a_value_outside_its_range_naming_it(capsys):
+    """Each numeric option of every subcommand takes its range from `stages.RANGES`; the stage functions check
+    the same ranges when called directly, before any work."""
+    from teco_ssm import cli, stages
+
+    parser = cli.parser()
+    options = [(name, action) for name, sub in parser._subparsers._group_actions[0].choices.items()
+               for action in sub._actions if action.dest in stages.RANGES and action.option_strings]
+    assert {action.dest for _, action in options} == set(stages.RANGES)
+    for command, action in options:
+        low = stages.RANGES[action.dest][0]
+        with pytest.raises(SystemExit):
+            parser.parse_args([command, action.option_strings[0], str(low - 1)])
+        assert f"argument {action.option_strings[0]}: must be an integer >= {low}, got '{low - 1}'" in \
+            capsys.readouterr().err
+    with pytest.raises(stages.StageError, match=r"length=1 must be an integer >= 2"):
+        stages.make_dataset("/nonexistent/never-written", length=1)
+    with pytest.raises(stages.StageError, match=r"num_videos=0 must be an integer >= 1"):
+        stages.sample("/nonexistent/workdir", "/nonexistent/samples", num_videos=0)

@@ -59,6 +59,11 @@ def test_documented_command_parses_and_its_config_exists(where, command):
         pytest.fail(f"{where}: `{command}` is not a valid teco-ssm command")
     if args["command"] == "sample":
         stages.parse_protocol(args["protocol"])
+    if args["command"] == "train" and args["config"] is None:  # the workdir's config.json, else the default
+        args["config"] = stages.DEFAULT_TRAIN_CONFIG
+        if any(m[1] == "convert-teco" and args["workdir"] in m
+               for m in (shlex.split(c) for _, c in COMMANDS if not _is_synopsis(c))):
+            args["config"] = f"{args['workdir']}/config.json"
     if args["command"] == "train" and args["config"].endswith(".json"):  # a workdir's config.json
         workdir = args["config"].removesuffix("/config.json")
         makers = [shlex.split(c) for _, c in COMMANDS if not _is_synopsis(c)]

@@ -184,8 +184,9 @@ def test_refuses_to_overwrite_unless_asked_and_failed_overwrite_keeps_old(datase
     root, videos, tok, other = dataset
     encode_dataset(tok, root, tmp_path, 'maze_codes', progress=False)
     before = folder_digest(tmp_path / 'maze_codes')
-    with pytest.raises(FileExistsError, match='maze_codes: already holds'):
-        encode_dataset(tok, root, tmp_path, 'maze_codes', progress=False)
+    again = encode_dataset(tok, root, tmp_path, 'maze_codes', progress=False)  # complete, same tokenizer: kept
+    assert again['splits'] == {'train': len(videos['train']), 'test': len(videos['test'])}
+    assert folder_digest(tmp_path / 'maze_codes') == before
     with pytest.raises(RuntimeError, match='simulated crash'):
         encode_dataset(CrashingTokenizer(other, crash_at=3), root, tmp_path, 'maze_codes', overwrite=True,
                        progress=False)

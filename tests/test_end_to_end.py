@@ -77,6 +77,28 @@ def test_rerun_skips_finished_stages(workdir, capsys):
     assert "] ..." not in out
 
 
+def without_times(value):
+    """A summary without the figures that measure this process's own time (stage seconds)."""
+    if isinstance(value, dict):
+        return {k: without_times(v) for k, v in value.items() if k not in ("seconds", "stage_seconds")}
+    return value
+
+
+def test_a_run_stopped_after_any_stage_finished_but_before_it_was_recorded_reports_the_same(workdir):
+    """Every stage's work done but none recorded (a run stopped at each stage boundary): the rerun finds each
+    stage's output and reports the same figures, training's (final loss, steps/s, parameters, held-out loss) and
+    sampling's speed included, since they are read from the workdir."""
+    before = json.loads((workdir / "report" / "summary.json").read_text())
+    for record in (workdir / "stages").glob("*.json"):  # in place: the workdir's files record their own paths
+        record.unlink()
+    assert cli.main(["run", "--quick", "--workdir", str(workdir)]) == 0
+    after = json.loads((workdir / "report" / "summary.json").read_text())
+    train = after["backbones"]["convt3"]["train"]
+    assert {"loss", "steps_per_second", "num_params", "eval_loss"} <= set(train)
+    assert after["backbones"]["convt3"]["sampling"]["frames_per_second"] > 0
+    assert without_times(after) == without_times(before)
+
+
 def test_a_workdir_refuses_another_size_or_budget(workdir):
     """Its finished stages were made for one size and step budget; another is an error before any work."""
     before = sorted(p.name for p in (workdir / "stages").iterdir())

@@ -182,7 +182,8 @@ def test_fvd_absent_with_one_video_or_short_videos_and_the_rest_written(tmp_path
 
 def test_frames_too_small_for_alexnet_lpips_are_a_clear_error(tmp_path):
     write_samples(tmp_path, num_files=1, with_seen=False)  # 16x16 frames
-    with pytest.raises(ValueError, match="alexnet LPIPS needs frames of at least 31x31 pixels.*got 16x16"):
+    with pytest.raises(ValueError, match=r"alexnet LPIPS needs frames of at least 31x31 pixels.*got 16x16; vgg16 "
+                                         r"takes them \(teco-ssm eval --lpips_network vgg16\)"):
         evaluate.evaluate_samples(tmp_path, None, i3d=tiny_i3d)
 
 
@@ -227,6 +228,10 @@ def test_real_videos_are_embedded_once_through_the_feature_cache(tmp_path):
 
 
 def test_bad_sample_file_names_the_file_and_field(tmp_path):
+    empty = np.zeros((0, 3, 16, 16, 3), np.uint8)
+    np.savez(tmp_path / "batch_0.npz", real=empty, fake=empty)
+    with pytest.raises(ValueError, match=r"batch_0\.npz: holds no videos"):
+        evaluate.evaluate_samples(tmp_path, None, lpips=mean_abs, i3d=tiny_i3d)
     np.savez(tmp_path / "batch_0.npz", real=np.zeros((1, 3, 16, 16, 3), np.uint8))
     with pytest.raises(KeyError, match=r"batch_0\.npz.*'fake'"):
         evaluate.evaluate_samples(tmp_path, None, lpips=mean_abs, i3d=tiny_i3d)

@@ -299,3 +299,75 @@ def test_a_bad_launch_stops_before_any_work(setup, tmp_path):
     assert process.returncode == 1
     assert re.search(r"LaunchError: .*JAX_PROCESS_ID=2 must lie in \[0, JAX_NUM_PROCESSES=2\)", log.read_text())
     assert not (tmp_path / "run").exists()
+
+
+def launch_line(setup, workdir):
+    return (f"teco-ssm train --config {setup['config']} --data {setup['data']} --tokenizer {setup['tokenizer']} "
+            f"--workdir {workdir}")
+
+
+def ended(process, timeout=90):
+    """The exit status and the last line of output of a process expected to end within `timeout` s."""
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, 9)
+        pytest.fail(f"still running after {timeout} s:\n{process.log.read_text()[-2000:]}")
+    lines = [line for line in process.log.read_text().splitlines() if line.strip()]
+    return process.returncode, lines[-1] if lines else ""
+
+
+def launch(port, count, index, timeout=6):
+    return dict(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(count),
+                JAX_PROCESS_ID=str(index), TECO_SSM_LAUNCH_TIMEOUT=str(timeout))
+
+
+def test_a_taken_coordinator_port_ends_process_0_naming_the_port(setup, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        process = start(launch_line(setup, tmp_path / "run"), tmp_path / "p0.log", **launch(port, 2, 0))
+        status, last = ended(process)
+    assert status == 1
+    assert re.fullmatch(rf"teco-ssm train: error: LaunchError: JAX_COORDINATOR_ADDRESS=127.0.0.1:{port}: port "
+                        rf"{port} cannot be opened on this host, process 0's .*set JAX_COORDINATOR_ADDRESS to a free "
+                        r"port on every process", last), last
+    assert "Segmentation fault" not in process.log.read_text() and not (tmp_path / "run").exists()
+
+
+def test_processes_that_cannot_meet_each_end_with_one_line_naming_the_cause(setup, tmp_path):
+    """Within the launch timeout (6 s here), each case ends every process with one line of ours, naming the
+    variable: a process never started, two processes with one id, process 0 never started."""
+    port = free_port()
+    alone = start(launch_line(setup, tmp_path / "a"), tmp_path / "alone.log", **launch(port, 3, 0))
+    status, last = ended(alone)
+    assert status == 1 and re.search(r"LaunchError: processes 1, 2 of JAX_NUM_PROCESSES=3 did not join within 6 s: "
+                                     r"start every process, each with its own JAX_PROCESS_ID", last), last
+    log = alone.log.read_text()
+    assert "waiting up to 6 s for the other processes to join" in log and "Traceback" not in log
+
+    port = free_port()
+    group = [start(launch_line(setup, tmp_path / "b"), tmp_path / f"twice{i}.log", **launch(port, 3, index))
+             for i, index in enumerate((0, 1, 1))]
+    for process in group:
+        status, last = ended(process)
+        assert status == 1 and "JAX_PROCESS_ID=1 is set on two processes" in last, (process.log, last)
+
+    port = free_port()
+    orphan = start(launch_line(setup, tmp_path / "c"), tmp_path / "orphan.log", **launch(port, 2, 1))
+    status, last = ended(orphan)
+    assert status == 1 and re.search(rf"process 0 at JAX_COORDINATOR_ADDRESS=127.0.0.1:{port} could not be reached "
+                                     r"within 6 s: start it \(JAX_PROCESS_ID=0\)", last), last
+    assert "waiting up to 6 s for process 0" in orphan.log.read_text()
+    assert not any((tmp_path / name).exists() for name in "abc")
+
+
+def test_launch_timeout_is_checked():
+    from teco_ssm import sharding
+
+    assert sharding.launch_timeout({}) == 300
+    assert sharding.launch_timeout({"TECO_SSM_LAUNCH_TIMEOUT": "12.5"}) == 12.5
+    for bad in ("0", "-3", "soon", "inf", "nan"):
+        with pytest.raises(sharding.LaunchError, match=f"TECO_SSM_LAUNCH_TIMEOUT='{bad}' must be a positive"):
+            sharding.launch_timeout({"TECO_SSM_LAUNCH_TIMEOUT": bad})

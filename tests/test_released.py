@@ -8,6 +8,7 @@ converted checkpoint and compared with the documented mapping.
 """
 import argparse
 import hashlib
+import json
 import os
 import pickle
 import subprocess
@@ -345,11 +346,16 @@ def test_converted_config_equals_the_project_config_of_the_same_release(yaml_set
     config = released.settings_to_config(released.Settings(yaml_settings, "release.yaml"), kind, vq,
                                          "/ckpt/vqgan", 100001)
     project = load_config(project_config)
-    for block in ("model", backbone, f"optim.{backbone}", "sampling", "seq_len", "batch_size", "steps", "seed"):
+    for block in ("model", backbone, f"optim.{backbone}", "sampling", "seq_len", "batch_size", "seed"):
         ours, theirs = config, project
         for key in block.split("."):
             ours, theirs = ours[key], theirs[key]
-        assert ckpt.config_to_dict(ours) == ckpt.config_to_dict(theirs), block
+        ours, theirs = ckpt.config_to_dict(ours), ckpt.config_to_dict(theirs)
+        if block.startswith("optim."):  # the schedule of a fine-tuning run starts at the release's step
+            assert ours.pop("schedule_start") == 100001 and theirs.pop("schedule_start") == 0
+        assert ours == theirs, block
+    assert config.steps == 100001  # nothing to train until raised; the project config's is the release's budget
+    assert project.steps == yaml_settings["total_steps"]
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -528,10 +534,83 @@ def test_sample_evaluate_and_fine_tune_a_converted_workdir(tmp_path, tokenizer, 
     files = sorted((tmp_path / "samples").glob("*.npz"))
     assert files and np.load(files[0])["fake"].shape[1:] == (6, 16, 16, 3)
     before = converted_variables(workdir)[1]
-    summary = stages.train(workdir, config=os.path.join(workdir, "config.json"), data=str(tmp_path / "data"),
-                           overrides=["steps=100003", "eval_every=0", "log_every=1", "visualise_every=1000000"])
-    assert summary["step"] == 100003 and np.isfinite(summary["loss"])
+    data = str(tmp_path / "data")
+    assert stages.train(workdir, data=data)["step"] == 100001  # steps is the release's: nothing to train
+    assert "holds step 100001, config.steps is 100001: nothing to train" in capsys.readouterr().err
+    # the workdir's own config.json; the optimiser block may change before fine-tuning starts
+    summary = stages.train(workdir, data=data, overrides=[
+        "steps=100005", "optim.convs5.warmup_steps=1", "optim.convs5.lr=1e-3", "eval_every=0", "log_every=1",
+        "visualise_every=1000000"])
+    assert summary["step"] == 100005 and np.isfinite(summary["loss"])
     assert "fine-tuning the released weights of NVlabs/ConvSSM TECO-ConvS5" in capsys.readouterr().err
     after = converted_variables(workdir)[1]
-    assert ckpt.resolve_step(workdir) == 100003
+    assert ckpt.resolve_step(workdir) == 100005
     assert not np.array_equal(after["params/prior/output_bias"], before["params/prior/output_bias"])
+    # the logged rate is the applied one: warm-up over the first step after the release's, then the cosine
+    from teco_ssm import optim
+
+    config = ml_collections.ConfigDict(ckpt.read_config(workdir))
+    schedule = optim.learning_rate_schedule(1e-3, optim.OptimizerSettings.of_experiment(config))
+    logged = {r["step"]: r["lr"] for r in map(json.loads, open(os.path.join(workdir, "metrics.jsonl")))}
+    assert logged[100002] == 0.0 and logged[100003] == pytest.approx(1e-3)
+    for step, rate in logged.items():
+        assert rate == pytest.approx(float(schedule(step - 1 - 100001)), abs=1e-12)
+    with pytest.raises(ValueError, match=r"field optim.convs5.lr is 0.001 there, 0.0005 in this request"):
+        stages.train(workdir, data=data, overrides=["steps=100007", "optim.convs5.lr=5e-4"])  # fixed once trained
+
+
+def test_request_errors_name_the_option_before_any_work(tmp_path, tokenizer):
+    write_release(tmp_path / "release", "teco")
+    source = str(tmp_path / "release")
+    cases = [
+        (dict(out=str(tmp_path / "release" / "converted")), ValueError, "inside the --ckpt folder"),
+        (dict(out=str(Path(tokenizer) / "converted")), ValueError, "inside the --tokenizer folder"),
+        (dict(ckpt=str(tmp_path / "release" / "checkpoints")), FileNotFoundError,
+         "holds checkpoint_<step> files itself; give the run folder"),
+        (dict(ckpt=str(tmp_path / "release" / "args")), FileNotFoundError, r"--ckpt .*args: a file"),
+        (dict(tokenizer=str(tmp_path / "nowhere")), FileNotFoundError, r"--tokenizer .*nowhere: no such folder"),
+        (dict(config=str(tmp_path)), FileNotFoundError, r"--config .*: a folder"),
+        (dict(config=str(tmp_path / "none.yaml")), FileNotFoundError, r"--config .*none.yaml: no such file"),
+    ]
+    (tmp_path / "binary.yaml").write_bytes(b"\x99\x00\xff")
+    cases.append((dict(config=str(tmp_path / "binary.yaml")), released.ReleaseError, "not a readable YAML file"))
+    (tmp_path / "file").write_text("")
+    cases.append((dict(out=str(tmp_path / "file" / "out")), ValueError, r"--out .*: cannot write in"))
+    for change, error, match in cases:
+        arguments = {**dict(ckpt=source, tokenizer=tokenizer, out=str(tmp_path / "out"), config=None), **change}
+        with pytest.raises(error, match=match):
+            released.convert(arguments.pop("ckpt"), arguments.pop("tokenizer"), arguments.pop("out"), **arguments)
+        assert not (tmp_path / "out").exists() and not (tmp_path / "release" / "converted").exists()
+        assert not list(tmp_path.glob(".*partial*")), change
+
+
+def test_a_killed_conversion_leaves_a_folder_the_next_one_removes(tmp_path, tokenizer):
+    write_release(tmp_path / "release", "teco")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".out.partial-{int(dead.stdout)}-abc123"
+    (stale / "checkpoints").mkdir(parents=True)
+    alive = tmp_path / f".out.partial-{os.getpid()}-def456"  # a conversion still running: left alone
+    alive.mkdir()
+    released.convert(str(tmp_path / "release"), tokenizer, str(tmp_path / "out"))
+    assert not stale.exists() and alive.exists() and (tmp_path / "out" / "config.json").exists()
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(lr_schedule="step"), r"lr_schedule='step' is not implemented here"),
+    (dict(image_size=32), r"setting image_size=32, but the tokenizer .* takes 16x16 frames"),
+    (dict(ssm=dict(SETTINGS["teco_convS5"]["ssm"], dt_min=-1.0)), r"config.convs5: field dt_min=-1.0 must be"),
+    (dict(seq_model=None), r"setting seq_model is missing"),
+    (dict(seq_model=3), r"setting seq_model is not a group of settings"),
+    (dict(open_loop_ctx_1=9), r"the protocol's context 9 \(open_loop_ctx_1, else 144 or open_loop_ctx\)"),
+])
+def test_settings_this_project_would_compute_differently_are_refused(tmp_path, tokenizer, change, match):
+    settings = {k: v for k, v in {**SETTINGS["teco_convS5"], **change}.items() if v is not None}
+    write_release(tmp_path / "release", "teco_convS5", settings=settings)
+    expect_refused(tmp_path, tokenizer, released.ReleaseError, match)
+
+
+def test_a_constant_release_schedule_is_kept(tmp_path, tokenizer):
+    write_release(tmp_path / "release", "teco", settings=dict(SETTINGS["teco"], lr_schedule="constant"))
+    released.convert(str(tmp_path / "release"), tokenizer, str(tmp_path / "out"))
+    config, _ = converted_variables(tmp_path / "out")
+    assert config.optim.transformer.schedule == "constant" and config.optim.transformer.schedule_start == 100001

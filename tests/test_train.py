@@ -135,6 +135,8 @@ def test_held_out_loss_is_the_models_eval_loss_on_the_eval_split(tmp_path, token
     assert [r["step"] for r in held_out] == [10, 20, 30]
     assert held_out[-1]["eval/loss"] == pytest.approx(result["eval_loss"])
     assert held_out[-1]["eval/loss"] < 0.9 * held_out[0]["eval/loss"]
+    again = train.train_and_evaluate(config, str(tmp_path / "run"), tokenizer)  # finished: read from the workdir
+    assert again == result and again["eval_loss"] == held_out[-1]["eval/loss"]
 
     model = train.teco.build(config)
     params, _ = saved_params(str(tmp_path / "run"), config)
@@ -168,8 +170,14 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, codes_path, 
     got, resumed_steps = saved_params(crashed, config)
     assert steps == resumed_steps == [4, 8, 12]
     assert_trees_equal(got, expected)
-    # A finished run restarted does nothing.
-    assert train.train_and_evaluate(config, crashed, tokenizer) == {"step": 12}
+    # A finished run restarted trains nothing and reports the same figures, read back from the workdir: the
+    # last interval's loss and speed, the held-out loss, the parameter count (a run stopped after its last
+    # checkpoint, before its caller recorded it, loses none of them).
+    again = train.train_and_evaluate(config, crashed, tokenizer)
+    assert again == result
+    assert {"loss", "recon_loss", "steps_per_second", "num_params", "num_processes"} <= set(again)
+    assert again["num_params"] == sum(np.size(x) for x in jax.tree_util.tree_leaves(got))
+    assert saved_params(crashed, config)[1] == [4, 8, 12]
 
 
 # ---------------------------------------------------------------------------------------------- NaN guard

@@ -1,6 +1,7 @@
 """vqgan.train on a few MazeLab trajectories: it learns, resumes exactly, stops on NaN, and its workdir loads."""
 import json
 import math
+import shutil
 
 import jax
 import numpy as np
@@ -134,3 +135,33 @@ def test_workdir_loads_as_tokenizer_with_training_metrics(runs):
     mse = np.mean(((frames - recon) / 2.0) ** 2, axis=(1, 2, 3))
     psnr = float(np.mean(-10 * np.log10(mse)))
     assert abs(psnr - runs['result']['psnr']) < 0.01
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('num_steps', 5, r'config.optim.warmup_steps=5 must be an integer in \[0, config.num_steps=5\)'),
+    ('optim.warmup_steps', -1, r'config.optim.warmup_steps=-1 must be an integer in \[0'),
+    ('num_steps', 0, r'config.num_steps=0 must be an integer >= 1'),
+    ('data.frames_per_video', 9, r'config.data.frames_per_video=9 must be at most config.data.seq_len=8'),
+    ('optim.learning_rate', 0.0, r'config.optim.learning_rate=0.0 must be a number > 0'),
+])
+def test_a_bad_tokenizer_setting_is_refused_naming_the_field_before_any_work(tmp_path, field, value, message):
+    config = toy_config(tmp_path / 'data')
+    node = config
+    *parents, leaf = field.split('.')
+    for key in parents:
+        node = node[key]
+    node[leaf] = value
+    with pytest.raises(ValueError, match=message):
+        vqgan_train.train_and_evaluate(config, str(tmp_path / 'run'))
+    assert not (tmp_path / 'run').exists()
+
+
+def test_a_tokenizer_config_edited_after_training_is_named(runs, tmp_path):
+    edited = tmp_path / 'edited'
+    shutil.copytree(runs['full'], edited)
+    config = json.loads((edited / 'config.json').read_text())
+    config['model']['z_channels'] = 16
+    (edited / 'config.json').write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r'edited/config.json: field model \(.*z_channels=16.*\) does not describe '
+                                         r'the VQGAN saved beside it'):
+        vqgan.load(edited)

@@ -21,6 +21,7 @@ import concurrent.futures
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -171,8 +172,9 @@ def encode_dataset(tokenizer: str | os.PathLike | Tokenizer, data_path: str | os
       {'path': the dataset folder, 'splits': {split: number of videos}, 'code_shape': (h, w), 'n_codes': K}.
 
     Raises:
-      FileExistsError naming the folder when the output is complete or was produced by another tokenizer or
-      input and `overwrite` is False; DataError naming the file for a bad input video; lock.Busy when another
+      FileExistsError naming the folder when the output was produced by another tokenizer or from another input
+      and `overwrite` is False (a complete output of the same tokenizer and input is kept and its figures
+      returned); DataError naming the file for a bad input video; lock.Busy when another
       process writes into `out_root`.
     """
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load(tokenizer, chunk_size=chunk_size)
@@ -208,9 +210,12 @@ def encode_dataset(tokenizer: str | os.PathLike | Tokenizer, data_path: str | os
                     raise FileExistsError(
                         f'{final}: holds a dataset not produced by this tokenizer from {data_path} (see '
                         f'{existing / ENCODING_FILE}); pass overwrite=True (--overwrite) to replace it')
-                if complete:
-                    raise FileExistsError(f'{final}: already holds the encoded splits {list(splits)} '
-                                          f'({stored}); pass overwrite=True to replace it')
+                if complete:  # kept: the same tokenizer already encoded these splits of this input
+                    print(f'encode: {final} already holds the encoded splits {list(splits)} ({stored}) of this '
+                          'tokenizer and input: kept (pass overwrite=True, --overwrite, to encode again)',
+                          file=sys.stderr, flush=True)
+                    return {'path': str(final), 'splits': counts, 'code_shape': tok.latent_shape,
+                            'n_codes': tok.n_codes}
         elif final.exists() and any(final.iterdir()) and not overwrite:
             raise FileExistsError(f'{final}: exists and is not an encoded dataset; pass overwrite=True to replace it')
 

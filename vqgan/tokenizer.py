@@ -224,7 +224,12 @@ def load_project(path: str, chunk_size: int = 64) -> Tokenizer:
         if step is None:
             raise FileNotFoundError(f'{os.path.join(path, ckpt.CHECKPOINT_DIR)}: no complete checkpoint (an '
                                     'interrupted `teco-ssm tokenizer` leaves none: run it again to finish)')
-        restored = ckpt.restore(mngr, {'model': abstract_variables(model)}, step)['model']
+        try:
+            restored = ckpt.restore(mngr, {'model': abstract_variables(model)}, step)['model']
+        except ckpt.CheckpointMismatchError as error:
+            fields = ', '.join(f'{k}={v!r}' for k, v in sorted(config['model'].items()))
+            raise ValueError(f'{source}: field model ({fields}) does not describe the VQGAN saved beside it, so one '
+                             f'of those fields was changed after training; the checkpoint says: {error}') from None
     finally:
         mngr.close()
     return Tokenizer(model, restored, chunk_size,

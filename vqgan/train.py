@@ -226,6 +226,33 @@ def save_grid(path: str, frames: np.ndarray, recon: np.ndarray, count: int = 8) 
     Image.fromarray(grid).save(path)
 
 
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """The tokenizer config's value ranges, before anything is written: ValueError naming the field, its value and
+    the range (every problem, one per line)."""
+    errors = []
+    count = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    for name in ('num_steps', 'log_every', 'eval_every', 'eval_batch', 'checkpoint_every', 'keep_checkpoints',
+                 'data.seq_len', 'data.videos_per_batch', 'data.frames_per_video', 'data.eval_frames'):
+        node = config
+        for key in name.split('.'):
+            node = node[key]
+        if not count(node) or node < 1:
+            errors.append(f'config.{name}={node!r} must be an integer >= 1')
+    if not errors and config.data.frames_per_video > config.data.seq_len:
+        errors.append(f'config.data.frames_per_video={config.data.frames_per_video} must be at most '
+                      f'config.data.seq_len={config.data.seq_len} (frames are drawn from each clip)')
+    warmup = config.optim.warmup_steps
+    if not count(warmup) or warmup < 0 or (count(config.num_steps) and warmup >= config.num_steps):
+        errors.append(f'config.optim.warmup_steps={warmup!r} must be an integer in [0, config.num_steps='
+                      f'{config.num_steps!r}) (the cosine decays after the warm-up)')
+    for name in ('learning_rate', 'disc_learning_rate'):
+        value = config.optim[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            errors.append(f'config.optim.{name}={value!r} must be a number > 0')
+    if errors:
+        raise ValueError('invalid tokenizer config:\n  ' + '\n  '.join(errors))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains (resuming from `workdir` when it holds checkpoints) and returns the final held-out metrics.
 
@@ -235,6 +262,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     (naming the field), and lock.Busy when another process trains in `workdir`.
     """
     ckpt.check_path(workdir)
+    check_config(config)
     if not config.data.path:
         raise ValueError('config.data.path: required (a video dataset root, e.g. a MazeLab or TECO npz folder)')
     from teco_ssm.data import inspect_dataset

@@ -345,6 +345,23 @@ class SSMSettings:
     remat: bool = False
     dtype: str = "float32"
 
+    def __post_init__(self):
+        """The value ranges of every SSM backbone's settings, checked when they are made: each integer field (the
+        widths, sizes and counts of this class and its subclasses) >= 1, 0 <= dropout < 1, 0 < dt_min <= dt_max.
+        Raises ValueError naming the field, its value and the range."""
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.type in ("int", int) and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"field {field.name}={value!r} must be an integer >= 1")
+        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"field dropout={self.dropout!r} must lie in [0, 1)")
+        for field in ("dt_min", "dt_max"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"field {field}={value!r} must be a number > 0 (a timescale)")
+        if self.dt_min > self.dt_max:
+            raise ValueError(f"fields dt_min={self.dt_min} and dt_max={self.dt_max}: need dt_min <= dt_max")
+
 
 class SSMStack(nn.Module):
     """A stack of recurrent layers behind the backbone protocol (see `teco_ssm.backbones`).
