@@ -20,9 +20,11 @@ refused before anything is read: CheckpointMismatchError names the missing, unex
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import sys
 import time
 from typing import Any, Mapping, Sequence
 
@@ -44,6 +46,45 @@ class _QuietReadOnly(logging.Filter):
 
 
 logging.getLogger('absl').addFilter(_QuietReadOnly())
+
+
+def _full_disk(error: BaseException | None) -> bool:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+class _OneLineFullDisk(logging.Filter):
+    """orbax's background save threads log a traceback each (half a dozen per save) when the disk is full, and the
+    save's caller raises the same error, which the command reports as its last line: those records keep their one
+    line (TECO_SSM_TRACEBACK=1 keeps the tracebacks)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and _full_disk(record.exc_info[1]) and os.environ.get('TECO_SSM_TRACEBACK') != '1':
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+logging.getLogger('absl').addFilter(_OneLineFullDisk())
+
+
+def _quiet_closed_loops(hook):
+    """`sys.unraisablehook` without orbax's 'Event loop is closed' reports: a background save thread that fails (a
+    full disk) cancels its task on an event loop already closed, which Python can only print as unraisable."""
+    def unraisable(args):
+        error = args.exc_value
+        if (isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'
+                and os.environ.get('TECO_SSM_TRACEBACK') != '1'):
+            return
+        hook(args)
+    return unraisable
+
+
+sys.unraisablehook = _quiet_closed_loops(sys.unraisablehook)
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -223,8 +223,21 @@ def is_request_error(error: BaseException) -> bool:
     TECO_SSM_TRACEBACK=1 prints the traceback for every error."""
     from teco_ssm import lock
 
+    if cause(error).startswith("no space left on device"):  # the cause line says all; the traceback on request
+        return True
     return isinstance(error, (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError,
                               lock.Busy))
+
+
+def _keep_interrupts(hook, swallowed: list[BaseException]):
+    """`sys.unraisablehook` that keeps a KeyboardInterrupt raised where Python can only report it (JAX's
+    garbage-collection callback) instead of printing it, so that the command ends as interrupted."""
+    def unraisable(args):
+        if isinstance(args.exc_value, KeyboardInterrupt):
+            swallowed.append(args.exc_value)
+            return
+        hook(args)
+    return unraisable
 
 
 def _exit_now(code: int, line: str) -> None:
@@ -258,8 +271,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         compile_cache.configure()  # a rerun or resumed run loads its compiled programs from disk
     kwargs = vars(parser().parse_args(argv))
     command, stage = kwargs.pop("command"), kwargs.pop("stage")
+    swallowed: list[BaseException] = []
+    if as_command:
+        sys.unraisablehook = _keep_interrupts(sys.unraisablehook, swallowed)
     try:
         result = stage(**kwargs)
+        if swallowed:  # Ctrl-C landed where Python cannot raise it (a garbage-collection callback)
+            raise KeyboardInterrupt
     except stages.StageError as error:  # raised before any work starts: a plain exit
         raise SystemExit(f"teco-ssm {command}: {error}") from None
     except KeyboardInterrupt:

@@ -345,6 +345,32 @@ def _action_rows(use_actions: bool, num_actions: int) -> _Layout:
     return _Layout(lambda x: x[order], lambda shape: shape)
 
 
+def _transformer_layer_rules(source: str, target: str, names: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """The rules of one release `TransformerLayer` (teco/models/transformer.py: LayerNorm_0, MultiHeadAttention_0
+    with query, key, value, out and the separate out_bias, LayerNorm_1, MlpBlock_0 with wi, wo and the separate
+    wo_bias) onto `target`_<i>/<names[part]>: the separate bias leaves become the layers' biases."""
+    attention, mlp = rf"{source}_(\d+)/MultiHeadAttention_0", rf"{source}_(\d+)/MlpBlock_0"
+    layer = rf"{target}_\1"
+    return (
+        (rf"{source}_(\d+)/LayerNorm_0/(scale|bias)", rf"{layer}/{names['attention_norm']}/\2"),
+        (rf"{source}_(\d+)/LayerNorm_1/(scale|bias)", rf"{layer}/{names['mlp_norm']}/\2"),
+        (rf"{attention}/(query|key|value)/(kernel|bias)", rf"{layer}/{names['qkv']}\2/\3"),
+        (rf"{attention}/out/kernel", rf"{layer}/{names['attention_out']}/kernel"),
+        (rf"{attention}/out_bias/bias", rf"{layer}/{names['attention_out']}/bias"),
+        (rf"{mlp}/wi/(kernel|bias)", rf"{layer}/{names['mlp_in']}/\2"),
+        (rf"{mlp}/wo/kernel", rf"{layer}/{names['mlp_out']}/kernel"),
+        (rf"{mlp}/wo_bias/bias", rf"{layer}/{names['mlp_out']}/bias"),
+    )
+
+
+# Where the parts of a release TransformerLayer live here: the prior's blocks (`teco_ssm.maskgit`) and the temporal
+# transformer's layers (`teco_ssm.backbones.transformer`).
+PRIOR_LAYER = dict(attention_norm="LayerNorm_0", mlp_norm="LayerNorm_1", qkv="MultiHeadDotProductAttention_0/",
+                   attention_out="MultiHeadDotProductAttention_0/out", mlp_in="Dense_0", mlp_out="Dense_1")
+TEMPORAL_LAYER = dict(attention_norm="attention_norm", mlp_norm="mlp_norm", qkv="", attention_out="attention_out",
+                      mlp_in="mlp_in", mlp_out="mlp_out")
+
+
 _TECO_RULES = (  # shared by the three releases: posterior encoder, codebook, prior, decoder
     (r"sos_post", "start_code_embedding"),
     (r"encoder/layers_0/(ResNetBlock_\d+)/AddBias_0/bias", r"encoder/\1/Conv_1/bias"),
@@ -359,14 +385,7 @@ _TECO_RULES = (  # shared by the three releases: posterior encoder, codebook, pr
     (r"z_git/net/Dense_0/(kernel|bias)", r"prior/input/\1"),
     (r"z_git/net/BroadcastPositionBiases_0/d_0", "prior/row_embedding"),
     (r"z_git/net/BroadcastPositionBiases_0/d_1", "prior/column_embedding"),
-    (r"z_git/net/TransformerLayer_(\d+)/(LayerNorm_[01])/(scale|bias)", r"prior/block_\1/\2/\3"),
-    (r"z_git/net/TransformerLayer_(\d+)/MultiHeadAttention_0/(query|key|value|out)/(kernel|bias)",
-     r"prior/block_\1/MultiHeadDotProductAttention_0/\2/\3"),
-    (r"z_git/net/TransformerLayer_(\d+)/MultiHeadAttention_0/out_bias/bias",
-     r"prior/block_\1/MultiHeadDotProductAttention_0/out/bias"),
-    (r"z_git/net/TransformerLayer_(\d+)/MlpBlock_0/wi/(kernel|bias)", r"prior/block_\1/Dense_0/\2"),
-    (r"z_git/net/TransformerLayer_(\d+)/MlpBlock_0/wo/kernel", r"prior/block_\1/Dense_1/kernel"),
-    (r"z_git/net/TransformerLayer_(\d+)/MlpBlock_0/wo_bias/bias", r"prior/block_\1/Dense_1/bias"),
+    *_transformer_layer_rules("z_git/net/TransformerLayer", "prior/block", PRIOR_LAYER),
     (r"z_git/net/Dense_1/(kernel|bias)", r"prior/final_dense/\1"),
     (r"z_git/net/LayerNorm_0/(scale|bias)", r"prior/final_norm/\1"),
     (r"z_git/mlm/Dense_0/(kernel|bias)", r"prior/head/\1"),
@@ -379,15 +398,7 @@ _BACKBONE_RULES = {
         (r"sos", "backbone/sos/embedding"),
         (r"z_unproj/kernel", "backbone/untokenize/kernel"),
         (r"z_tfm/Dense_0/(kernel|bias)", r"backbone/project/\1"),
-        (r"z_tfm/TransformerLayer_(\d+)/LayerNorm_0/(scale|bias)", r"backbone/layers_\1/attention_norm/\2"),
-        (r"z_tfm/TransformerLayer_(\d+)/MultiHeadAttention_0/(query|key|value)/(kernel|bias)",
-         r"backbone/layers_\1/\2/\3"),
-        (r"z_tfm/TransformerLayer_(\d+)/MultiHeadAttention_0/out/kernel", r"backbone/layers_\1/attention_out/kernel"),
-        (r"z_tfm/TransformerLayer_(\d+)/MultiHeadAttention_0/out_bias/bias", r"backbone/layers_\1/attention_out/bias"),
-        (r"z_tfm/TransformerLayer_(\d+)/LayerNorm_1/(scale|bias)", r"backbone/layers_\1/mlp_norm/\2"),
-        (r"z_tfm/TransformerLayer_(\d+)/MlpBlock_0/wi/(kernel|bias)", r"backbone/layers_\1/mlp_in/\2"),
-        (r"z_tfm/TransformerLayer_(\d+)/MlpBlock_0/wo/kernel", r"backbone/layers_\1/mlp_out/kernel"),
-        (r"z_tfm/TransformerLayer_(\d+)/MlpBlock_0/wo_bias/bias", r"backbone/layers_\1/mlp_out/bias"),
+        *_transformer_layer_rules("z_tfm/TransformerLayer", "backbone/layers", TEMPORAL_LAYER),
         (r"z_tfm/Dense_1/(kernel|bias)", r"backbone/head_dense/\1"),
         (r"z_tfm/LayerNorm_0/(scale|bias)", r"backbone/head_norm/\1"),
     ),

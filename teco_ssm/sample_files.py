@@ -16,9 +16,9 @@ N * batch_size rows on as many devices. Each file holds:
   draft_steps, revise_steps, revise_rounds int; temperature, top_p float; draft_schedule, feedback str: the sampler's
            settings
   batch    int, this file's batch index; index (B,) int32, the dataset's video indices (each requested video is in
-           exactly one file of a folder); batch_size, process_count int: the layout that wrote the file; seconds
-           float: the time from the previous file's write (or the first batch's start) to this one's, so the
-           files of a folder tell its sampling speed (`sampling_speed`)
+           exactly one file of a folder); batch_size, process_count int: the layout that wrote the file
+A folder's `sampling_times.jsonl` records how long each file took to sample (`sampling_speed`), beside the files
+so that the same samples are the same bytes.
   checkpoint_step int (-1 when variables were given); model_sha256 str (`model_fingerprint` of the parameters),
            model_source str (the workdir, or 'variables'); tokenizer_sha256, tokenizer_source str (the tokenizer's
            fingerprint, `vqgan.Tokenizer.fingerprint`, and where it was loaded from); data_path, split str: what
@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import json
 import math
 import os
 import time
@@ -117,17 +118,27 @@ def model_fingerprint(variables: Mapping[str, Any]) -> str:
     return digest.hexdigest()
 
 
+TIMES_FILE = "sampling_times.jsonl"  # one line per file written: {file, seconds, frames}
+
+
 def sampling_speed(samples_dir: PathLike) -> dict[str, float] | None:
-    """Generated frames per second of a samples folder, from what its files record (their videos times the
-    protocol's horizon, over their `seconds`): {'frames_per_second', 'seconds', 'frames'}; None when a file lacks
-    `seconds` (written before it was recorded) or none took time."""
-    frames, seconds = 0, 0.0
-    for path in evaluate.sample_files(samples_dir):
-        with np.load(path) as data:
-            if "seconds" not in data or "horizon" not in data:
-                return None
-            frames += int(data["index"].shape[0]) * int(data["horizon"])
-            seconds += float(data["seconds"])
+    """Generated frames per second of a samples folder, from its `sampling_times.jsonl` (the time from each file's
+    predecessor, or from the first batch's start, to its write, and the frames it generated), over the files still
+    there: {'frames_per_second', 'seconds', 'frames'}; None when no file has a record."""
+    path = Path(samples_dir) / TIMES_FILE
+    if not path.is_file():
+        return None
+    present = {p.name for p in evaluate.sample_files(samples_dir, allow_empty=True)}
+    records = {}
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut off by a crash
+            continue
+        if record.get("file") in present:
+            records[record["file"]] = record  # the last write of a file counts
+    seconds = sum(r["seconds"] for r in records.values())
+    frames = sum(r["frames"] for r in records.values())
     return dict(frames_per_second=frames / seconds, seconds=seconds, frames=frames) if seconds > 0 else None
 
 
@@ -300,15 +311,17 @@ def _sample_batches(model: Teco, variables: dict[str, Any], tokenizer: Any, data
         if paths[k] is None or not len(keep):  # nothing of this process's still to sample
             continue
         real, fake = _decode_videos(tokenizer, batch, codes[keep], sampled, protocol.context, keep, real_cache)
-        now = time.perf_counter()
         arrays = dict(real=real, fake=fake, actions=actions[keep], index=index[keep], batch=np.asarray(k),
-                      seconds=np.asarray(now - since),
                       **{name: np.asarray(value) for name, value in {**expected, **layout}.items()})
-        since = now
         masks = evaluate.revisit_masks(dataset, index[keep], np.asarray(batch["start"])[keep],
                                        protocol.context, protocol.num_frames)
         arrays.update(masks or {})
         _write_npz_atomic(paths[k], arrays)
+        now = time.perf_counter()
+        with open(paths[k].parent / TIMES_FILE, "a") as times:  # beside the files: their bytes stay the samples'
+            times.write(json.dumps(dict(file=paths[k].name, seconds=now - since,
+                                        frames=int(len(keep)) * protocol.horizon)) + "\n")
+        since = now
         written.append(paths[k])
     return written
 

@@ -281,7 +281,9 @@ def test_sample_dataset_files_sharding_and_resume(tmp_path):
     assert first["written"] == 2 and first["skipped"] == 0 and first["num_videos"] == 5
     files = [out / "batch_00000.npz", out / "batch_00001.npz"]
     assert first["files"] == [str(f) for f in files]
-    assert sorted(p for p in out.iterdir() if p.name != lock.LOCK_FILE) == files  # no temporary files left
+    kept = (lock.LOCK_FILE, sample_files.TIMES_FILE)
+    assert sorted(p for p in out.iterdir() if p.name not in kept) == files  # no temporary files left
+    assert sample_files.sampling_speed(out)["frames"] == 5 * FILE_HORIZON
     with np.load(files[0]) as f0, np.load(files[1]) as f1:
         batch0, batch1 = dict(f0), dict(f1)
     assert batch0["fake"].shape == batch0["real"].shape == (4, 7, 16, 16, 3)
