@@ -52,8 +52,8 @@ def _full_disk(error: BaseException | None) -> bool:
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-            return True
+        if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or 'No space left on device' in str(error):
+            return True  # tensorstore reports it as a ValueError with the system's message
         error = error.__cause__ or error.__context__
     return False
 
@@ -179,11 +179,13 @@ def check_resume(workdir: str, config: Any, fields: Sequence[str], ignore: Seque
     `fields` (dotted names: the settings its checkpoints were trained with, e.g. 'model', 'convt3', 'seq_len'),
     leaving out the dotted fields in `ignore` (how a computation runs, not what it computes).
 
-    Does nothing for a workdir without checkpoints. Raises ValueError naming config.json, the first differing field
-    and both values.
+    Does nothing for a workdir without a complete checkpoint. Raises ValueError naming config.json, the first
+    differing field and both values.
     """
-    if not has_checkpoints(workdir):
-        return
+    folder = os.path.join(workdir, CHECKPOINT_DIR)
+    if not has_checkpoints(workdir) or not any(
+            name.isdigit() and _committed(os.path.join(folder, name)) for name in os.listdir(folder)):
+        return  # nothing trained with the stored settings (a config refused after config.json was written)
     saved, wanted = read_config(workdir), config_to_dict(config)
     for field in fields:
         found = _first_difference(_lookup(saved, field), _lookup(wanted, field), field, ignore)

@@ -92,7 +92,7 @@ def _check_sampling(sampling: ml_collections.ConfigDict, condition_frames: int,
             except (TypeError, ValueError) as error:
                 errors.append(f"config.sampling.{protocol}: {error}")
     before = len(errors)
-    for name in ("draft_steps", "revise_steps"):
+    for name in ("draft_steps", "revise_steps", "num_videos", "batch_size"):
         positive(f"sampling.{name}", sampling[name])
     if len(errors) == before:
         try:

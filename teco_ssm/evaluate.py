@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import zipfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence, Union
@@ -94,6 +95,16 @@ ORIGIN_FIELDS = ("context", "horizon", "use_actions", "seed", "draft_steps", "re
                  "tokenizer_sha256", "data_path", "split")
 
 
+def open_sample_file(path: PathLike) -> Any:
+    """`np.load(path)` of a sample file; ValueError naming the file when it is not a readable npz (a truncated
+    copy, another kind of file)."""
+    try:
+        return np.load(path)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise ValueError(f"{path}: not a readable sample file ({type(error).__name__}: {error}); remove it, or "
+                         "sample it again") from None
+
+
 def natural_key(path: Path) -> list[Any]:
     """Sort key of a file name in natural order (`batch_2` before `batch_10`)."""
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
@@ -116,7 +127,7 @@ def held_videos(files: Sequence[Path], require_index: bool = False) -> dict[int,
     when a video is held twice, and, with `require_index`, naming a file that records no `index`."""
     held: dict[int, Path] = {}
     for path in files:
-        with np.load(path) as data:
+        with open_sample_file(path) as data:
             if "index" not in data:
                 if require_index:
                     raise ValueError(f"{path}: field 'index' is absent (which videos the file holds), so it was not "
@@ -139,7 +150,7 @@ def check_one_sample_set(files: Sequence[Path]) -> None:
     held_videos(files)
     first: dict[str, tuple[Any, Path]] = {}
     for path in files:
-        with np.load(path) as data:
+        with open_sample_file(path) as data:
             fields = {f: data[f].item() for f in ORIGIN_FIELDS if f in data and data[f].shape == ()}
         for field, value in fields.items():
             if field in first and first[field][0] != value:
@@ -156,7 +167,7 @@ def read_sample_file(path: PathLike, default_context: int | None = None) -> dict
       `{"real", "fake": (B, T, H, W, 3) uint8, "context": int, "seen", "at_last_context_pose": (B, T) bool or
       None}`.
     """
-    with np.load(path) as data:
+    with open_sample_file(path) as data:
         for field in ("real", "fake"):
             if field not in data:
                 raise KeyError(f"{path}: missing field '{field}' (fields: {sorted(data.files)})")

@@ -100,8 +100,12 @@ def _write_npz_atomic(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
     from teco_ssm import mazelab
 
     tmp = path.with_name(path.name + ".tmp")
-    mazelab.save_npz(tmp, dict(arrays), compress=False)
-    os.replace(tmp, path)
+    try:
+        mazelab.save_npz(tmp, dict(arrays), compress=False)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, an interrupt: no half-written file stays behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 NOT_COMPARED = ("tokenizer_source", "model_source")  # recorded for the reader; the same files may sit elsewhere
@@ -144,7 +148,7 @@ def sampling_speed(samples_dir: PathLike) -> dict[str, float] | None:
 
 def _check_finished(path: Path, expected: Mapping[str, Any]) -> None:
     """A finished batch file must come from the same request; ValueError naming the file and field otherwise."""
-    with np.load(path) as data:
+    with evaluate.open_sample_file(path) as data:
         for field, value in expected.items():
             if field in NOT_COMPARED:
                 continue

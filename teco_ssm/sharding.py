@@ -95,9 +95,9 @@ def distributed_arguments(env: Mapping[str, str] | None = None) -> dict[str, Any
                               f"processes sets all of {', '.join(LAUNCH_VARIABLES)} on every process")
         address = env["JAX_COORDINATOR_ADDRESS"]
         host, _, port = address.rpartition(":")
-        if not host or not port.isdigit():
-            raise LaunchError(f"{_FILE}: JAX_COORDINATOR_ADDRESS={address!r} is not HOST:PORT (process 0's host "
-                              f"and a free port, e.g. 10.0.0.1:12355)")
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise LaunchError(f"{_FILE}: JAX_COORDINATOR_ADDRESS={address!r} is not HOST:PORT with a port in "
+                              f"1 .. 65535 (process 0's host and a free port, e.g. 10.0.0.1:12355)")
         count, index = _count_and_id(env, "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
         return dict(coordinator_address=address, num_processes=count, process_id=index)
     for cluster in CLUSTERS:
@@ -169,7 +169,7 @@ def rendezvous(address: str, count: int, index: int, timeout: float) -> None:
     host, _, port_text = address.rpartition(":")
     port = int(port_text)
     deadline = time.monotonic() + timeout
-    _say(f"process {index} of {count}: waiting up to {timeout:.0f} s for "
+    _say(f"process {index} of {count}: waiting up to {timeout:g} s for "
          f"{'the other processes to join' if index == 0 else f'process 0 at {address}'} "
          f"(JAX_COORDINATOR_ADDRESS; {TIMEOUT_VARIABLE} sets the wait)")
     if index == 0:
@@ -189,7 +189,7 @@ def rendezvous(address: str, count: int, index: int, timeout: float) -> None:
                 if remaining <= 0:
                     missing = [i for i in range(1, count) if i not in joined]
                     problem = (f"process{'es' if len(missing) > 1 else ''} {', '.join(map(str, missing))} of "
-                               f"JAX_NUM_PROCESSES={count} did not join within {timeout:.0f} s: start every process, "
+                               f"JAX_NUM_PROCESSES={count} did not join within {timeout:g} s: start every process, "
                                f"each with its own JAX_PROCESS_ID, or raise {TIMEOUT_VARIABLE}")
                     break
                 server.settimeout(remaining)
@@ -219,7 +219,7 @@ def rendezvous(address: str, count: int, index: int, timeout: float) -> None:
         except OSError:
             if time.monotonic() >= deadline:
                 raise LaunchError(f"process 0 at JAX_COORDINATOR_ADDRESS={address} could not be reached within "
-                                  f"{timeout:.0f} s: start it (JAX_PROCESS_ID=0) on that host with the same address, "
+                                  f"{timeout:g} s: start it (JAX_PROCESS_ID=0) on that host with the same address, "
                                   f"or raise {TIMEOUT_VARIABLE}") from None
             time.sleep(0.2)
     with connection:
@@ -227,8 +227,10 @@ def rendezvous(address: str, count: int, index: int, timeout: float) -> None:
         answer = _read_line(connection, deadline + 5)
     if answer != "ok":
         raise LaunchError(f"process 0 at {address} reports: {answer}" if answer else
-                          f"process 0 at JAX_COORDINATOR_ADDRESS={address} gave no answer within {timeout:.0f} s "
-                          f"(it stopped, or another program holds that port): check process 0's output")
+                          f"process 0 at JAX_COORDINATOR_ADDRESS={address} did not take this process in "
+                          f"(JAX_PROCESS_ID={index}): its launch may already hold all JAX_NUM_PROCESSES={count} "
+                          f"processes (is JAX_PROCESS_ID={index} set on two?), it stopped, or another program holds "
+                          "that port; check process 0's output")
 
 
 def maybe_initialize_distributed() -> bool:

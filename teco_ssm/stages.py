@@ -28,7 +28,8 @@ SOURCES = ("mazelab", "memory-maze")
 # parameter name: the functions check their arguments against it before any work (`checked`), and the `teco-ssm`
 # options take their argument checks from it (`teco_ssm.cli`).
 RANGES = {
-    "num_train": (1, None), "num_test": (1, None), "num_valid": (0, None), "length": (2, None), "seed": (0, None),
+    "num_train": (1, None), "num_test": (1, None), "num_valid": (0, None), "length": (2, None),
+    "seed": (0, 2 ** 31 - 1),
     "workers": (1, None), "files_per_shard": (1, None), "sheet_rows": (0, None), "chunk_size": (1, None),
     "examples_per_shard": (1, None), "num_videos": (1, None), "batch_size": (1, None), "step": (0, None),
     "context": (0, None), "group_size": (1, None), "num_gifs": (0, None), "resolution": (1, None),

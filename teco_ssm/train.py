@@ -352,7 +352,19 @@ def _train(config: ml_collections.ConfigDict, workdir: str, tokenizer: Any, mode
             if lead:
                 print(f"train: {workdir} holds step {start}, config.steps is {config.steps}: nothing to train (set "
                       f"steps above {start} to train further)", file=sys.stderr, flush=True)
-            return summary_from_workdir(workdir, start, model)
+            summary = summary_from_workdir(workdir, start, model)
+            if start == config.steps and config.eval_every and not any(k.startswith("eval_") for k in summary):
+                # stopped after the last checkpoint, before its held-out loss was written: compute it now, as the
+                # uninterrupted run would have (the same parameters, batches and key)
+                abstract = checkpoint_items(*abstract_train_state(model, settings, mesh, shard_params))
+                params, constants = _split_variables(ckpt.restore(mngr, {"model": abstract["model"]}, start)["model"])
+                eval_rng = jax.random.split(jax.random.key(config.seed), 3)[2]
+                batches = held_out_batches(config, tokenizer, model.vqgan_codes, rows, ds_kwargs["action_dim"])
+                held_out = held_out_metrics(model, {"params": params, **constants}, batches, eval_rng, mesh)
+                if writer is not None:
+                    writer.write(start, held_out, prefix="eval/")
+                summary.update({f"eval_{k}": v for k, v in held_out.items()})
+            return summary
         # The data is opened (and checked) before anything is compiled.
         ds = open_dataset(config.dataset.path, config.dataset.train_split, start_step=start, **ds_kwargs)
         batches = code_batches(ds, tokenizer, model.vqgan_codes)

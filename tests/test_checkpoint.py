@@ -165,3 +165,16 @@ def test_every_stage_with_checkpoints_refuses_a_bracketed_path_before_any_work(t
             call()
         assert not bad.exists(), stage
         assert sorted(p.name for p in tmp_path.iterdir()) == [], stage
+
+
+def test_a_workdir_without_a_complete_checkpoint_takes_other_settings(tmp_path):
+    """A config refused after config.json was written (a value only the model's construction rejects) left no
+    checkpoint: the corrected request is not held to the refused values."""
+    ckpt.write_config(str(tmp_path), {"model": {"width": 3}})
+    (tmp_path / ckpt.CHECKPOINT_DIR).mkdir()
+    ckpt.check_resume(str(tmp_path), {"model": {"width": 4}}, ("model",))
+    mngr = ckpt.manager(str(tmp_path), keep=1, async_save=False)
+    ckpt.save(mngr, 1, {"model": {"a": np.ones(2, np.float32)}}, force=True)
+    ckpt.close(mngr)
+    with pytest.raises(ValueError, match="field model.width is 3 there, 4 in this request"):
+        ckpt.check_resume(str(tmp_path), {"model": {"width": 4}}, ("model",))

@@ -387,6 +387,10 @@ def test_paths_fail_fast_with_what_was_expected(tmp_path):
     ("convs5.dt_min", 0.0, r"config.convs5: field dt_min=0.0 must be a number > 0"),
     ("convs5.dt_max", 1e-4, r"config.convs5: fields dt_min=0.001 and dt_max=0.0001: need dt_min <= dt_max"),
     ("convs5.dropout", 1.0, r"config.convs5: field dropout=1.0 must lie in \[0, 1\)"),
+    ("convs5.blocks", 3, r"config.convs5: fields ssm_size=1024 and blocks=3: ssm_size must split into blocks"),
+    ("convs5.num_groups", 3, r"config.convs5: fields d_model=512 and num_groups=3: d_model must be a multiple"),
+    ("sampling.num_videos", 0, r"config.sampling.num_videos must be a positive integer, got 0"),
+    ("sampling.batch_size", 0, r"config.sampling.batch_size must be a positive integer, got 0"),
 ])
 def test_a_field_outside_its_range_is_refused_naming_field_value_and_range(field, value, message):
     config = load_config("configs/dmlab.py:convs5", [f"{field}={value!r}"])
@@ -404,11 +408,13 @@ def test_every_numeric_option_refuses_a_value_outside_its_range_naming_it(capsys
                for action in sub._actions if action.dest in stages.RANGES and action.option_strings]
     assert {action.dest for _, action in options} == set(stages.RANGES)
     for command, action in options:
-        low = stages.RANGES[action.dest][0]
-        with pytest.raises(SystemExit):
-            parser.parse_args([command, action.option_strings[0], str(low - 1)])
-        assert f"argument {action.option_strings[0]}: must be an integer >= {low}, got '{low - 1}'" in \
-            capsys.readouterr().err
+        low, high = stages.RANGES[action.dest]
+        for bad in (low - 1, *(() if high is None else (high + 1,))):
+            with pytest.raises(SystemExit):
+                parser.parse_args([command, action.option_strings[0], str(bad)])
+            assert f"argument {action.option_strings[0]}: must be {stages.range_text(action.dest)}, got '{bad}'" in \
+                capsys.readouterr().err
+    assert stages.range_text("seed") == f"an integer in [0, {2 ** 31 - 1}]"
     with pytest.raises(stages.StageError, match=r"length=1 must be an integer >= 2"):
         stages.make_dataset("/nonexistent/never-written", length=1)
     with pytest.raises(stages.StageError, match=r"num_videos=0 must be an integer >= 1"):

@@ -264,3 +264,13 @@ def test_existing_output_is_not_overwritten(converted, tmp_path):
     with pytest.raises(FileExistsError, match='out: exists'):
         write_teco_folder(folder, fields, variables)
     assert (folder / 'keep').read_text() == 'x'
+
+
+def test_a_missing_checkpoint_or_a_bracketed_output_is_named_before_any_work(tmp_path):
+    from vqgan.convert import convert_taming
+
+    with pytest.raises(FileNotFoundError, match=r'--ckpt .*nothing.ckpt: no such file'):
+        convert_taming(tmp_path / 'nothing.ckpt', tmp_path / 'out', 64)
+    with pytest.raises(ValueError, match=r"--out .*out\[1\]: contains '\[' and '\]'"):
+        convert_taming(tmp_path / 'nothing.ckpt', tmp_path / 'out[1]', 64)
+    assert sorted(tmp_path.iterdir()) == []

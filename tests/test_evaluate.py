@@ -228,6 +228,9 @@ def test_real_videos_are_embedded_once_through_the_feature_cache(tmp_path):
 
 
 def test_bad_sample_file_names_the_file_and_field(tmp_path):
+    (tmp_path / "batch_0.npz").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(ValueError, match=r"batch_0\.npz: not a readable sample file"):
+        evaluate.evaluate_samples(tmp_path, None, lpips=mean_abs, i3d=tiny_i3d)
     empty = np.zeros((0, 3, 16, 16, 3), np.uint8)
     np.savez(tmp_path / "batch_0.npz", real=empty, fake=empty)
     with pytest.raises(ValueError, match=r"batch_0\.npz: holds no videos"):

@@ -368,6 +368,10 @@ def test_launch_timeout_is_checked():
 
     assert sharding.launch_timeout({}) == 300
     assert sharding.launch_timeout({"TECO_SSM_LAUNCH_TIMEOUT": "12.5"}) == 12.5
+    with pytest.raises(sharding.LaunchError, match=r"JAX_COORDINATOR_ADDRESS='127.0.0.1:99999' is not HOST:PORT with "
+                                                   r"a port in 1 .. 65535"):
+        sharding.distributed_arguments(dict(JAX_COORDINATOR_ADDRESS="127.0.0.1:99999", JAX_NUM_PROCESSES="2",
+                                            JAX_PROCESS_ID="0"))
     for bad in ("0", "-3", "soon", "inf", "nan"):
         with pytest.raises(sharding.LaunchError, match=f"TECO_SSM_LAUNCH_TIMEOUT='{bad}' must be a positive"):
             sharding.launch_timeout({"TECO_SSM_LAUNCH_TIMEOUT": bad})

@@ -551,7 +551,10 @@ def test_sample_evaluate_and_fine_tune_a_converted_workdir(tmp_path, tokenizer, 
 
     config = ml_collections.ConfigDict(ckpt.read_config(workdir))
     schedule = optim.learning_rate_schedule(1e-3, optim.OptimizerSettings.of_experiment(config))
-    logged = {r["step"]: r["lr"] for r in map(json.loads, open(os.path.join(workdir, "metrics.jsonl")))}
+    records = list(map(json.loads, open(os.path.join(workdir, "metrics.jsonl"))))
+    logged = {r["step"]: r["lr"] for r in records if "lr" in r}
+    # the run with nothing to train wrote the released model's held-out loss at its step
+    assert [r["step"] for r in records if "eval/loss" in r][0] == 100001
     assert logged[100002] == 0.0 and logged[100003] == pytest.approx(1e-3)
     for step, rate in logged.items():
         assert rate == pytest.approx(float(schedule(step - 1 - 100001)), abs=1e-12)

@@ -137,6 +137,13 @@ def test_held_out_loss_is_the_models_eval_loss_on_the_eval_split(tmp_path, token
     assert held_out[-1]["eval/loss"] < 0.9 * held_out[0]["eval/loss"]
     again = train.train_and_evaluate(config, str(tmp_path / "run"), tokenizer)  # finished: read from the workdir
     assert again == result and again["eval_loss"] == held_out[-1]["eval/loss"]
+    # stopped after the last checkpoint, before the last held-out loss was written: the rerun computes it
+    path = tmp_path / "run" / "metrics.jsonl"
+    path.write_text("".join(line for line in path.read_text().splitlines(keepends=True)
+                            if not ('"step": 30' in line and "eval/loss" in line)))
+    recovered = train.train_and_evaluate(config, str(tmp_path / "run"), tokenizer)
+    assert recovered["eval_loss"] == pytest.approx(result["eval_loss"], rel=1e-6)
+    assert recovered == pytest.approx(result, rel=1e-6)
 
     model = train.teco.build(config)
     params, _ = saved_params(str(tmp_path / "run"), config)

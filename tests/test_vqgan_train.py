@@ -143,6 +143,10 @@ def test_workdir_loads_as_tokenizer_with_training_metrics(runs):
     ('num_steps', 0, r'config.num_steps=0 must be an integer >= 1'),
     ('data.frames_per_video', 9, r'config.data.frames_per_video=9 must be at most config.data.seq_len=8'),
     ('optim.learning_rate', 0.0, r'config.optim.learning_rate=0.0 must be a number > 0'),
+    ('model.n_embed', 0, r'config.model.n_embed=0 must be an integer >= 1'),
+    ('model.num_groups', 3, r'config.model.num_groups=3 must divide every width'),
+    ('model.resolution', 15, r'config.model.resolution=15 must be divisible by 2 \*\* \(len\(ch_mult\) - 1\) = 2'),
+    ('loss.beta', -1.0, r'config.loss.beta=-1.0 must be a number >= 0'),
 ])
 def test_a_bad_tokenizer_setting_is_refused_naming_the_field_before_any_work(tmp_path, field, value, message):
     config = toy_config(tmp_path / 'data')

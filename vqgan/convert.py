@@ -252,7 +252,12 @@ def convert_taming(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, res
     from vqgan.model import VQGAN
     from vqgan.tokenizer import check_variables, load
 
+    from teco_ssm import checkpoint as ckpt
+
     ckpt_path = os.fspath(ckpt_path)
+    ckpt.check_path(out_dir, '--out')  # `vqgan.load` reads the folder back through the checkpoint library
+    if not os.path.isfile(ckpt_path):
+        raise FileNotFoundError(f'--ckpt {ckpt_path}: no such file (a taming-transformers .ckpt)')
     state_dict = read_torch_checkpoint(ckpt_path)
     fields, variables = taming_to_variables(state_dict, resolution, num_groups, source=ckpt_path)
     check_variables(variables, VQGAN(**fields), ckpt_path)

@@ -245,6 +245,25 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if not count(warmup) or warmup < 0 or (count(config.num_steps) and warmup >= config.num_steps):
         errors.append(f'config.optim.warmup_steps={warmup!r} must be an integer in [0, config.num_steps='
                       f'{config.num_steps!r}) (the cosine decays after the warm-up)')
+    model = config.model
+    for name in ('resolution', 'ch', 'num_res_blocks', 'z_channels', 'n_embed', 'embed_dim', 'num_groups'):
+        if not count(model[name]) or model[name] < 1:
+            errors.append(f'config.model.{name}={model[name]!r} must be an integer >= 1')
+    mult = tuple(model.ch_mult)
+    if not mult or not all(count(m) and m >= 1 for m in mult):
+        errors.append(f'config.model.ch_mult={mult!r} must be a non-empty tuple of integers >= 1')
+    elif not errors:
+        widths = sorted({model.ch * m for m in mult} | {model.ch})
+        if any(width % model.num_groups for width in widths):
+            errors.append(f'config.model.num_groups={model.num_groups} must divide every width ch * ch_mult = '
+                          f'{widths} (GroupNorm)')
+        if model.resolution % 2 ** (len(mult) - 1):
+            errors.append(f'config.model.resolution={model.resolution} must be divisible by 2 ** (len(ch_mult) - 1) '
+                          f'= {2 ** (len(mult) - 1)}')
+    for name in ('beta', 'codebook_weight', 'perceptual_weight', 'disc_weight'):
+        value = config.loss[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            errors.append(f'config.loss.{name}={value!r} must be a number >= 0')
     for name in ('learning_rate', 'disc_learning_rate'):
         value = config.optim[name]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:

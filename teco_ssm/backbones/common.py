@@ -361,6 +361,13 @@ class SSMSettings:
                 raise ValueError(f"field {field}={value!r} must be a number > 0 (a timescale)")
         if self.dt_min > self.dt_max:
             raise ValueError(f"fields dt_min={self.dt_min} and dt_max={self.dt_max}: need dt_min <= dt_max")
+        if self.ssm_size % self.blocks or (self.ssm_size // self.blocks) % 2:
+            raise ValueError(f"fields ssm_size={self.ssm_size} and blocks={self.blocks}: ssm_size must split into "
+                             "blocks of even size (HiPPO-N blocks, halved by conjugate symmetry)")
+        groups = getattr(self, "num_groups", None)
+        if groups is not None and self.d_model % groups:
+            raise ValueError(f"fields d_model={self.d_model} and num_groups={groups}: d_model must be a multiple "
+                             "of num_groups (the GroupNorms of the activation)")
 
 
 class SSMStack(nn.Module):
