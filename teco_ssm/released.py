@@ -268,7 +268,8 @@ def settings_to_config(settings: Settings, kind: str, tokenizer: Any, tokenizer_
         action_embed_dim=n("action_embed_dim"), use_actions=n("use_actions", bool),
         action_dropout=_action_dropout(settings, kind), condition_frames=n("n_cond"), start_position=False,
         mask_future_frames=causal, mask_future_after=n("open_loop_ctx_1") if causal else 144,
-        drop_loss_rate=n("drop_loss_rate", float, 0.0) or 0.0, label_smoothing=0.01)
+        drop_loss_rate=0.0 if settings.get("drop_loss_rate", None) is None else n("drop_loss_rate", float),
+        label_smoothing=0.01)  # the releases score every frame when drop_loss_rate is null
     seq_len = n("seq_len")
     schedule = settings.get("lr_schedule", "cosine")
     if schedule not in ("cosine", "constant"):

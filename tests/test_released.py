@@ -612,8 +612,10 @@ def test_settings_this_project_would_compute_differently_are_refused(tmp_path, t
     expect_refused(tmp_path, tokenizer, released.ReleaseError, match)
 
 
-def test_a_constant_release_schedule_is_kept(tmp_path, tokenizer):
-    write_release(tmp_path / "release", "teco", settings=dict(SETTINGS["teco"], lr_schedule="constant"))
+def test_a_constant_release_schedule_and_a_null_drop_loss_rate_are_kept(tmp_path, tokenizer):
+    write_release(tmp_path / "release", "teco", settings=dict(SETTINGS["teco"], lr_schedule="constant",
+                                                               drop_loss_rate=None))
     released.convert(str(tmp_path / "release"), tokenizer, str(tmp_path / "out"))
     config, _ = converted_variables(tmp_path / "out")
     assert config.optim.transformer.schedule == "constant" and config.optim.transformer.schedule_start == 100001
+    assert config.model.drop_loss_rate == 0.0  # the release scores every frame when the rate is null
