@@ -38,6 +38,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from teco_ssm import backbones
+from vqgan.tokenizer import flat_paths
 
 KINDS = {"teco": "transformer", "teco_convS5": "convs5", "teco_S5": "s5"}
 RELEASES = {"teco": "wilson1yan/teco TECO", "teco_convS5": "NVlabs/ConvSSM TECO-ConvS5",
@@ -427,15 +428,6 @@ _BACKBONE_RULES = {
 }
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, Mapping):
-        out: dict[str, Any] = {}
-        for key, value in tree.items():
-            out.update(_flatten(value, f"{prefix}/{key}" if prefix else str(key)))
-        return out
-    return {prefix: tree}
-
-
 def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
     tree: dict[str, Any] = {}
     for path, value in flat.items():
@@ -473,10 +465,10 @@ def release_to_params(released: Mapping[str, Any], expected: Mapping[str, Any], 
                        convs5_C=_convs5_C(model.backbone.settings.C_kernel_size))
     rules = [(re.compile(pattern), target, layouts[name[0]] if name else _same())
              for pattern, target, *name in mapping_rules(kind)]
-    wanted = {path: tuple(leaf.shape) for path, leaf in _flatten(expected).items()}
+    wanted = {path: tuple(leaf.shape) for path, leaf in flat_paths(expected).items()}
     out: dict[str, np.ndarray] = {}
     origin: dict[str, str] = {}
-    for path, value in sorted(_flatten(released).items()):
+    for path, value in sorted(flat_paths(released).items()):
         rule = next(((p, t, lay) for p, t, lay in rules if p.fullmatch(path)), None)
         if rule is not None and rule[1] is None:
             continue
@@ -510,7 +502,7 @@ def release_to_params(released: Mapping[str, Any], expected: Mapping[str, Any], 
 def _check_tokenizer(params: Mapping[str, Any], tokenizer: Any, source: str) -> None:
     """ReleaseError naming both when the tokenizer's codebook or code grid is not the one the model was trained on
     (read from the release's `sos_post` (H, W, D_code) and the decoder's output bias (codes,))."""
-    flat = _flatten(params)
+    flat = flat_paths(params)
     start, out_bias = flat.get("sos_post"), flat.get("decoder/Dense_0/bias")
     if start is None or out_bias is None or np.ndim(start) != 3 or np.ndim(out_bias) != 1:
         raise ReleaseError(f"{source}: params/sos_post (H, W, D) and params/decoder/Dense_0/bias (codes,) are "
@@ -637,9 +629,9 @@ def convert(ckpt: str, tokenizer: str, out: str, *, config: str | None = None) -
             ckpt_lib.save(mngr, step, train_lib.checkpoint_items(state, constants), force=True)
         finally:
             ckpt_lib.close(mngr)
-        written = _flatten(jax.tree_util.tree_map(np.asarray, variables))
+        written = flat_paths(jax.tree_util.tree_map(np.asarray, variables))
         restored = ckpt_lib.load_variables(experiment, partial, step)
-        for path, value in _flatten(jax.tree_util.tree_map(np.asarray, dict(restored))).items():
+        for path, value in flat_paths(jax.tree_util.tree_map(np.asarray, dict(restored))).items():
             if not np.array_equal(value, written[path]):
                 raise RuntimeError(f"{partial}: {path} did not read back as written")
         provenance = dict(source=folder, checkpoint=file, step=step, release=RELEASES[kind], model=kind,

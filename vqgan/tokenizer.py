@@ -27,11 +27,12 @@ Variables = dict[str, Any]
 _CHECKPOINT_RE = re.compile(r'^checkpoint_(\d+)$')
 
 
-def _paths(tree: Any, prefix: str = '') -> dict[str, Any]:
+def flat_paths(tree: Any, prefix: str = '') -> dict[str, Any]:
+    """'a/b/c' -> leaf for every leaf of a tree of nested dicts."""
     if isinstance(tree, dict):
         out = {}
         for k, v in tree.items():
-            out.update(_paths(v, f'{prefix}/{k}' if prefix else str(k)))
+            out.update(flat_paths(v, f'{prefix}/{k}' if prefix else str(k)))
         return out
     return {prefix: tree}
 
@@ -41,8 +42,8 @@ def check_variables(variables: Variables, model: VQGAN, source: str) -> Variable
 
     Raises ValueError naming `source` and the first missing, unexpected or mis-shaped field.
     """
-    expected = _paths(jax.tree_util.tree_map(lambda s: s.shape, abstract_variables(model)))
-    got = _paths(variables)
+    expected = flat_paths(jax.tree_util.tree_map(lambda s: s.shape, abstract_variables(model)))
+    got = flat_paths(variables)
     for name, shape in expected.items():
         if name not in got:
             raise ValueError(f'{source}: missing field {name} (expected shape {tuple(shape)})')
